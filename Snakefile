@@ -1,0 +1,59 @@
+# dpotox: how DPO reduces toxicity, neuron by neuron.
+#   snakemake --profile profiles/local --configfile config/config.yaml      (this machine)
+#   snakemake --profile profiles/slurm --configfile config/paper.yaml       (a SLURM cluster)
+# Rules are thin: each calls one function of the dpotox package (src/dpotox) through a
+# script in workflow/scripts/. See README.md for rerunning one rule or one model.
+
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# The package lives beside the workflow; make it importable here and in every job (jobs
+# inherit the environment, also inside conda envs and SLURM jobs), installed or not.
+_SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, _SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+
+from dpotox.config import missing_paths, validate_config  # noqa: E402
+from dpotox.errors import ConfigError  # noqa: E402
+
+# The embedded default applies only when no --configfile is given: Snakemake merges config
+# files, and the paper's models must not be run next to the default's.
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+try:
+    validate_config(config, check_paths=False)
+except ConfigError as e:
+    raise WorkflowError(f"{e}\n(the schema is workflow/schemas/config.schema.yaml)") from None
+
+# A local file that is not there yet (the Jigsaw CSV of config/paper.yaml on a laptop) does
+# not stop a dry run, which reads no data; a real run stops in onstart, before any job.
+for _problem in missing_paths(config):
+    logger.warning(f"config: {_problem}")
+
+
+onstart:
+    _missing = missing_paths(config)
+    if _missing:
+        raise WorkflowError("invalid config:\n  - " + "\n  - ".join(_missing))
+
+
+report: "workflow/report/workflow.rst"
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/prepare.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

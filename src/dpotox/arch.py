@@ -1,0 +1,174 @@
+"""Where each architecture family keeps its MLP neurons.
+
+For every supported family an MLP layer writes ``sum_i m_i * v_i (+ bias)`` to the residual
+stream, and ``m`` is exactly the input of the MLP's output projection. So one hook point, a
+forward pre-hook on that projection, reads and writes every neuron of every family; this
+module says where that projection is, and where the value vectors ``v_i`` (what a neuron
+writes), key vectors (what it reads), embeddings, unembedding and final norm live.
+
+GPT-2 stores its projections as ``Conv1D`` with weight ``[in, out]``: value vector i is
+**row** i of ``c_proj.weight``. Every other family uses ``nn.Linear`` (weight ``[out, in]``):
+value vector i is **column** i of ``down_proj.weight``. The adapter hides the transpose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dpotox.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one architecture family keeps its parts (attribute paths from the causal LM)."""
+
+    name: str
+    model_types: tuple[str, ...]  # config.model_type values that belong to the family
+    layers: str  # the list of decoder blocks
+    mlp: str  # the MLP inside a block
+    out_proj: str  # the MLP's output projection, inside the MLP
+    key_proj: str  # the projection whose rows/columns are the key vectors (gate for GLUs)
+    up_proj: str | None  # GLUs: the linear branch multiplied with the activated gate
+    conv1d: bool  # weights stored [in, out] (GPT-2's Conv1D) rather than [out, in]
+    embed: str
+    final_norm: str
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("gpt2", ("gpt2",), "transformer.h", "mlp", "c_proj", "c_fc", None, True,
+               "transformer.wte", "transformer.ln_f"),
+        Family("llama", ("llama",), "model.layers", "mlp", "down_proj", "gate_proj", "up_proj",
+               False, "model.embed_tokens", "model.norm"),
+        Family("mistral", ("mistral",), "model.layers", "mlp", "down_proj", "gate_proj",
+               "up_proj", False, "model.embed_tokens", "model.norm"),
+        Family("gemma2", ("gemma2",), "model.layers", "mlp", "down_proj", "gate_proj", "up_proj",
+               False, "model.embed_tokens", "model.norm"),
+        Family("gemma3", ("gemma3_text",), "model.layers", "mlp", "down_proj",
+               "gate_proj", "up_proj", False, "model.embed_tokens", "model.norm"),
+    )
+}
+
+SUPPORTED = tuple(FAMILIES)
+
+
+def family_of(model_type: str) -> Family:
+    """The family a ``config.model_type`` belongs to, or a clear error listing the supported ones."""
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    raise UnsupportedModelError(
+        f"model type {model_type!r} is not supported; supported families: "
+        f"{', '.join(SUPPORTED)} (model types: "
+        f"{', '.join(t for f in FAMILIES.values() for t in f.model_types)})"
+    )
+
+
+def _get(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Adapter:
+    """Uniform access to the neurons of one causal LM.
+
+    Args:
+        model: a Hugging Face causal LM of a supported family.
+        family: the configured family; checked against the model's ``model_type``.
+    """
+
+    def __init__(self, model: nn.Module, family: str | None = None) -> None:
+        fam = family_of(model.config.model_type)
+        if family is not None and family != fam.name:
+            raise UnsupportedModelError(
+                f"the config says family {family!r} but the model is a {fam.name!r} "
+                f"(model_type {model.config.model_type!r}); set the model's family to {fam.name!r}"
+            )
+        self.model = model
+        self.family = fam
+        self._layers = _get(model, fam.layers)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.value_vectors(0).shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.value_vectors(0).shape[1]
+
+    def mlp(self, layer: int) -> nn.Module:
+        """The MLP block of a layer (its output is what the layer writes to the residual)."""
+        return _get(self._layers[layer], self.family.mlp)
+
+    def out_proj(self, layer: int) -> nn.Module:
+        """The hook point: a forward pre-hook on this module sees (and may replace) ``m``."""
+        return _get(self.mlp(layer), self.family.out_proj)
+
+    def _vectors(self, module: nn.Module, *, reads: bool) -> torch.Tensor:
+        # Linear: weight [out, in]. Conv1D: weight [in, out]. A neuron's value vector lives
+        # along the projection's input axis, its key vector along the output axis.
+        w = module.weight
+        if self.family.conv1d:
+            return w if not reads else w.T
+        return w.T if not reads else w
+
+    def value_vectors(self, layer: int) -> torch.Tensor:
+        """``[d_mlp, d_model]``: row i is what neuron i writes per unit of activation (a view)."""
+        return self._vectors(self.out_proj(layer), reads=False)
+
+    def out_bias(self, layer: int) -> torch.Tensor | None:
+        """The output projection's bias (GPT-2), added once per token; None for the others."""
+        return self.out_proj(layer).bias
+
+    def key_vectors(self, layer: int) -> torch.Tensor:
+        """``[d_mlp, d_model]``: row i is what neuron i reads (the gate for GLUs) (a view)."""
+        return self._vectors(_get(self.mlp(layer), self.family.key_proj), reads=True)
+
+    def key_bias(self, layer: int) -> torch.Tensor | None:
+        return _get(self.mlp(layer), self.family.key_proj).bias
+
+    def up_vectors(self, layer: int) -> torch.Tensor | None:
+        """GLUs only: ``[d_mlp, d_model]`` rows of the up projection; None for GPT-2."""
+        if self.family.up_proj is None:
+            return None
+        return _get(self.mlp(layer), self.family.up_proj).weight
+
+    def activation_fn(self, layer: int):
+        """The MLP's non-linearity (applied to the key/gate projection)."""
+        return self.mlp(layer).act if self.family.conv1d else self.mlp(layer).act_fn
+
+    def activations_from_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Recompute ``m`` from the MLP input ``x`` and the layer's weights (no hooks).
+
+        GPT-2: ``act(x K^T + b)``; GLUs: ``act(x G^T) * (x U^T)``.
+        """
+        k = x @ self.key_vectors(layer).T
+        kb = self.key_bias(layer)
+        if kb is not None:
+            k = k + kb
+        m = self.activation_fn(layer)(k)
+        up = self.up_vectors(layer)
+        if up is not None:
+            m = m * (x @ up.T)
+        return m
+
+    def input_embedding(self) -> torch.Tensor:
+        """``[vocab, d_model]`` input embedding matrix."""
+        return _get(self.model, self.family.embed).weight
+
+    def unembedding(self) -> torch.Tensor:
+        """``[vocab, d_model]`` output embedding (logits = h @ W^T)."""
+        return self.model.get_output_embeddings().weight
+
+    def final_norm(self) -> nn.Module:
+        """The norm applied to the last residual stream before unembedding."""
+        return _get(self.model, self.family.final_norm)

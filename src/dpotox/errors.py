@@ -1,0 +1,17 @@
+"""Errors that dpotox raises for bad input: each message names the thing and the fix."""
+
+
+class DpotoxError(Exception):
+    """Base class: a problem the user can fix (config, missing file, unreachable source)."""
+
+
+class ConfigError(DpotoxError, ValueError):
+    """The configuration breaks the schema or points at something that does not exist."""
+
+
+class SourceError(DpotoxError, RuntimeError):
+    """A model or data source cannot be read; the message names the config key to change."""
+
+
+class UnsupportedModelError(DpotoxError, ValueError):
+    """A model whose architecture family dpotox does not know."""

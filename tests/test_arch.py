@@ -1,0 +1,88 @@
+"""The architecture adapter: one hook point reads every neuron, and the MLP is sum_i m_i v_i."""
+
+import pytest
+import torch
+from torch import nn
+
+from dpotox.arch import SUPPORTED, Adapter, family_of
+from dpotox.errors import UnsupportedModelError
+from tiny_models import D_MLP, D_MODEL, N_LAYERS
+
+
+def _capture(adapter: Adapter, layer: int, ids: torch.Tensor):
+    """Run the model; return the MLP input, the out-projection input (m) and the MLP output."""
+    seen = {}
+    hooks = [
+        adapter.mlp(layer).register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0])),
+        adapter.out_proj(layer).register_forward_pre_hook(lambda mod, args: seen.__setitem__("m", args[0])),
+        adapter.mlp(layer).register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out)),
+    ]
+    try:
+        with torch.no_grad():
+            adapter.model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen["x"], seen["m"], seen["out"]
+
+
+def test_shapes(model, family):
+    a = Adapter(model, family)
+    assert a.family.name == family
+    assert (a.n_layers, a.d_mlp, a.d_model) == (N_LAYERS, D_MLP, D_MODEL)
+    assert a.key_vectors(0).shape == (D_MLP, D_MODEL)
+    assert a.input_embedding().shape[1] == D_MODEL
+    assert a.unembedding().shape[1] == D_MODEL
+    assert isinstance(a.final_norm(), nn.Module)
+    if family == "gpt2":
+        assert a.up_vectors(0) is None and a.out_bias(0) is not None
+    else:
+        assert a.up_vectors(0).shape == (D_MLP, D_MODEL)
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS))
+def test_mlp_output_is_sum_of_value_vectors(model, family, layer):
+    a = Adapter(model, family)
+    ids = torch.randint(3, 200, (2, 7))
+    x, m, out = _capture(a, layer, ids)
+    assert m.shape == (2, 7, D_MLP)
+    recon = torch.einsum("bti,id->btd", m, a.value_vectors(layer))
+    if a.out_bias(layer) is not None:
+        recon = recon + a.out_bias(layer)
+    torch.testing.assert_close(recon, out, atol=1e-5, rtol=0)
+    # The value vectors really are per-neuron writes: neuron 5 alone writes m_5 * v_5.
+    v5 = a.value_vectors(layer)[5]
+    single = torch.zeros_like(m)
+    single[..., 5] = m[..., 5]
+    direct = a.out_proj(layer)(single) - (a.out_bias(layer) if a.out_bias(layer) is not None else 0)
+    torch.testing.assert_close(direct, m[..., 5:6] * v5, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS))
+def test_hooked_activations_equal_recomputation(model, family, layer):
+    a = Adapter(model, family)
+    ids = torch.randint(3, 200, (3, 5))
+    x, m, _ = _capture(a, layer, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(a.activations_from_input(layer, x), m, atol=1e-5, rtol=0)
+
+
+def test_value_vectors_are_views(model, family):
+    """Writes through value_vectors reach the weights (weight edits in later stages rely on it)."""
+    a = Adapter(model, family)
+    assert a.value_vectors(0).data_ptr() == a.out_proj(0).weight.data_ptr()
+    assert a.key_vectors(0).data_ptr() == (
+        a.mlp(0).c_fc.weight.data_ptr() if family == "gpt2" else a.mlp(0).gate_proj.weight.data_ptr())
+
+
+def test_unsupported_family_lists_supported():
+    with pytest.raises(UnsupportedModelError) as e:
+        family_of("falcon")
+    for name in SUPPORTED:
+        assert name in str(e.value)
+
+
+def test_family_mismatch_is_reported(model, family):
+    other = "llama" if family != "llama" else "gpt2"
+    with pytest.raises(UnsupportedModelError, match=f"family {other!r}"):
+        Adapter(model, other)

@@ -1,0 +1,40 @@
+"""Tiny random-weight models of every supported family, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config,
+                          LlamaConfig, MistralConfig, PreTrainedModel)
+
+VOCAB = 256
+D_MODEL = 32
+D_MLP = 64
+N_LAYERS = 2
+
+_GATED = dict(num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, intermediate_size=D_MLP,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+CONFIGS = {
+    "gpt2": lambda vocab: GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_inner=D_MLP, n_head=4,
+                                     n_positions=128, vocab_size=vocab, bos_token_id=vocab - 1,
+                                     eos_token_id=vocab - 1),
+    "llama": lambda vocab: LlamaConfig(**{**_GATED, "vocab_size": vocab}),
+    "mistral": lambda vocab: MistralConfig(**{**_GATED, "vocab_size": vocab}),
+    "gemma2": lambda vocab: Gemma2Config(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
+    "gemma3": lambda vocab: Gemma3TextConfig(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
+}
+FAMILIES = tuple(CONFIGS)
+
+
+def tiny_model(family: str, *, vocab: int = VOCAB, seed: int = 0) -> PreTrainedModel:
+    """A float32 random-weight causal LM of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family](vocab), dtype=torch.float32)
+    # Random init leaves GPT-2's biases at zero; make them non-zero so the bias term of the
+    # value-vector identity is really exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()

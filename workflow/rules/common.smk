@@ -1,0 +1,26 @@
+# Shared helpers of the rules: targets, wildcard constraints, per-model resources.
+
+MODELS = list(config["models"])
+DATASETS = ["prompts", "wiki", "probe_texts"]
+
+
+wildcard_constraints:
+    model="|".join(map(re.escape, MODELS)),
+    dataset="|".join(DATASETS),
+
+
+def all_targets():
+    """Everything the stages built so far produce, for every configured model."""
+    return [
+        *expand("resources/models/{model}/base", model=MODELS),
+        *expand("resources/data/{dataset}.parquet", dataset=DATASETS),
+    ]
+
+
+def model_resource(name, default=None):
+    """A per-model cluster request (models.<model>.resources.<name>) for a rule's resources."""
+
+    def get(wildcards):
+        return config["models"][wildcards.model]["resources"].get(name, default)
+
+    return get

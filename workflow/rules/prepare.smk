@@ -1,0 +1,36 @@
+# Stage 1: models and data, from their sources into resources/ (DESIGN section 4).
+
+
+rule prepare_model:
+    """Read the model source (hub, local, GGUF in a PyPI package) and save safetensors."""
+    output:
+        directory("resources/models/{model}/base"),
+    params:
+        spec=lambda wildcards: config["models"][wildcards.model],
+    log:
+        "logs/prepare_model/{model}.log",
+    benchmark:
+        "benchmarks/prepare_model/{model}.tsv"
+    resources:
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/prepare_model.py"
+
+
+rule prepare_data:
+    """Concatenate a dataset's sources into one Parquet table with fixed columns."""
+    output:
+        "resources/data/{dataset}.parquet",
+    params:
+        sources=lambda wildcards: config["data"][wildcards.dataset],
+    log:
+        "logs/prepare_data/{dataset}.log",
+    benchmark:
+        "benchmarks/prepare_data/{dataset}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/prepare_data.py"
