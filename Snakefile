@@ -53,6 +53,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
 
 
+# The aggregate target runs nothing; on a cluster it must not become a job.
+localrules:
+    all,
+
+
 rule all:
     input:
         all_targets(),

@@ -97,3 +97,17 @@ def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
     # A dry run only warns: it reads no data.
     proc = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"), str(cfg))
     assert "data.wiki[0].path" in proc.stdout + proc.stderr
+
+
+def test_paper_dag_plans_on_slurm(tmp_path):
+    """The papers' config plans with the SLURM profile on a machine without the hub or Jigsaw."""
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(tmp_path), "--profile", str(REPO / "profiles" / "slurm"),
+           "--configfile", str(REPO / "config" / "paper.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "all": 1}
+    assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
+    llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]
+    assert "mem_mb=96000" in llama and "runtime=1440" in llama

@@ -1,0 +1,3 @@
+from dpotox.cli import main
+
+raise SystemExit(main())

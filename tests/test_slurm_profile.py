@@ -1,0 +1,325 @@
+"""profiles/slurm and profiles/local, checked with the real snakemake-executor-plugin-slurm.
+
+The SLURM commands come from tests/mock_slurm/ (put first on PATH): the mock sbatch records
+every command line and really runs the job (which runs snakemake, which calls srun), the
+mock sacct/squeue report the job states in the format the plugin parses. The tiny workflow
+in tests/mock_slurm/workflow/ is a CPU -> GPU -> CPU chain. Expected partitions, account,
+memory and wall time are read from profiles/slurm/config.yaml itself, so editing the
+placeholders there (as a user must) keeps these tests green.
+"""
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("snakemake_executor_plugin_slurm")
+
+REPO = Path(__file__).resolve().parents[1]
+MOCK = REPO / "tests" / "mock_slurm"
+TINY_WORKFLOW = MOCK / "workflow"
+SLURM_PROFILE = REPO / "profiles" / "slurm"
+LOCAL_PROFILE = REPO / "profiles" / "local"
+VENV_BIN = Path(sys.executable).parent
+# The plugin waits 40 s before its first status check and adds 10 s per check that finds
+# no finished job; the mock sbatch runs a job to its end before it answers, so 1 s suffices.
+FAST_STATUS = [
+    "--slurm-init-seconds-before-status-checks", "1",
+    "--seconds-between-status-checks", "1",
+]
+TIMEOUT = 300
+
+# the tiny workflow: rule -> (threads, rule-level resources)
+TINY_RULES = {
+    "prepare_data": (2, {"mem_mb": 1500, "runtime": 15}),
+    "train_dpo": (1, {"gpu": 1, "mem_mb": 24000, "runtime": 240}),
+    "report": (1, {}),
+}
+GPU_RULE = "train_dpo"
+CPU_RULES = ["prepare_data", "report"]
+
+
+def load_profile(path: Path = SLURM_PROFILE) -> dict:
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
+def profile_account() -> str:
+    return str(load_profile()["default-resources"]["slurm_account"])
+
+
+def expected(rule: str, name: str, default_resources=None, set_resources=None):
+    """The value a resource of the tiny workflow gets: set-resources, then the rule, then
+    default-resources (the precedence Snakemake applies)."""
+    profile = load_profile()
+    defaults = default_resources
+    if defaults is None:
+        defaults = profile.get("default-resources", {})
+    overrides = set_resources
+    if overrides is None:
+        overrides = profile.get("set-resources", {})
+    threads, rule_resources = TINY_RULES[rule]
+    if name in overrides.get(rule, {}):
+        value = overrides[rule][name]
+    elif name in rule_resources:
+        value = rule_resources[name]
+    else:
+        value = defaults.get(name)
+    if value == "threads":
+        value = threads
+    return None if value is None else str(value)
+
+
+def option(argv, *names):
+    """Value of an sbatch option in a recorded argv ("-p x", "--mem 5", "--gpus=1")."""
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def read_sbatch_calls(log: Path) -> list:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def calls_by_rule(calls) -> dict:
+    by_rule = {}
+    for call in calls:
+        comment = option(call["argv"], "--comment")
+        assert comment and comment.startswith("rule_"), call["argv"]
+        by_rule.setdefault(comment[len("rule_"):], []).append(call["argv"])
+    return by_rule
+
+
+def clean_env() -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "MOCK_SLURM", "MOCK_SBATCH"))
+        and k != "SNAKEMAKE_PROFILE"
+    }
+    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
+    return env
+
+
+def make_cluster(root: Path) -> dict:
+    """Mock SLURM bin folder + a copy of the tiny workflow under root; returns the env."""
+    bin_dir = root / "bin"
+    shutil.copytree(MOCK, bin_dir, ignore=shutil.ignore_patterns("workflow", "__pycache__"))
+    for path in bin_dir.iterdir():
+        if path.is_file() and not path.name.endswith(".py"):
+            path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    shutil.copytree(TINY_WORKFLOW, root / "wf")
+    env = clean_env()
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir), env["PATH"]]),
+        MOCK_SLURM_STATE=str(root / "state"),
+        MOCK_SBATCH_LOG=str(root / "state" / "sbatch.jsonl"),
+        MOCK_SRUN_LOG=str(root / "state" / "srun.log"),
+        MOCK_SLURM_ACCOUNTS=f"{profile_account()},other-account",
+    )
+    return env
+
+
+def snakemake(args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    return proc
+
+
+def check(proc: subprocess.CompletedProcess):
+    assert proc.returncode == 0, (
+        f"snakemake failed ({proc.returncode})\n--- stdout\n{proc.stdout[-6000:]}"
+        f"\n--- stderr\n{proc.stderr[-8000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory):
+    """One full run of the tiny workflow with profiles/slurm against the mock cluster."""
+    root = tmp_path_factory.mktemp("mock_cluster")
+    env = make_cluster(root)
+    proc = snakemake(["--profile", str(SLURM_PROFILE), *FAST_STATUS], root / "wf", env)
+    check(proc)
+    calls = read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"]))
+    return {"root": root, "env": env, "proc": proc, "calls": calls}
+
+
+@pytest.fixture(scope="module")
+def override_run(cluster_run):
+    """A second run that forces one CPU job again with command-line resource overrides."""
+    root, env = cluster_run["root"], cluster_run["env"]
+    before = len(read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"])))
+    # A command-line --default-resources replaces the profile's whole block (and
+    # --set-resources the profile's whole set-resources), so all wanted entries are given.
+    default_resources = {
+        "slurm_account": "other-account", "slurm_partition": "short",
+        "mem_mb": 2000, "runtime": 30, "cpus_per_task": 1,
+    }
+    set_resources = {"report": {"runtime": 45, "slurm_partition": "express"}}
+    args = [
+        "--profile", str(SLURM_PROFILE), *FAST_STATUS, "--forcerun", "report",
+        "--default-resources", *[f"{k}={v}" for k, v in default_resources.items()],
+        "--set-resources", *[
+            f"{rule}:{k}={v}" for rule, res in set_resources.items() for k, v in res.items()
+        ],
+    ]
+    proc = snakemake(args, root / "wf", env)
+    check(proc)
+    calls = read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"]))[before:]
+    return {
+        "calls": calls, "proc": proc,
+        "default_resources": default_resources, "set_resources": set_resources,
+    }
+
+
+def test_jobs_really_ran(cluster_run):
+    results = cluster_run["root"] / "wf" / "results"
+    assert (results / "report.txt").read_text().split() == ["data", "model", "report"]
+    by_rule = calls_by_rule(cluster_run["calls"])
+    assert sorted(by_rule) == sorted(TINY_RULES), by_rule.keys()
+    assert all(len(calls) == 1 for calls in by_rule.values()), by_rule
+    # every job ran its command through srun (slurm-jobstep plugin inside the job)
+    srun_log = Path(cluster_run["env"]["MOCK_SRUN_LOG"]).read_text().splitlines()
+    assert len(srun_log) == len(TINY_RULES), srun_log
+
+
+def test_sbatch_call_shape(cluster_run):
+    for call in cluster_run["calls"]:
+        argv = call["argv"]
+        assert "--parsable" in argv
+        assert option(argv, "-D") == str(cluster_run["root"] / "wf")
+        wrap = option(argv, "--wrap")
+        assert wrap and "--executor slurm-jobstep" in wrap, argv
+        # the plugin names every job of a run after the run's uuid (sacct/squeue --name)
+        assert option(argv, "--job-name") == option(cluster_run["calls"][0]["argv"], "--job-name")
+
+
+def test_gpu_rule_asks_for_gpu(cluster_run):
+    (argv,) = calls_by_rule(cluster_run["calls"])[GPU_RULE]
+    assert option(argv, "--gpus") == "1", argv
+    assert option(argv, "--gres") is None
+    assert option(argv, "-p") == expected(GPU_RULE, "slurm_partition")
+    assert option(argv, "-A") == profile_account()
+    assert option(argv, "--mem") == expected(GPU_RULE, "mem_mb") == "24000"
+    assert option(argv, "-t") == expected(GPU_RULE, "runtime") == "240"
+    srun_log = Path(cluster_run["env"]["MOCK_SRUN_LOG"]).read_text().splitlines()
+    job_id = str(next(c["jobid"] for c in cluster_run["calls"] if c["argv"] == argv))
+    (line,) = [s for s in srun_log if s.split()[0] == job_id]
+    assert "--gpus=1" in line.split()
+
+
+@pytest.mark.parametrize("rule", CPU_RULES)
+def test_cpu_rules_ask_for_no_gpu(cluster_run, rule):
+    (argv,) = calls_by_rule(cluster_run["calls"])[rule]
+    assert not any(a.startswith(("--gpus", "--gres", "-G")) for a in argv), argv
+    assert option(argv, "-p") == expected(rule, "slurm_partition")
+    assert option(argv, "-A") == profile_account()
+    assert option(argv, "--mem") == expected(rule, "mem_mb")
+    assert option(argv, "-t") == expected(rule, "runtime")
+    assert option(argv, "--cpus-per-task") == expected(rule, "cpus_per_task")
+    assert option(argv, "--ntasks") == "1"
+
+
+def test_command_line_overrides(override_run):
+    by_rule = calls_by_rule(override_run["calls"])
+    assert list(by_rule) == ["report"], by_rule.keys()
+    (argv,) = by_rule["report"]
+    defaults, overrides = override_run["default_resources"], override_run["set_resources"]
+    assert option(argv, "-A") == "other-account"
+    assert option(argv, "-p") == "express"  # --set-resources beats --default-resources
+    assert option(argv, "--mem") == expected("report", "mem_mb", defaults, overrides) == "2000"
+    assert option(argv, "-t") == expected("report", "runtime", defaults, overrides) == "45"
+    assert option(argv, "--cpus-per-task") == "1"
+
+
+def _dry_run(profile: Path, tmp_path: Path):
+    shutil.copytree(TINY_WORKFLOW, tmp_path / "wf")
+    # no mock SLURM on PATH: planning must work on a machine without SLURM
+    proc = snakemake(["-n", "--profile", str(profile)], tmp_path / "wf", clean_env())
+    check(proc)
+    return proc.stdout + proc.stderr
+
+
+def _planned_resources(output: str) -> dict:
+    """rule -> the 'resources:' line Snakemake prints for it in a dry run."""
+    planned = {}
+    for m in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", output, re.M):
+        res = re.search(r"resources: (.*)", m.group(2))
+        if res:
+            planned[m.group(1)] = dict(
+                kv.split("=", 1) for kv in res.group(1).split(", ") if "=" in kv
+            )
+    return planned
+
+
+def test_slurm_profile_dry_run(tmp_path):
+    output = _dry_run(SLURM_PROFILE, tmp_path)
+    planned = _planned_resources(output)
+    for rule in TINY_RULES:
+        assert rule in planned, output[-3000:]
+        assert planned[rule]["slurm_partition"] == expected(rule, "slurm_partition")
+        assert planned[rule]["slurm_account"] == profile_account()
+        assert planned[rule]["mem_mb"] == expected(rule, "mem_mb")
+    assert planned[GPU_RULE]["gpu"] == "1"
+
+
+def test_local_profile_dry_run(tmp_path):
+    output = _dry_run(LOCAL_PROFILE, tmp_path)
+    assert "train_dpo" in output and "This was a dry-run" in output
+
+
+def test_profiles_are_valid():
+    for profile in (LOCAL_PROFILE, SLURM_PROFILE):
+        assert isinstance(load_profile(profile), dict)
+    assert load_profile()["executor"] == "slurm"
+    # Snakemake would load profiles/default on top of every other profile
+    assert not (REPO / "profiles" / "default").exists()
+
+
+def test_slurm_extra_accepted_by_plugin():
+    """Nothing in the profile's slurm_extra is an option the plugin refuses there."""
+    from types import SimpleNamespace
+
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+
+    profile = load_profile()
+    extras = [profile.get("default-resources", {}).get("slurm_extra")] + [
+        res.get("slurm_extra") for res in profile.get("set-resources", {}).values()
+    ]
+    for extra in filter(None, extras):
+        value = str(extra).strip("'\"")
+        validate_slurm_extra(SimpleNamespace(resources=SimpleNamespace(slurm_extra=value)))
+
+
+def test_workflow_gpu_rules_go_to_gpu_partition():
+    """Every rule of the real workflow that requests a GPU is listed in the profile's
+    set-resources with a slurm_partition (else it would land on the CPU partition)."""
+    set_resources = load_profile().get("set-resources", {})
+    if not any("slurm_partition" in res for res in set_resources.values()):
+        pytest.skip("the profile sends every rule to one partition")
+    gpu_rules = []
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        blocks = re.split(r"^(?=(?:rule|checkpoint) \w+:)", text, flags=re.M)
+        for block in blocks:
+            m = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            if m and re.search(r"(?<![\w.])gpu\s*=(?!=)", block):
+                gpu_rules.append(m.group(1))
+    missing = [r for r in gpu_rules if "slurm_partition" not in set_resources.get(r, {})]
+    assert not missing, (
+        f"GPU rules without a GPU partition in profiles/slurm/config.yaml: {missing}"
+    )
