@@ -51,14 +51,16 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/targets.smk"
 
 
-# The aggregate target runs nothing; on a cluster it must not become a job.
+# Aggregate targets only list files; on a cluster they must not become jobs.
 localrules:
     all,
+    model_manifest,
 
 
 rule all:
     input:
-        all_targets(),
+        expand("results/{model}/MANIFEST.tsv", model=MODELS),
     default_target: True

@@ -114,7 +114,7 @@ def test_schema_defaults_obey_their_own_bounds():
     validate_config(copy.deepcopy(cfg), schema)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "gemma3-270m.yaml"])
 def test_shipped_configs_validate(name):
     load_config(REPO / "config" / name, check_paths=False)
 

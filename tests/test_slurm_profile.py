@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.importorskip("snakemake_executor_plugin_slurm")
+import snakemake_executor_plugin_slurm  # noqa: F401  (a dependency: fail loudly if missing)
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 MOCK = REPO / "tests" / "mock_slurm"

@@ -152,6 +152,7 @@ def test_prepare_table_leaves_nothing_on_error(tmp_path):
 
 # --- the hub: offline for real, success mocked ---------------------------------------------
 
+@pytest.mark.slow  # the hub client retries for ~25 s before it gives up
 def test_hub_data_offline_names_source_and_key():
     src = {"kind": "hub", "id": "allenai/real-toxicity-prompts", "split": "train", "config": None}
     with pytest.raises(SourceError) as e:
@@ -161,6 +162,7 @@ def test_hub_data_offline_names_source_and_key():
     assert "kind: embedded" in msg
 
 
+@pytest.mark.slow
 def test_hub_model_offline_names_source_and_key(tmp_path):
     spec = {"source": {"kind": "hub", "id": "gpt2-medium", "revision": "main"},
             "family": "gpt2", "dtype": "float32"}

@@ -14,12 +14,18 @@ import torch
 from dpotox.sources import load_prepared
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+DEFAULT_CONFIG = (str(REPO / "config" / "config.yaml"),)
+
+
+def snakemake(workdir: Path, *args: str, configfiles=DEFAULT_CONFIG,
+              check: bool = True) -> subprocess.CompletedProcess:
+    # Targets and flags first: --configfile takes every value after it.
+    cmd = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(workdir), "--profile", str(REPO / "profiles" / "local"),
-           "--configfile", str(REPO / "config" / "config.yaml"), *args]
+           "--configfile", *configfiles]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -55,6 +61,18 @@ def test_outputs_logs_and_benchmarks(run_dir):
         assert "wrote" in log and "done in" in log
         assert (run_dir / "benchmarks" / "prepare_data" / f"{name}.tsv").is_file()
     assert "done in" in (run_dir / "logs" / "prepare_model" / "smollm2-135m.log").read_text()
+    manifest = pd.read_csv(run_dir / "results" / "smollm2-135m" / "MANIFEST.tsv", sep="\t")
+    assert "resources/models/smollm2-135m/base/model.safetensors" in set(manifest["path"])
+    assert (manifest["bytes"] > 0).all()
+
+
+def test_one_model_target_plans_only_that_model(tmp_path):
+    extra = tmp_path / "two.yaml"
+    extra.write_text((REPO / "config" / "gemma3-270m.yaml").read_text())
+    proc = snakemake(tmp_path, "-n", "results/gemma3-270m/MANIFEST.tsv",
+                     configfiles=(*DEFAULT_CONFIG, str(extra)))
+    assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "model_manifest": 1}
+    assert "model=smollm2-135m" not in proc.stdout + proc.stderr
 
 
 def test_second_run_does_nothing(run_dir):
@@ -66,7 +84,7 @@ def test_forcerun_one_rule_plans_only_that_rule(run_dir):
     proc = snakemake(run_dir, "-n", "--forcerun", "prepare_data", "--until", "prepare_data")
     assert planned_jobs(proc) == {"prepare_data": 3}
     proc = snakemake(run_dir, "-n", "--forcerun", "resources/data/wiki.parquet")
-    assert planned_jobs(proc) == {"prepare_data": 1, "all": 1}
+    assert planned_jobs(proc) == {"prepare_data": 1, "model_manifest": 1, "all": 1}
 
 
 def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
@@ -89,13 +107,13 @@ def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
 def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  wiki: {kind: jsonl, path: /no/such/wiki.jsonl}\n")
-    proc = snakemake(tmp_path, "--configfile", str(REPO / "config" / "config.yaml"), str(cfg),
-                     check=False)
+    proc = snakemake(tmp_path, configfiles=(*DEFAULT_CONFIG, str(cfg)), check=False)
     assert proc.returncode != 0
-    assert "data.wiki[0].path" in proc.stdout + proc.stderr
-    assert not (tmp_path / "resources").exists()
+    out = proc.stdout + proc.stderr
+    assert "invalid config" in out and "data.wiki[0].path" in out and "/no/such/wiki.jsonl" in out
+    assert not (tmp_path / "resources").exists() and not (tmp_path / "logs").exists()
     # A dry run only warns: it reads no data.
-    proc = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"), str(cfg))
+    proc = snakemake(tmp_path, "-n", configfiles=(*DEFAULT_CONFIG, str(cfg)))
     assert "data.wiki[0].path" in proc.stdout + proc.stderr
 
 
@@ -107,7 +125,8 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "all": 1}
+    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "model_manifest": 4,
+                                  "all": 1}
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
     llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]
     assert "mem_mb=96000" in llama and "runtime=1440" in llama

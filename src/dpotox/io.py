@@ -42,3 +42,14 @@ def write_parquet(df: pd.DataFrame, path: str | Path, *, metadata: Mapping[str, 
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def write_manifest(paths: list[str], out: str | Path) -> int:
+    """Write a TSV of every file under ``paths`` (files or folders): path, bytes. Returns the count."""
+    rows = []
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        rows += [(str(f), f.stat().st_size) for f in files if not f.name.startswith(".")]
+    with atomic_path(out) as tmp:
+        tmp.write_text("path\tbytes\n" + "".join(f"{f}\t{n}\n" for f, n in rows))
+    return len(rows)
