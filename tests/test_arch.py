@@ -86,3 +86,21 @@ def test_family_mismatch_is_reported(model, family):
     other = "llama" if family != "llama" else "gpt2"
     with pytest.raises(UnsupportedModelError, match=f"family {other!r}"):
         Adapter(model, other)
+
+
+def test_hook_point_writes_activations(model, family):
+    """Replacing m at the hook point changes the MLP output by exactly (m' - m) v."""
+    a = Adapter(model, family)
+    ids = torch.randint(3, 200, (2, 6))
+    _, m, out = _capture(a, 1, ids)
+    new_m = m.clone()
+    new_m[..., 7] = 3.0  # patch one neuron to a fixed value at every position
+    new_m[..., 11] = 0.0  # ablate another
+    h = a.out_proj(1).register_forward_pre_hook(lambda mod, args: (new_m,))
+    try:
+        _, _, patched = _capture(a, 1, ids)
+    finally:
+        h.remove()
+    v = a.value_vectors(1)
+    expected = out + (new_m - m)[..., [7, 11]] @ v[[7, 11]]
+    torch.testing.assert_close(patched, expected, atol=1e-5, rtol=0)
