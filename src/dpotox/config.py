@@ -96,7 +96,7 @@ def _allowed(error: jsonschema.ValidationError) -> str:
     return str(error.validator_value)
 
 
-def _describe(error: jsonschema.ValidationError, schema: Mapping[str, Any]) -> str:
+def _describe(error: jsonschema.ValidationError) -> str:
     key = _key(error.absolute_path)
     v = error.validator
     if v in ("additionalProperties", "unevaluatedProperties"):
@@ -153,7 +153,7 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
     for e in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
         if e.validator == "unevaluatedProperties" and tuple(e.absolute_path) in bad_kind_paths:
             continue
-        msg = _describe(e, schema)
+        msg = _describe(e)
         if msg not in messages:
             messages.append(msg)
     if messages:

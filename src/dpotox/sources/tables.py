@@ -25,6 +25,8 @@ ROLE_COLUMNS: dict[str, dict[str, bool]] = {
     "pairs": {"prompt": True, "chosen": True, "rejected": True},
 }
 
+_OPTIONAL_DTYPES = {"toxicity": "Float64", "title": "string", "label": "Int8"}
+
 # Lee et al.'s pairwise JSONL names; used when a pairs source maps no columns itself.
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "pairs": {"prompt": "prompt_text", "chosen": "unpert_gen_text", "rejected": "pert_gen_text"},
@@ -148,6 +150,9 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
         name = mapping.get(col, col)
         if name in raw.columns:
             out[col] = raw[name]
+        elif not required:
+            # Every table of a role has the same columns; a source without one gives nulls.
+            out[col] = pd.Series(pd.NA, index=raw.index, dtype=_OPTIONAL_DTYPES[col])
         elif required:
             raise SourceError(
                 f"{key}: no column {name!r} for {role} {col!r} in {source_label(src)} (columns: "
@@ -158,14 +163,12 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
             if bad.any():
                 raise SourceError(f"{key}: {int(bad.sum())} row(s) of column {col!r} are not text "
                                   f"(first at row {int(bad.to_numpy().argmax())})")
-    if "label" in out:
+    if "label" in out and out["label"].notna().any():
         try:
             out["label"] = (pd.to_numeric(out["label"]) >= src.get("label_threshold", 0.5)).astype("Int8")
         except (ValueError, TypeError) as e:
             raise SourceError(f"{key}: label column {mapping.get('label', 'label')!r} must be "
                               f"numeric or boolean: {e}") from e
-    elif role == "probe_texts":
-        out["label"] = pd.array([pd.NA] * len(out), dtype="Int8")
     label = source_label(src)
     if "id" in mapping and mapping["id"] in raw.columns:
         ids = raw[mapping["id"]].astype(str)
