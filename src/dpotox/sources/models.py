@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -24,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from dpotox.arch import Adapter
 from dpotox.errors import SourceError
+from dpotox.io import share
 from dpotox.sources import assets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,10 +136,8 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
             provenance["files"] = [{"dist": f.dist, "path": f.path, "sha256": f.sha256}
                                    for f in asset.files]
         (staging / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
         for f in [staging, *staging.iterdir()]:  # temp dirs and some writers make files private
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+            share(f)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from dpotox.errors import SourceError
+from dpotox.io import write_parquet
 from dpotox.sources import assets
 
 # role -> {column: required?}. ``id`` and ``source`` are always added.
@@ -153,7 +154,7 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
         elif not required:
             # Every table of a role has the same columns; a source without one gives nulls.
             out[col] = pd.Series(pd.NA, index=raw.index, dtype=_OPTIONAL_DTYPES[col])
-        elif required:
+        else:
             raise SourceError(
                 f"{key}: no column {name!r} for {role} {col!r} in {source_label(src)} (columns: "
                 f"{', '.join(map(str, raw.columns))}); map one with {key}.columns.{col}")
@@ -163,7 +164,7 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
             if bad.any():
                 raise SourceError(f"{key}: {int(bad.sum())} row(s) of column {col!r} are not text "
                                   f"(first at row {int(bad.to_numpy().argmax())})")
-    if "label" in out and out["label"].notna().any():
+    if "label" in out and mapping.get("label", "label") in raw.columns:
         try:
             out["label"] = (pd.to_numeric(out["label"]) >= src.get("label_threshold", 0.5)).astype("Int8")
         except (ValueError, TypeError) as e:
@@ -199,8 +200,6 @@ def prepare_table(role: str, sources: list[Mapping[str, Any]], out: str | Path, 
     The file appears complete or not at all. Its key-value metadata holds the column
     descriptions and the sources, so it explains itself when opened without dpotox.
     """
-    from dpotox.io import write_parquet
-
     key = key or f"data.{role}"
     frames = [read_source(s, role, key=f"{key}[{i}]") for i, s in enumerate(sources)]
     df = pd.concat(frames, ignore_index=True)
