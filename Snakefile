@@ -51,6 +51,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/targets.smk"
 
 

@@ -98,6 +98,16 @@ def test_malformed_jsonl_line_is_named(tmp_path):
         read_source({"kind": "jsonl", "path": str(f)}, "prompts", key="data.prompts[0]")
 
 
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_invalid_utf8_is_named(tmp_path, kind):
+    f = tmp_path / f"bad.{kind}"
+    head = b'{"text": "fine"}\n' if kind == "jsonl" else b"text\nfine\n"
+    f.write_bytes(head + (b'{"text": "caf\xe9"}\n' if kind == "jsonl" else b"caf\xe9\n"))
+    message = "line 2 is not valid UTF-8" if kind == "jsonl" else "cannot read .*bad.csv as csv"
+    with pytest.raises(SourceError, match=message):
+        read_source({"kind": kind, "path": str(f)}, "prompts", key="data.prompts[0]")
+
+
 def test_missing_column_names_the_mapping_key(tmp_path):
     f = _jsonl(tmp_path / "p.jsonl", [{"body": "x"}])
     with pytest.raises(SourceError, match=r"no column 'text'.*columns: body.*data.prompts\[0\].columns.text"):

@@ -16,7 +16,9 @@ _GATED = dict(num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, intermediate_size
               max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 CONFIGS = {
+    # GPT-2 at its default init (0.02) is dominated by its biases and repeats one token.
     "gpt2": lambda vocab: GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_inner=D_MLP, n_head=4,
+                                     initializer_range=0.3,
                                      n_positions=128, vocab_size=vocab, bos_token_id=vocab - 1,
                                      eos_token_id=vocab - 1),
     "llama": lambda vocab: LlamaConfig(**{**_GATED, "vocab_size": vocab}),
@@ -38,3 +40,16 @@ def tiny_model(family: str, *, vocab: int = VOCAB, seed: int = 0) -> PreTrainedM
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+class TokenIdTokenizer:
+    """The little of a tokenizer that generation needs, for models with no real vocabulary:
+    pad/EOS ids, and decoding that spells token ids out."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.eos_token_id = model.config.eos_token_id
+        self.pad_token_id = self.eos_token_id
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        return [" ".join(str(t) for t in r if not (skip_special_tokens and t == self.eos_token_id))
+                for r in rows]

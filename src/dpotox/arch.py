@@ -105,6 +105,10 @@ class Adapter:
     def d_model(self) -> int:
         return self.value_vectors(0).shape[1]
 
+    def layer(self, layer: int) -> nn.Module:
+        """Decoder block ``layer``; its output is the residual stream after that layer."""
+        return self._layers[layer]
+
     def mlp(self, layer: int) -> nn.Module:
         """The MLP block of a layer (its output is what the layer writes to the residual)."""
         return _get(self._layers[layer], self.family.mlp)
@@ -129,12 +133,16 @@ class Adapter:
         """The output projection's bias (GPT-2), added once per token; None for the others."""
         return self.out_proj(layer).bias
 
+    def key_proj(self, layer: int) -> nn.Module:
+        """The projection holding the key vectors (GPT-2 ``c_fc``, the gate for GLUs)."""
+        return _get(self.mlp(layer), self.family.key_proj)
+
     def key_vectors(self, layer: int) -> torch.Tensor:
         """``[d_mlp, d_model]``: row i is what neuron i reads (the gate for GLUs) (a view)."""
-        return self._vectors(_get(self.mlp(layer), self.family.key_proj), reads=True)
+        return self._vectors(self.key_proj(layer), reads=True)
 
     def key_bias(self, layer: int) -> torch.Tensor | None:
-        return _get(self.mlp(layer), self.family.key_proj).bias
+        return self.key_proj(layer).bias
 
     def up_vectors(self, layer: int) -> torch.Tensor | None:
         """GLUs only: ``[d_mlp, d_model]`` rows of the up projection; None for GPT-2."""

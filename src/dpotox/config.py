@@ -194,6 +194,12 @@ def missing_paths(config: Mapping[str, Any]) -> list[str]:
             f"config key 'toxicity.checkpoint': {ckpt!r} is not a file; give the path of a "
             "Detoxify checkpoint, or null to download it (needs network)"
         )
+    tok = config["toxicity"].get("tokenizer")
+    if tok is not None and not Path(tok).is_dir():
+        problems.append(
+            f"config key 'toxicity.tokenizer': {tok!r} is not a folder; give a folder with the "
+            "config and tokenizer of Detoxify's base model, or null to download them (needs network)"
+        )
     return problems
 
 

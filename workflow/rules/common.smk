@@ -7,6 +7,7 @@ DATASETS = ["prompts", "wiki", "probe_texts"]
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     dataset="|".join(DATASETS),
+    condition=r"[A-Za-z0-9][A-Za-z0-9_.+=-]*",
 
 
 def model_targets(model):
@@ -14,6 +15,7 @@ def model_targets(model):
     return [
         f"resources/models/{model}/base",
         *expand("resources/data/{dataset}.parquet", dataset=DATASETS),
+        f"results/{model}/eval/base.json",
     ]
 
 

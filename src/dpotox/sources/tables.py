@@ -37,8 +37,14 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
 def read_jsonl(path: Path, *, key: str) -> pd.DataFrame:
     """Read a JSONL file; a malformed line is an error that names the file and line."""
     rows = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with Path(path).open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SourceError(f"{key}: {path} line {lineno} is not valid UTF-8 (byte "
+                                  f"{raw[e.start]:#04x} at column {e.start + 1}); re-encode the "
+                                  "file as UTF-8 or drop that line") from None
             if not line.strip():
                 continue
             try:
@@ -108,7 +114,7 @@ def _read_raw(src: Mapping[str, Any], key: str) -> pd.DataFrame:
         return read_jsonl(path, key=key)
     try:
         if kind == "csv":
-            return pd.read_csv(path)
+            return pd.read_csv(path, encoding="utf-8", encoding_errors="strict")
         if kind == "parquet":
             return pd.read_parquet(path)
     except Exception as e:

@@ -1,0 +1,193 @@
+"""Evaluate one condition: apply its intervention, generate, score; write per-prompt and summary.
+
+The prompts are the first ``evaluation.n_prompts`` rows of the prompts table (later stages
+draw DPO pair prompts from the rest, so the two never overlap). The wiki table is shuffled
+with the config seed; its first ``ppl_texts`` texts give the log-perplexity and the following
+texts the F1 prompts (the first ``f1_texts`` with enough tokens), so no text serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dpotox.arch import Adapter
+from dpotox.generate import encode_prompts, greedy
+from dpotox.interventions import Intervention, InterventionError, check
+from dpotox.io import atomic_path, write_parquet
+from dpotox.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
+from dpotox.scoring import load_scorer
+from dpotox.sources import load_prepared
+
+log = logging.getLogger("dpotox")
+
+
+@dataclass
+class EvalConfig:
+    """The ``evaluation`` section of the config (defaults and bounds: the schema)."""
+
+    n_prompts: int = 160
+    prompt_tokens: int = 32
+    new_tokens: int = 20
+    batch_size: int = 32
+    ppl_texts: int = 200
+    ppl_window: int = 256
+    ppl_batch_size: int = 8
+    ppl_positions: Literal["all", "first"] = "all"
+    f1_texts: int = 200
+    bootstrap_samples: int = 1000
+    ci_level: float = 0.95
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> EvalConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.get("evaluation", {}).items() if k in names},
+                   seed=cfg.get("seed", 0))
+
+
+def evaluation_prompts(prompts: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The evaluation prompts: the first ``n`` rows of the prompts table."""
+    return prompts.head(n).reset_index(drop=True)
+
+
+def split_wiki(wiki: pd.DataFrame, n_ppl: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(perplexity texts, F1 candidate texts)``: a seeded shuffle, then disjoint slices."""
+    shuffled = wiki.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+    return shuffled.head(n_ppl), shuffled.iloc[n_ppl:].reset_index(drop=True)
+
+
+def _needs_rows(spec: Intervention | None, adapter: Adapter, ids: list[str]) -> str | None:
+    """Why ``spec`` cannot run on texts ``ids`` (per-prompt values missing), or None."""
+    if spec is None or not spec.per_prompt:
+        return None
+    try:
+        check(spec, adapter, prompt_ids=ids)
+    except InterventionError as e:
+        return str(e)
+    return None
+
+
+def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str | Path,
+             cfg: Mapping[str, Any], condition: str, out_parquet: str | Path,
+             out_json: str | Path, spec_path: str | Path | None = None,
+             device: str = "cpu") -> dict[str, Any]:
+    """Evaluate ``condition`` and write its two outputs; returns the summary written as JSON.
+
+    Everything that can be checked (the spec against the model, every prompt) is checked
+    before the model runs, and nothing is written unless every metric was computed.
+    """
+    ec = EvalConfig.from_config(cfg)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_start = time.perf_counter()
+    spec = Intervention.load(spec_path) if spec_path else None
+    if spec is not None and condition == "base" and spec.edits:
+        raise InterventionError("condition 'base' is the unmodified model; give the spec "
+                                "another condition name")
+    prompts = evaluation_prompts(pd.read_parquet(prompts_path), ec.n_prompts)
+    ppl_df, f1_df = split_wiki(pd.read_parquet(wiki_path), ec.ppl_texts, ec.seed)
+    model, tok = load_prepared(model_dir, device=device)
+    adapter = Adapter(model)
+    ids = prompts["id"].astype(str).tolist()
+    if spec is not None:
+        check(spec, adapter, prompt_ids=ids)
+    tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=ec.prompt_tokens)
+    scorer = load_scorer(cfg.get("toxicity", {}), device=device)
+    log.info("condition %s: %d prompts, spec %s, scorer %s", condition, len(ids),
+             spec_path or "none", scorer.name)
+
+    gen = greedy(adapter, tok, tokens, ids, spec=spec, new_tokens=ec.new_tokens,
+                 batch_size=ec.batch_size)
+    t0 = time.perf_counter()
+    scores = np.asarray(scorer.score(gen.texts), dtype=np.float64)
+    score_seconds = time.perf_counter() - t0
+    tox = bootstrap_ci(scores, samples=ec.bootstrap_samples, level=ec.ci_level, seed=ec.seed)
+    log.info("generated %d tokens in %.1f s; toxicity %.4f [%.4f, %.4f]", gen.n_new_tokens,
+             gen.seconds, tox.mean, tox.low, tox.high)
+
+    win_ids, wins = windows(tok, ppl_df["text"].tolist(), ppl_df["id"].astype(str).tolist(),
+                            ec.ppl_window)
+    ppl_note = _needs_rows(spec, adapter, sorted(set(win_ids)))
+    ppl = None
+    if ppl_note is None:
+        ppl = log_perplexity(adapter, wins, win_ids, spec=spec, batch_size=ec.ppl_batch_size,
+                             positions=ec.ppl_positions, pad_id=tok.pad_token_id or 0)
+        log.info("log-perplexity %.4f over %d tokens in %.1f s", ppl.log_ppl, ppl.n_tokens,
+                 ppl.seconds)
+
+    items = f1_items(tok, f1_df["text"].tolist(), prompt_tokens=ec.prompt_tokens,
+                     new_tokens=ec.new_tokens, limit=ec.f1_texts)
+    f1_ids = [str(f1_df["id"].iloc[i]) for i, _, _ in items]
+    f1_note = _needs_rows(spec, adapter, f1_ids)
+    f1_mean, f1_seconds = None, 0.0
+    if f1_note is None:
+        f1_gen = greedy(adapter, tok, [p for _, p, _ in items], f1_ids, spec=spec,
+                        new_tokens=ec.new_tokens, batch_size=ec.batch_size)
+        f1_mean = float(np.mean([f1(g, gold) for g, (_, _, gold) in zip(f1_gen.texts, items)]))
+        f1_seconds = f1_gen.seconds
+        log.info("F1 %.4f over %d Wikipedia prompts in %.1f s", f1_mean, len(items), f1_seconds)
+
+    table = pd.DataFrame({
+        "id": ids,
+        "source": prompts["source"].astype(str).tolist(),
+        "prompt": prompts["text"].tolist(),
+        "continuation": gen.texts,
+        "score": scores,
+        "prompt_tokens": [len(t) for t in tokens],
+        "new_tokens": [len(t) for t in gen.new_tokens],
+    })
+    summary: dict[str, Any] = {
+        "condition": condition,
+        "spec": spec.name if spec else None,
+        "description": spec.description if spec else "the unmodified model",
+        "model_dir": str(model_dir),
+        "scorer": scorer.name,
+        "n_prompts": len(ids),
+        "toxicity": tox.mean,
+        "toxicity_ci_low": tox.low,
+        "toxicity_ci_high": tox.high,
+        "ci_level": tox.level,
+        "bootstrap_samples": ec.bootstrap_samples,
+        "frac_toxic": float((scores >= 0.5).mean()),
+        "log_ppl": ppl.log_ppl if ppl else None,
+        "ppl": math.exp(ppl.log_ppl) if ppl else None,
+        "ppl_positions": ec.ppl_positions,
+        "n_wiki_tokens": ppl.n_tokens if ppl else 0,
+        "n_ppl_windows": ppl.n_windows if ppl else 0,
+        "ppl_note": ppl_note,
+        "f1": f1_mean,
+        "n_f1": len(items),
+        "f1_note": f1_note,
+        "generation_seconds": gen.seconds,
+        "generated_tokens": gen.n_new_tokens,
+        "tokens_per_second": gen.n_new_tokens / gen.seconds if gen.seconds else None,
+        "scoring_seconds": score_seconds,
+        "ppl_seconds": ppl.seconds if ppl else 0.0,
+        "ppl_tokens_per_second": ppl.n_tokens / ppl.seconds if ppl and ppl.seconds else None,
+        "f1_seconds": f1_seconds,
+        "settings": asdict(ec),
+        "device": str(next(model.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    summary["seconds"] = time.perf_counter() - t_start
+    write_parquet(table, out_parquet, metadata={
+        "dpotox.table": "eval",
+        "dpotox.description": "One row per evaluation prompt: id, source, prompt, continuation "
+                              "(greedy, special tokens removed), score (toxicity probability of "
+                              "the continuation), prompt_tokens, new_tokens.",
+        "dpotox.summary": json.dumps(summary),
+    })
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -1,0 +1,84 @@
+"""Metrics: bootstrap CI, bag-of-words F1, and log-perplexity under an intervention."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpotox.arch import Adapter
+from dpotox.interventions import Intervention, ablate
+from dpotox.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows, words
+from dpotox.sources import assets
+from tiny_models import VOCAB
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+    x = np.random.default_rng(0).random(200)
+    a, b = bootstrap_ci(x, samples=500, seed=3), bootstrap_ci(x, samples=500, seed=3)
+    assert a == b
+    assert a.low < a.mean < a.high and a.mean == pytest.approx(x.mean())
+    # roughly mean +- 1.96 standard errors
+    se = x.std(ddof=1) / math.sqrt(x.size)
+    assert a.high - a.low == pytest.approx(2 * 1.96 * se, rel=0.2)
+    assert bootstrap_ci(x, samples=500, seed=4) != a
+    narrow = bootstrap_ci(x, samples=500, level=0.5, seed=3)
+    assert a.low < narrow.low < narrow.high < a.high
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_f1_on_words():
+    assert words("The Cat, sat on a mat!") == ["cat", "sat", "on", "mat"]
+    assert f1("the cat sat", "a cat sat down") == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
+    assert f1("x y", "z") == 0.0
+    assert f1("", "") == 1.0 and f1("", "word") == 0.0
+    assert f1("a a b", "a b b") == pytest.approx(2 / 3)  # bags count repeats
+
+
+def test_windows_and_f1_items_split_token_streams():
+    tok = assets.gpt2_tokenizer()
+    text = " ".join(f"w{i}" for i in range(60))
+    n = len(tok(text)["input_ids"])
+    ids, wins = windows(tok, [text, "hello there", "hi"], ["a", "b", "c"], 16)
+    assert [len(w) for w in wins[:-1]] == [16] * (n // 16) + ([n % 16] if n % 16 > 1 else [])
+    assert sum(map(len, wins[:-1])) == n - (n % 16 if n % 16 == 1 else 0)
+    assert ids[-1] == "b" and wins[-1] == tok("hello there")["input_ids"]  # "hi": one token, dropped
+    items = f1_items(tok, ["too short", text, text], prompt_tokens=8, new_tokens=5, limit=1)
+    assert len(items) == 1 and items[0][0] == 1 and len(items[0][1]) == 8
+    assert items[0][2] == tok.decode(tok(text)["input_ids"][8:13])
+
+
+def _windows(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (k,), generator=g).tolist() for k in (12, 5, 9, 2, 12)]
+
+
+def test_log_perplexity_matches_the_model_loss(model):
+    adapter = Adapter(model)
+    wins = _windows()
+    ids = [str(i) for i in range(len(wins))]
+    got = log_perplexity(adapter, wins, ids, batch_size=3)
+    nll = []
+    with torch.no_grad():
+        for w in wins:
+            out = model(torch.tensor([w]), labels=torch.tensor([w]))
+            nll.append(out.loss.item() * (len(w) - 1))
+    assert got.n_tokens == sum(len(w) - 1 for w in wins)
+    assert got.log_ppl == pytest.approx(sum(nll) / got.n_tokens, rel=1e-5)
+    assert log_perplexity(adapter, wins, ids, batch_size=1).log_ppl == pytest.approx(got.log_ppl, rel=1e-5)
+
+
+def test_perplexity_under_an_intervention_and_the_first_position_quirk(model):
+    adapter = Adapter(model)
+    wins, ids = _windows(1), [str(i) for i in range(5)]
+    spec = Intervention("abl", [ablate(l, range(32), where="generation") for l in range(2)])
+    base = log_perplexity(adapter, wins, ids).log_ppl
+    everywhere = log_perplexity(adapter, wins, ids, spec=spec).log_ppl
+    first = log_perplexity(adapter, wins, ids, spec=spec, positions="first").log_ppl
+    assert everywhere != pytest.approx(base, rel=1e-4)
+    assert first != pytest.approx(everywhere, rel=1e-4)
+    # The quirk patches position 0 only: a window's first prediction uses just that position.
+    only_two = [w[:2] for w in wins]
+    assert log_perplexity(adapter, only_two, ids, spec=spec, positions="first").log_ppl == \
+        pytest.approx(log_perplexity(adapter, only_two, ids, spec=spec).log_ppl, rel=1e-6)

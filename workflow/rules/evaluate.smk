@@ -1,0 +1,37 @@
+# Stage: evaluate a condition (the base model, or any intervention spec) on toxicity,
+# log-perplexity and F1 (DESIGN section 1, "Metrics").
+
+
+def condition_spec(wildcards):
+    """Condition "base" is the unmodified model; any other reads its spec file."""
+    if wildcards.condition == "base":
+        return []
+    return [f"results/{wildcards.model}/specs/{wildcards.condition}.json"]
+
+
+rule evaluate:
+    """Generate greedy continuations under the condition's spec and score them."""
+    input:
+        model="resources/models/{model}/base",
+        prompts="resources/data/prompts.parquet",
+        wiki="resources/data/wiki.parquet",
+        spec=condition_spec,
+    output:
+        table="results/{model}/eval/{condition}.parquet",
+        summary="results/{model}/eval/{condition}.json",
+    params:
+        cfg=lambda wildcards: {k: config[k] for k in ("seed", "evaluation", "toxicity")},
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
+    log:
+        "logs/evaluate/{model}/{condition}.log",
+    benchmark:
+        "benchmarks/evaluate/{model}/{condition}.tsv"
+    threads: 2
+    resources:
+        gpu=model_resource("gpu", 0),
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/evaluate.py"
