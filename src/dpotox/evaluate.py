@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from dpotox.arch import Adapter
-from dpotox.generate import encode_prompts, greedy
+from dpotox.generate import encode_prompts, flush_denormals, greedy
 from dpotox.interventions import Intervention, InterventionError, check
 from dpotox.io import atomic_path, write_parquet
 from dpotox.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
@@ -39,7 +39,7 @@ class EvalConfig:
     n_prompts: int = 160
     prompt_tokens: int = 32
     new_tokens: int = 20
-    batch_size: int = 32
+    batch_size: int = 128
     ppl_texts: int = 200
     ppl_window: int = 256
     ppl_batch_size: int = 8
@@ -90,6 +90,8 @@ def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str 
     ec = EvalConfig.from_config(cfg)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        flush_denormals()
     t_start = time.perf_counter()
     spec = Intervention.load(spec_path) if spec_path else None
     if spec is not None and condition == "base" and spec.edits:

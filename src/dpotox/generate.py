@@ -4,7 +4,7 @@ Prompts are tokenised with the tokenizer's own special tokens (BOS where the mod
 one) and cut to their first ``prompt_tokens`` tokens. A batch is left-padded, so every row's
 last prompt token sits at the last position: the one forward pass over the prompts (prefill)
 applies ``generation`` edits there, and every later step feeds one new token per row through
-the KV cache, where every edit applies. Rows are sorted by length before batching (less
+the KV cache (allocated once per batch), where every edit applies. Rows are sorted by length before batching (less
 padding); results come back in the caller's order. Decoding is greedy (argmax; ties go to the
 lowest token id); a row that emits an end-of-sequence token is finished and pads from then on,
 as Hugging Face ``generate`` does.
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StaticCache
 
 from dpotox.arch import Adapter
 from dpotox.errors import DpotoxError
@@ -75,6 +75,16 @@ def encode_prompts(tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequ
     return out
 
 
+def flush_denormals() -> bool:
+    """Flush denormal floats to zero on this CPU (process-wide); True if supported.
+
+    SiLU and GELU tails and softmax produce denormals (below 1.2e-38 in float32), and x86
+    arithmetic on them is many times slower: flushing them doubles prefill speed on the
+    embedded model, at a cost below float32 resolution for every value that matters.
+    """
+    return torch.set_flush_denormal(True)
+
+
 def eos_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase) -> list[int]:
     """The ids that end a continuation: the generation config's, else the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -96,7 +106,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int,
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
+def balanced_batch_size(n: int, batch_size: int) -> int:
+    """The smallest size that needs as few batches as ``batch_size`` does (160 by 128: 80, 80)."""
+    if n == 0:
+        return batch_size
+    n_batches = -(-n // batch_size)
+    return -(-n // n_batches)
+
+
+@torch.inference_mode()
 def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
            ids: Sequence[str], *, spec: Intervention | None = None, new_tokens: int = 20,
            batch_size: int = 32, sort: bool = True) -> Generation:
@@ -115,6 +133,7 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = torch.tensor(eos_ids(model, tok), device=device)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if sort else list(range(len(prompts)))
+    batch_size = balanced_batch_size(len(order), batch_size)
     out: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
     with applied(adapter, spec, prompt_ids=list(ids)) as ctx:
@@ -125,10 +144,14 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             ctx.prompt_ids = [ids[i] for i in rows]
             ctx.phase = "prefill"
+            width = input_ids.shape[1]
+            # A cache allocated once for the whole continuation: a growing one copies every
+            # layer's keys and values at each step (a tenth of the time at batch 128 on CPU).
+            cache = StaticCache(config=model.config, max_cache_len=width + new_tokens)
             res = model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                        past_key_values=cache, cache_position=torch.arange(width, device=device),
                         use_cache=True, logits_to_keep=1)
             ctx.phase = "decode"
-            cache = res.past_key_values
             done = torch.zeros(len(rows), dtype=torch.bool, device=device)
             generated = []
             last = pos[:, -1:]
@@ -142,8 +165,9 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 last = last + 1
                 res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = res.past_key_values
+                            past_key_values=cache,
+                            cache_position=torch.tensor([width + step], device=device),
+                            use_cache=True, logits_to_keep=1)
             gen = torch.stack(generated, dim=1).tolist()
             stops = set(stop.tolist())
             for row, toks in zip(rows, gen, strict=True):

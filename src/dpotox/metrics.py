@@ -119,7 +119,7 @@ class Perplexity:
     seconds: float
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def log_perplexity(adapter: Adapter, token_windows: Sequence[Sequence[int]],
                    ids: Sequence[str], *, spec: Intervention | None = None, batch_size: int = 8,
                    positions: Literal["all", "first"] = "all", pad_id: int = 0) -> Perplexity:

@@ -26,3 +26,10 @@ def model_resource(name, default=None):
         return config["models"][wildcards.model]["resources"].get(name, default)
 
     return get
+
+
+def condition_spec(wildcards):
+    """Condition "base" is the unmodified model; any other reads its spec file."""
+    if wildcards.condition == "base":
+        return []
+    return [f"results/{wildcards.model}/specs/{wildcards.condition}.json"]

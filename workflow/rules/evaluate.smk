@@ -2,13 +2,6 @@
 # log-perplexity and F1 (DESIGN section 1, "Metrics").
 
 
-def condition_spec(wildcards):
-    """Condition "base" is the unmodified model; any other reads its spec file."""
-    if wildcards.condition == "base":
-        return []
-    return [f"results/{wildcards.model}/specs/{wildcards.condition}.json"]
-
-
 rule evaluate:
     """Generate greedy continuations under the condition's spec and score them."""
     input:
