@@ -27,7 +27,7 @@ from dpotox.interventions import Intervention, InterventionError, check
 from dpotox.io import atomic_path, write_parquet
 from dpotox.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
 from dpotox.scoring import load_scorer
-from dpotox.sources import load_prepared
+from dpotox.sources.models import load_prepared, resolve_device
 
 log = logging.getLogger("dpotox")
 
@@ -88,8 +88,7 @@ def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str 
     before the model runs, and nothing is written unless every metric was computed.
     """
     ec = EvalConfig.from_config(cfg)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if device == "cpu":
         flush_denormals()
     t_start = time.perf_counter()

@@ -131,7 +131,8 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
     model = adapter.model
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stop = torch.tensor(eos_ids(model, tok), device=device)
+    stops = eos_ids(model, tok)
+    stop = torch.tensor(stops, device=device)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if sort else list(range(len(prompts)))
     batch_size = balanced_batch_size(len(order), batch_size)
     out: list[list[int]] = [[] for _ in prompts]
@@ -169,7 +170,6 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
                             cache_position=torch.tensor([width + step], device=device),
                             use_cache=True, logits_to_keep=1)
             gen = torch.stack(generated, dim=1).tolist()
-            stops = set(stop.tolist())
             for row, toks in zip(rows, gen, strict=True):
                 # Keep tokens up to and including the first end-of-sequence token.
                 cut = next((j + 1 for j, t in enumerate(toks) if t in stops), len(toks))

@@ -144,6 +144,13 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
     return out_dir
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` where a GPU is visible, else ``cpu``; others are kept."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_prepared(model_dir: str | Path, *, dtype: str | None = None,
                   device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a folder written by :func:`prepare_model`, in eval mode, tokenizer padding left."""
@@ -153,8 +160,7 @@ def load_prepared(model_dir: str | Path, *, dtype: str | None = None,
                           "run the prepare_model rule first")
     meta = json.loads((model_dir / "source.json").read_text())
     torch_dtype = DTYPES[dtype or meta["dtype"]]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
