@@ -4,6 +4,7 @@
 # Rules are thin: each calls one function of the dpotox package (src/dpotox) through a
 # script in workflow/scripts/. See README.md for rerunning one rule or one model.
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
+include: "workflow/rules/probe.smk"
+include: "workflow/rules/dpo.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/targets.smk"
 

@@ -133,8 +133,12 @@ def test_parquet_and_pairs_default_columns(tmp_path):
 
 def test_non_text_rows_are_rejected(tmp_path):
     f = _jsonl(tmp_path / "p.jsonl", [{"text": "a"}, {"text": None}])
-    with pytest.raises(SourceError, match="not text"):
+    with pytest.raises(SourceError, match=r"no text in field 'text' .* at line 2 of .*p\.jsonl"):
         read_source({"kind": "jsonl", "path": str(f)}, "prompts", key="data.prompts[0]")
+    f = tmp_path / "p.parquet"
+    pd.DataFrame({"text": ["a", None]}).to_parquet(f)
+    with pytest.raises(SourceError, match="the first at row 1"):
+        read_source({"kind": "parquet", "path": str(f)}, "prompts", key="data.prompts[0]")
 
 
 def test_prepare_table_dedups_and_documents_itself(tmp_path):

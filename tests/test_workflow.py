@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 DEFAULT_CONFIG = (str(REPO / "config" / "config.yaml"),)
+# The end-to-end run: the default with the probe, pairs and DPO made small (see the file).
+E2E_CONFIG = (*DEFAULT_CONFIG, str(REPO / "tests" / "e2e-small.yaml"))
 
 
 def snakemake(workdir: Path, *args: str, configfiles=DEFAULT_CONFIG,
@@ -44,7 +46,7 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 def run_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e")
     t0 = time.time()
-    snakemake(workdir)
+    snakemake(workdir, configfiles=E2E_CONFIG)
     print(f"end-to-end run from nothing: {time.time() - t0:.1f} s")
     return workdir
 
@@ -78,23 +80,29 @@ def test_one_model_target_plans_only_that_model(tmp_path):
     extra.write_text((REPO / "config" / "gemma3-270m.yaml").read_text())
     proc = snakemake(tmp_path, "-n", "results/gemma3-270m/MANIFEST.tsv",
                      configfiles=(*DEFAULT_CONFIG, str(extra)))
-    assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "evaluate": 1,
+    assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "train_probe": 1,
+                                  "make_pairs": 1, "train_dpo": 1, "evaluate": 2,
                                   "model_manifest": 1}
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
 
 
 def test_second_run_does_nothing(run_dir):
-    proc = snakemake(run_dir, "-n")
+    proc = snakemake(run_dir, "-n", configfiles=E2E_CONFIG)
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
 def test_forcerun_one_rule_plans_only_that_rule(run_dir):
-    proc = snakemake(run_dir, "-n", "--forcerun", "prepare_data", "--until", "prepare_data")
+    proc = snakemake(run_dir, "-n", "--forcerun", "prepare_data", "--until", "prepare_data",
+                     configfiles=E2E_CONFIG)
     assert planned_jobs(proc) == {"prepare_data": 3}
-    proc = snakemake(run_dir, "-n", "--forcerun", "resources/data/wiki.parquet")
-    assert planned_jobs(proc) == {"prepare_data": 1, "evaluate": 1, "model_manifest": 1, "all": 1}
-    proc = snakemake(run_dir, "-n", "--forcerun", "evaluate", "--until", "evaluate")
-    assert planned_jobs(proc) == {"evaluate": 1}
+    proc = snakemake(run_dir, "-n", "--forcerun", "resources/data/wiki.parquet",
+                     configfiles=E2E_CONFIG)
+    # base and dpo are evaluated on the wiki texts; the pairs (best-of-n) and the DPO model are not
+    # built from them, so they stay.
+    assert planned_jobs(proc) == {"prepare_data": 1, "evaluate": 2, "model_manifest": 1, "all": 1}
+    proc = snakemake(run_dir, "-n", "--forcerun", "evaluate", "--until", "evaluate",
+                     configfiles=E2E_CONFIG)
+    assert planned_jobs(proc) == {"evaluate": 2}
 
 
 def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
@@ -150,6 +158,38 @@ def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
     assert batched.new_tokens != greedy(adapter, tok, tokens, ids, new_tokens=20).new_tokens
 
 
+def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
+    res = run_dir / "results" / "smollm2-135m"
+    metrics = json.loads((res / "probe" / "metrics.json").read_text())
+    assert metrics["n"] == 120 and metrics["class_balance"] == {"toxic": 60, "clean": 60}
+    assert metrics["labels_from"] == "scorer jigsaw-bilstm"
+    assert "WikiText-2" in metrics["sources"]["origins_left_out"]
+    assert len(metrics["top_tokens"]) == 20 and 0.5 < metrics["test_auc"] <= 1.0
+    data = pd.read_parquet(res / "probe" / "data.parquet")
+    # Both classes come from the same origin, each class's texts drawn in equal numbers.
+    per_origin = data.groupby(["origin", "label"]).size().unstack()
+    assert (per_origin[0] == per_origin[1]).all()
+
+    report = json.loads((res / "dpo" / "pairs.json").read_text())
+    pairs = pd.read_parquet(res / "dpo" / "pairs.parquet")
+    assert report["method"] == "best-of-n" and report["prompts"]["eval_overlap"] == 0
+    assert report["n_pairs"] == len(pairs) > 0 and (pairs["gap"] > 0.2).all()
+    eval_prompts = set(pd.read_parquet(res / "eval" / "base.parquet")["id"])
+    assert not set(pairs["id"]) & eval_prompts
+    assert len(pd.read_parquet(res / "dpo" / "samples.parquet")) == 24 * 3
+
+    model_dir = res / "dpo" / "model"
+    assert (model_dir / "model.safetensors").is_file()
+    assert json.loads((model_dir / "source.json").read_text())["dpo"]["steps"] == 4
+    train_log = pd.read_parquet(res / "dpo" / "train_log.parquet")
+    assert {"loss", "kl", "rewards/margins", "rewards/accuracies"} <= set(train_log.columns)
+    assert set(train_log["split"]) == {"train", "eval"}
+    assert "resumed from step 0" in (run_dir / "logs" / "train_dpo" / "smollm2-135m.log").read_text()
+    dpo = json.loads((res / "eval" / "dpo.json").read_text())
+    assert dpo["condition"] == "dpo" and dpo["model_dir"].endswith("dpo/model")
+    assert dpo["n_prompts"] == 160 and dpo["log_ppl"] is not None
+
+
 def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  wiki: {kind: jsonl, path: /no/such/wiki.jsonl}\n")
@@ -171,7 +211,8 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "evaluate": 4,
+    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "train_probe": 4,
+                                  "make_pairs": 4, "train_dpo": 4, "evaluate": 8,
                                   "model_manifest": 4, "all": 1}
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
     llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]

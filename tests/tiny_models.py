@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config,
                           LlamaConfig, MistralConfig, PreTrainedModel)
@@ -53,3 +55,14 @@ class TokenIdTokenizer:
     def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
         return [" ".join(str(t) for t in r if not (skip_special_tokens and t == self.eos_token_id))
                 for r in rows]
+
+
+def prepared_gpt2(root: Path, name: str = "tiny") -> Path:
+    """A tiny random GPT-2 with the real GPT-2 tokenizer, prepared as the workflow prepares a
+    model (``root/model``): stages that tokenise text can run on it offline."""
+    from dpotox.sources import assets, prepare_model
+
+    tiny_model("gpt2", vocab=50257).save_pretrained(root / "src")
+    assets.gpt2_tokenizer().save_pretrained(root / "src")
+    return prepare_model(name, {"source": {"kind": "local", "path": str(root / "src")},
+                                "family": "gpt2", "dtype": "float32"}, root / "model")

@@ -1,13 +1,19 @@
-"""Command line: check a config, or the embedded assets, without running Snakemake.
+"""Command line: check a config, or the embedded assets, without running Snakemake; and the
+DPO stage, which rule train_dpo runs as a command so that `accelerate launch` can start it
+once per GPU.
 
     dpotox check-config config/config.yaml [more.yaml ...]   # validate; print with defaults
     dpotox assets                                            # verify every embedded file
+    dpotox train-dpo --model-name M --config-json '{...}' --base DIR --pairs FILE \
+        --out DIR --train-log FILE --checkpoints DIR [--device auto] [--log FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from types import SimpleNamespace
 
 import yaml
 
@@ -40,6 +46,26 @@ def _assets(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _train_dpo(args: argparse.Namespace) -> int:
+    from dpotox.dpo import DPOSettings, train_dpo
+    from dpotox.logs import rule_log
+    from dpotox.pairs import read_pairs
+
+    job = SimpleNamespace(rule="train_dpo", wildcards={"model": args.model_name},
+                          log=[args.log] if args.log else [])
+    with rule_log(job) as log:
+        settings = DPOSettings.from_config(json.loads(args.config_json), args.model_name)
+        pairs = read_pairs(args.pairs)
+        log.info("read %d preference pairs from %s", len(pairs), args.pairs)
+        summary = train_dpo(args.base, pairs, args.out, settings, checkpoint_dir=args.checkpoints,
+                            log_path=args.train_log, device=args.device, log=log)
+        log.info("wrote %s and %s: %d steps (resumed from step %d), best validation loss %s "
+                 "at step %s, validation reward accuracy %s", args.out, args.train_log,
+                 summary["steps"], summary["resumed_from_step"], summary["best_eval_loss"],
+                 summary["best_step"], summary.get("eval_reward_accuracy"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dpotox`` command."""
     parser = argparse.ArgumentParser(prog="dpotox", description=__doc__,
@@ -51,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_check_config)
     p = sub.add_parser("assets", help="verify the embedded PyPI assets (sha256)")
     p.set_defaults(func=_assets)
+    p = sub.add_parser("train-dpo", help="DPO fine-tuning (rule train_dpo; see dpotox.dpo)")
+    p.add_argument("--model-name", required=True, help="the model's key under models:")
+    p.add_argument("--config-json", required=True,
+                   help="the config as JSON (at least seed, dpo, models)")
+    p.add_argument("--base", required=True, help="prepared base model folder")
+    p.add_argument("--pairs", required=True, help="pairs Parquet file (make_pairs)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--train-log", required=True, help="output training log (Parquet)")
+    p.add_argument("--checkpoints", required=True, help="checkpoint folder (kept on failure)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--log", help="also log to this file")
+    p.set_defaults(func=_train_dpo)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -15,3 +15,11 @@ class SourceError(DpotoxError, RuntimeError):
 
 class UnsupportedModelError(DpotoxError, ValueError):
     """A model whose architecture family dpotox does not know."""
+
+
+class PairsError(DpotoxError, ValueError):
+    """Preference pairs that cannot be trained on; the message names the file and row."""
+
+
+class DPOError(DpotoxError, ValueError):
+    """Preference pairs or a checkpoint folder that DPO cannot work with."""

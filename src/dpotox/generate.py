@@ -1,4 +1,4 @@
-"""Batched greedy generation under an intervention, with left padding and the KV cache.
+"""Batched generation under an intervention (greedy or sampled), with left padding and the KV cache.
 
 Prompts are tokenised with the tokenizer's own special tokens (BOS where the model expects
 one) and cut to their first ``prompt_tokens`` tokens. A batch is left-padded, so every row's
@@ -6,8 +6,9 @@ last prompt token sits at the last position: the one forward pass over the promp
 applies ``generation`` edits there, and every later step feeds one new token per row through
 the KV cache (allocated once per batch), where every edit applies. Rows are sorted by length before batching (less
 padding); results come back in the caller's order. Decoding is greedy (argmax; ties go to the
-lowest token id); a row that emits an end-of-sequence token is finished and pads from then on,
-as Hugging Face ``generate`` does.
+lowest token id) or, with a temperature, sampled from the softmax of ``logits / temperature``
+with a seeded generator (same prompts, seed and batch size: same samples). A row that emits an
+end-of-sequence token is finished and pads from then on, as Hugging Face ``generate`` does.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class PromptError(DpotoxError, ValueError):
 
 @dataclass
 class Generation:
-    """Greedy continuations of a list of prompts, in the order the prompts were given."""
+    """Continuations of a list of prompts, in the order the prompts were given."""
 
     ids: list[str]
     prompt_tokens: list[list[int]]
@@ -114,11 +115,20 @@ def balanced_batch_size(n: int, batch_size: int) -> int:
     return -(-n // n_batches)
 
 
-@torch.inference_mode()
 def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
            ids: Sequence[str], *, spec: Intervention | None = None, new_tokens: int = 20,
            batch_size: int = 32, sort: bool = True) -> Generation:
-    """Greedy continuations of tokenised ``prompts`` under ``spec``.
+    """Greedy continuations of tokenised ``prompts`` under ``spec`` (see :func:`generate`)."""
+    return generate(adapter, tok, prompts, ids, spec=spec, new_tokens=new_tokens,
+                    batch_size=batch_size, sort=sort)
+
+
+@torch.inference_mode()
+def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
+             ids: Sequence[str], *, spec: Intervention | None = None, new_tokens: int = 20,
+             batch_size: int = 32, sort: bool = True, temperature: float = 0.0,
+             seed: int = 0) -> Generation:
+    """Continuations of tokenised ``prompts`` under ``spec``.
 
     Args:
         adapter: the model to run (its hooks are added and removed here).
@@ -127,7 +137,11 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
         new_tokens: how many tokens to generate at most.
         batch_size: prompts per forward pass.
         sort: batch prompts of similar length together (less padding, same tokens).
+        temperature: 0 decodes greedily; above 0 samples at this temperature.
+        seed: seeds the sampling generator (unused when greedy).
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive, not {temperature}")
     model = adapter.model
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -136,6 +150,7 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if sort else list(range(len(prompts)))
     batch_size = balanced_batch_size(len(order), batch_size)
     out: list[list[int]] = [[] for _ in prompts]
+    rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     t0 = time.perf_counter()
     with applied(adapter, spec, prompt_ids=list(ids)) as ctx:
         for start in range(0, len(order), batch_size):
@@ -157,7 +172,12 @@ def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Seq
             generated = []
             last = pos[:, -1:]
             for step in range(new_tokens):
-                nxt = res.logits[:, -1].argmax(-1)
+                logits = res.logits[:, -1]
+                if rng is None:
+                    nxt = logits.argmax(-1)
+                else:
+                    probs = torch.softmax(logits.float() / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=rng)[:, 0]
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 generated.append(nxt)
                 done |= torch.isin(nxt, stop)

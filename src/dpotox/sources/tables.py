@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from dpotox.errors import SourceError
+from dpotox.errors import PairsError, SourceError
 from dpotox.io import write_parquet
 from dpotox.sources import assets
 
@@ -34,9 +34,12 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
 }
 
 
+LINE = "__line__"
+
+
 def read_jsonl(path: Path, *, key: str) -> pd.DataFrame:
     """Read a JSONL file; a malformed line is an error that names the file and line."""
-    rows = []
+    rows, lines = [], []
     with Path(path).open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
@@ -57,9 +60,13 @@ def read_jsonl(path: Path, *, key: str) -> pd.DataFrame:
                 raise SourceError(f"{key}: {path} line {lineno} is a JSON "
                                   f"{type(row).__name__}, expected an object with named fields")
             rows.append(row)
+            lines.append(lineno)
     if not rows:
         raise SourceError(f"{key}: {path} holds no rows")
-    return pd.json_normalize(rows)
+    df = pd.json_normalize(rows)
+    # Kept until read_source has checked the rows, so that errors can name the line.
+    df[LINE] = lines
+    return df
 
 
 def _read_embedded(name: str, key: str) -> pd.DataFrame:
@@ -168,8 +175,12 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
         if col in out:
             bad = out[col].isna() | ~out[col].map(lambda x: isinstance(x, str))
             if bad.any():
-                raise SourceError(f"{key}: {int(bad.sum())} row(s) of column {col!r} are not text "
-                                  f"(first at row {int(bad.to_numpy().argmax())})")
+                first = int(bad.to_numpy().argmax())
+                where = (f"line {raw[LINE].iloc[first]} of {src.get('path')}" if LINE in raw
+                         else f"row {first}")
+                name = mapping.get(col, col)
+                raise SourceError(f"{key}: {int(bad.sum())} row(s) have no text in field {name!r} "
+                                  f"({role} {col!r}), the first at {where}; fix or drop them")
     if "label" in out and mapping.get("label", "label") in raw.columns:
         try:
             out["label"] = (pd.to_numeric(out["label"]) >= src.get("label_threshold", 0.5)).astype("Int8")
@@ -181,11 +192,51 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
         ids = raw[mapping["id"]].astype(str)
     elif "id" in raw.columns:
         ids = raw["id"].astype(str)
+    elif LINE in raw.columns:
+        ids = raw[LINE].map(lambda n: f"{label}:line{n}")
     else:
         ids = pd.Series([f"{label}:{i}" for i in range(len(raw))], index=raw.index)
     out.insert(0, "id", ids.to_numpy())
     out["source"] = label
     return out.reset_index(drop=True)
+
+
+def check_pairs(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Check that ``df`` holds trainable pairs; return it unchanged.
+
+    Every pair needs a prompt, a chosen and a rejected text, each non-empty, with chosen
+    different from rejected. ``where`` names the file in the messages; rows are named by
+    their ``id`` (for JSONL sources the id ends with the file's line number).
+
+    Raises:
+        PairsError: a missing column, no rows, or the first bad row.
+    """
+    missing = [c for c in ("prompt", "chosen", "rejected") if c not in df.columns]
+    if missing:
+        raise PairsError(f"{where}: no column {', '.join(map(repr, missing))} (columns: "
+                         f"{', '.join(map(str, df.columns))}); a pairs table needs prompt, "
+                         "chosen and rejected")
+    if df.empty:
+        raise PairsError(f"{where} holds no pairs")
+    ids = df["id"].astype(str) if "id" in df.columns else pd.Series(
+        [f"row {i}" for i in range(len(df))], index=df.index)
+    for col in ("prompt", "chosen", "rejected"):
+        text = df[col]
+        bad = text.isna() | ~text.map(lambda x: isinstance(x, str))
+        if bad.any():
+            i = int(bad.to_numpy().argmax())
+            raise PairsError(f"{where}: pair {ids.iloc[i]!r} has no {col} text; fix or drop it")
+        empty = text.str.strip() == ""
+        if empty.any():
+            i = int(empty.to_numpy().argmax())
+            raise PairsError(f"{where}: pair {ids.iloc[i]!r} has an empty {col} text; fix or "
+                             "drop it")
+    same = df["chosen"].str.strip() == df["rejected"].str.strip()
+    if same.any():
+        i = int(same.to_numpy().argmax())
+        raise PairsError(f"{where}: pair {ids.iloc[i]!r} has the same chosen and rejected text, "
+                         f"which teaches nothing ({int(same.sum())} such pairs); drop them")
+    return df
 
 
 TABLE_DESCRIPTIONS = {
@@ -209,10 +260,14 @@ def prepare_table(role: str, sources: list[Mapping[str, Any]], out: str | Path, 
     key = key or f"data.{role}"
     frames = [read_source(s, role, key=f"{key}[{i}]") for i, s in enumerate(sources)]
     df = pd.concat(frames, ignore_index=True)
-    text_col = "prompt" if role == "pairs" else "text"
-    df[text_col] = df[text_col].str.strip()
     n_before = len(df)
-    df = df[df[text_col] != ""].drop_duplicates(subset=[text_col], keep="first")
+    if role == "pairs":
+        # A pair is a unit: a prompt may have several, and a bad one is an error, not a drop.
+        check_pairs(df, key)
+        df = df.drop_duplicates(subset=["prompt", "chosen", "rejected"], keep="first")
+    else:
+        df["text"] = df["text"].str.strip()
+        df = df[df["text"] != ""].drop_duplicates(subset=["text"], keep="first")
     df = df.drop_duplicates(subset=["id"], keep="first").reset_index(drop=True)
     if df.empty:
         raise SourceError(f"{key}: the sources hold no text")

@@ -1,0 +1,94 @@
+# Stage: preference pairs and DPO fine-tuning with TRL (DESIGN section 1, "DPO").
+
+import shlex
+
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
+
+def pairs_inputs(wildcards):
+    """What make_pairs reads depends on dpo.pairs.method (see dpotox.pairs)."""
+    method = config["dpo"]["pairs"]["method"]
+    inputs = {"prompts": "resources/data/prompts.parquet"}
+    if method in ("best-of-n", "steered"):
+        inputs["model"] = f"resources/models/{wildcards.model}/base"
+    if method == "steered":
+        inputs["wiki"] = "resources/data/wiki.parquet"
+        inputs["probe"] = f"results/{wildcards.model}/probe/probe.safetensors"
+    if method == "jsonl":
+        inputs["pairs"] = "resources/data/pairs.parquet"
+    return inputs
+
+
+rule make_pairs:
+    """Build preference pairs (best-of-n, steered) or read Lee et al.'s (jsonl); score both sides."""
+    input:
+        unpack(pairs_inputs),
+    output:
+        pairs="results/{model}/dpo/pairs.parquet",
+        report="results/{model}/dpo/pairs.json",
+        samples="results/{model}/dpo/samples.parquet",
+    params:
+        cfg=lambda wildcards: {k: config[k] for k in ("seed", "dpo", "evaluation", "toxicity")},
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
+    log:
+        "logs/make_pairs/{model}.log",
+    benchmark:
+        "benchmarks/make_pairs/{model}.tsv"
+    threads: 2
+    resources:
+        gpu=model_resource("gpu", 0),
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/make_pairs.py"
+
+
+def dpo_launcher(wildcards):
+    """One process per GPU under accelerate when a model asks for several; else one python."""
+    # Inside a conda env (--sdm conda) the env's python is first on PATH; otherwise the
+    # interpreter running Snakemake (a virtualenv need not be activated) has the packages.
+    in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    python = "python" if in_conda else shlex.quote(sys.executable)
+    gpus = config["models"][wildcards.model]["resources"]["gpu"]
+    if gpus > 1:
+        return f"{python} -m accelerate.commands.launch --num_processes {gpus} -m dpotox"
+    return f"{python} -m dpotox"
+
+
+rule train_dpo:
+    """Fine-tune the base model on the pairs with TRL's DPOTrainer; resumes from a checkpoint.
+
+    A shell rule, not a script, so that with models.<model>.resources.gpu > 1 the same
+    command runs under `accelerate launch --num_processes <gpu>` (see docs/dpo.md).
+    """
+    input:
+        model="resources/models/{model}/base",
+        pairs="results/{model}/dpo/pairs.parquet",
+    output:
+        model=directory("results/{model}/dpo/model"),
+        log="results/{model}/dpo/train_log.parquet",
+    params:
+        cfg=lambda wildcards: json.dumps({k: config[k] for k in ("seed", "dpo", "models")}),
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
+        launcher=dpo_launcher,
+        # Kept outside the output folder, which Snakemake deletes before a job: an
+        # interrupted run leaves its checkpoints here and the rerun resumes from them.
+        checkpoint_dir="results/{model}/dpo/checkpoints",
+    log:
+        "logs/train_dpo/{model}.log",
+    benchmark:
+        "benchmarks/train_dpo/{model}.tsv"
+    threads: 2
+    resources:
+        gpu=model_resource("gpu", 0),
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+    conda:
+        "../../envs/dpotox.yaml"
+    shell:
+        "{params.launcher} train-dpo --model-name {wildcards.model:q} --config-json {params.cfg:q}"
+        " --base {input.model:q} --pairs {input.pairs:q} --out {output.model:q}"
+        " --train-log {output.log:q} --checkpoints {params.checkpoint_dir:q}"
+        " --device {params.device} > {log:q} 2>&1"
