@@ -80,9 +80,15 @@ def test_rtp_pair_prompts_never_include_an_evaluation_prompt():
     assert not set(chosen["id"]) & {f"p{i}" for i in range(10)}
     assert "p20" not in set(chosen["id"])  # the same text as evaluation prompt p3
     assert report == {"eval_prompts": 10, "available": 11, "dropped_same_text_as_eval": 1,
-                      "eval_overlap": 0}
+                      "eval_overlap": 0, "from": "data.prompts"}
     again, _ = rtp_pair_prompts(prompts, n_eval=10, n=5, seed=0)
     assert again["id"].tolist() == chosen["id"].tolist()[:5]
+    # With data.pair_prompts the pool is that table, still without evaluation texts.
+    pool = pd.DataFrame({"id": ["q0", "q1", "q2"], "source": "s",
+                         "text": ["PROMPT number 0", "other", "more"]})
+    chosen, report = rtp_pair_prompts(prompts, n_eval=10, n=50, seed=0, pool=pool)
+    assert sorted(chosen["id"]) == ["q1", "q2"]
+    assert report["from"] == "data.pair_prompts" and report["dropped_same_text_as_eval"] == 1
 
 
 @pytest.fixture(scope="module")

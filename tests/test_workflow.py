@@ -211,7 +211,8 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 3, "train_probe": 4,
+    # prepare_data: prompts, wiki, probe_texts and pair_prompts (RTP's non-challenging prompts).
+    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 4, "train_probe": 4,
                                   "make_pairs": 4, "train_dpo": 4, "evaluate": 8,
                                   "model_manifest": 4, "all": 1}
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run

@@ -13,10 +13,11 @@ Three methods (``dpo.pairs.method``):
   ``unpert_gen_text`` = chosen, ``pert_gen_text`` = rejected); both sides are scored, none
   is dropped for its gap.
 
-Pair prompts never include an evaluation prompt: RTP prompts are drawn from the rows after
-the first ``evaluation.n_prompts`` (the evaluation's), Wikipedia prompts from the texts the
-evaluation does not use for perplexity or F1, and any prompt whose text equals an
-evaluation prompt's is dropped as well. The report records that overlap (zero) and the drop.
+Pair prompts never include an evaluation prompt. RTP prompts come from ``data.pair_prompts``
+if the config names it, else from the rows of the prompts table after the first
+``evaluation.n_prompts`` (the evaluation's); Wikipedia prompts from the texts the evaluation
+uses for neither perplexity nor F1; and any prompt whose text equals an evaluation prompt's is
+dropped as well. The report records that overlap (zero) and the drop.
 """
 
 from __future__ import annotations
@@ -91,22 +92,24 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def rtp_pair_prompts(prompts: pd.DataFrame, n_eval: int, n: int,
-                     seed: int) -> tuple[pd.DataFrame, dict[str, int]]:
+def rtp_pair_prompts(prompts: pd.DataFrame, n_eval: int, n: int, seed: int,
+                     pool: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
     """Up to ``n`` prompts for pairs, none of them an evaluation prompt (by row or by text).
 
-    The rows after the evaluation's are shuffled with ``seed`` so that every source of the
-    prompts table contributes, then the first ``n`` are taken.
+    The candidates are ``pool`` (``data.pair_prompts``) if given, else the rows of ``prompts``
+    after the evaluation's. They are shuffled with ``seed`` so that every source contributes,
+    then the first ``n`` are taken.
     """
     eval_rows = evaluation_prompts(prompts, n_eval)
     eval_texts = set(eval_rows["text"].map(_norm))
-    rest = prompts.iloc[len(eval_rows):]
+    rest = prompts.iloc[len(eval_rows):] if pool is None else pool
     same_text = rest["text"].map(_norm).isin(eval_texts)
+    available = int(len(rest) - same_text.sum())
     rest = rest[~same_text].sample(frac=1.0, random_state=seed).head(n).reset_index(drop=True)
     overlap = int(rest["text"].map(_norm).isin(eval_texts).sum())
-    return rest, {"eval_prompts": len(eval_rows), "available": int(len(prompts) - len(eval_rows)
-                                                                    - same_text.sum()),
-                  "dropped_same_text_as_eval": int(same_text.sum()), "eval_overlap": overlap}
+    return rest, {"eval_prompts": len(eval_rows), "available": available,
+                  "dropped_same_text_as_eval": int(same_text.sum()), "eval_overlap": overlap,
+                  "from": "data.prompts" if pool is None else "data.pair_prompts"}
 
 
 def wiki_pair_prompts(wiki: pd.DataFrame, tok: Any, ec: EvalConfig, pc: PairsConfig
@@ -217,11 +220,13 @@ def sides_as_samples(df: pd.DataFrame) -> pd.DataFrame:
 def make_pairs(*, model_dir: str | Path, cfg: Mapping[str, Any], out_parquet: str | Path,
                out_json: str | Path, prompts_path: str | Path | None = None,
                wiki_path: str | Path | None = None, pairs_path: str | Path | None = None,
-               probe_path: str | Path | None = None, samples_path: str | Path,
+               probe_path: str | Path | None = None,
+               pair_prompts_path: str | Path | None = None, samples_path: str | Path,
                device: str = "cpu") -> dict[str, Any]:
     """Build (or read) the preference pairs and write them with a JSON report.
 
-    Inputs by method: ``best-of-n`` reads ``prompts_path``; ``steered`` reads ``wiki_path``
+    Inputs by method: ``best-of-n`` reads ``pair_prompts_path`` if given (else the rows of
+    ``prompts_path`` after the evaluation's); ``steered`` reads ``wiki_path``
     and ``probe_path``; ``jsonl`` reads ``pairs_path`` (``data.pairs`` prepared). Every
     method reads ``prompts_path`` to keep the evaluation prompts out. ``samples_path``
     gets every scored continuation (best-of-n's samples; the two sides of the other methods).
@@ -261,12 +266,13 @@ def make_pairs(*, model_dir: str | Path, cfg: Mapping[str, Any], out_parquet: st
         model, tok = load_prepared(model_dir, device=device)
         adapter = Adapter(model)
         if pc.method == "best-of-n":
+            pool = pd.read_parquet(pair_prompts_path) if pair_prompts_path else None
             chosen_prompts, report["prompts"] = rtp_pair_prompts(prompts, ec.n_prompts,
-                                                                 pc.n_prompts, pc.seed)
+                                                                 pc.n_prompts, pc.seed, pool)
             if chosen_prompts.empty:
                 raise PairsError(f"no prompts are left for pairs after the {ec.n_prompts} "
-                                 "evaluation prompts; add prompt sources or lower "
-                                 "evaluation.n_prompts")
+                                 "evaluation prompts; set data.pair_prompts, add prompt "
+                                 "sources or lower evaluation.n_prompts")
             df, samples = best_of_n(adapter, tok, chosen_prompts, scorer, pc)
             report["n_samples"] = int(len(samples))
         elif pc.method == "steered":

@@ -1,8 +1,9 @@
 # Shared helpers of the rules: targets, wildcard constraints, per-model resources.
 
 MODELS = list(config["models"])
-# pairs is a dataset only where the config names a pairs file (data.pairs).
-DATASETS = ["prompts", "wiki", "probe_texts"] + (["pairs"] if config["data"]["pairs"] else [])
+# pair_prompts and pairs are datasets only where the config names sources for them.
+DATASETS = ["prompts", "wiki", "probe_texts"] + [
+    name for name in ("pair_prompts", "pairs") if config["data"][name]]
 
 
 wildcard_constraints:

@@ -11,6 +11,8 @@ def pairs_inputs(wildcards):
     inputs = {"prompts": "resources/data/prompts.parquet"}
     if method in ("best-of-n", "steered"):
         inputs["model"] = f"resources/models/{wildcards.model}/base"
+    if method == "best-of-n" and config["data"]["pair_prompts"]:
+        inputs["pair_prompts"] = "resources/data/pair_prompts.parquet"
     if method == "steered":
         inputs["wiki"] = "resources/data/wiki.parquet"
         inputs["probe"] = f"results/{wildcards.model}/probe/probe.safetensors"

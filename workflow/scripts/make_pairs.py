@@ -8,6 +8,7 @@ with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     report = make_pairs(model_dir=smk.input.get("model"), cfg=smk.params.cfg,
                         out_parquet=smk.output.pairs, out_json=smk.output.report,
                         prompts_path=smk.input.prompts, wiki_path=smk.input.get("wiki"),
+                        pair_prompts_path=smk.input.get("pair_prompts"),
                         pairs_path=smk.input.get("pairs"), probe_path=smk.input.get("probe"),
                         samples_path=smk.output.samples, device=smk.params.device)
     log.info("%s: %d of %d candidates kept, mean toxicity gap %.3f, evaluation overlap %d",

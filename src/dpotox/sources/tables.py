@@ -1,6 +1,6 @@
 """Text tables from data sources, in the one shape every later stage reads.
 
-Each role (prompts, wiki, probe_texts, pairs) has a fixed column set (``ROLE_COLUMNS``).
+Each role (prompts, pair_prompts, wiki, probe_texts, pairs) has a fixed column set (``ROLE_COLUMNS``).
 A source yields a DataFrame with those columns plus ``id`` and ``source``; ``prepare_data``
 concatenates a role's sources, drops repeated texts and writes one Parquet file.
 """
@@ -21,6 +21,7 @@ from dpotox.sources import assets
 # role -> {column: required?}. ``id`` and ``source`` are always added.
 ROLE_COLUMNS: dict[str, dict[str, bool]] = {
     "prompts": {"text": True, "toxicity": False},
+    "pair_prompts": {"text": True, "toxicity": False},
     "wiki": {"text": True, "title": False},
     "probe_texts": {"text": True, "label": False},
     "pairs": {"prompt": True, "chosen": True, "rejected": True},
@@ -144,7 +145,7 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
 
     Args:
         src: a validated source mapping (``kind`` and its keys, see the config schema).
-        role: prompts, wiki, probe_texts or pairs.
+        role: prompts, pair_prompts, wiki, probe_texts or pairs.
         key: the config key of the source, named in every error message.
     """
     if role not in ROLE_COLUMNS:
@@ -242,6 +243,8 @@ def check_pairs(df: pd.DataFrame, where: str) -> pd.DataFrame:
 TABLE_DESCRIPTIONS = {
     "prompts": "Toxicity-eliciting prompts. id: unique text id; text: the prompt; source: where it "
                "came from; toxicity: the source's own reference score (Perspective for RTP), null if none.",
+    "pair_prompts": "Prompts for building DPO pairs (kept apart from the evaluation prompts). id; "
+                    "text; source; toxicity: the source's reference score, null if none.",
     "wiki": "Wikipedia-like text for log-perplexity and F1. id; text: a paragraph or sentence; "
             "title: article title, null if none; source.",
     "probe_texts": "Texts for the toxicity probe. id; text; label: 1 toxic, 0 clean, null = to be "
