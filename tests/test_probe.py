@@ -135,7 +135,9 @@ def test_train_probe_writes_its_four_files(tiny_prepared, tmp_path):
     assert metrics["labels_from"] == "the source's label column"
     assert set(metrics["per_source"]) == {"csv:t.csv"}
     assert len(metrics["top_tokens"]) == 20
-    assert json.loads((out / "metrics.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
+    written = json.loads((out / "metrics.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    assert written["test_accuracy"] == metrics["test_accuracy"]
     data = pd.read_parquet(out / "data.parquet")
     assert {"source", "origin", "label", "split", "probe_logit"} <= set(data.columns)
     w, b = load_probe(out / "probe.safetensors", d_model=D_MODEL)
@@ -184,3 +186,10 @@ def test_a_jigsaw_csv_gives_its_own_labels(tmp_path):
     sample, report = balanced_sample(labelled, ProbeConfig(test_fraction=0.5))
     assert report["origins"] == {"csv:train.csv": "csv:train.csv"}
     assert sorted(sample["split"]) == ["test", "test", "train", "train"]
+
+
+def test_metrics_json_has_no_nan():
+    from dpotox.probe import _json_safe
+
+    safe = _json_safe({"a": float("nan"), "b": [1.0, float("nan")], "c": {"d": 0.5}})
+    assert json.dumps(safe, allow_nan=False) == '{"a": null, "b": [1.0, null], "c": {"d": 0.5}}'

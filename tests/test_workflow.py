@@ -160,7 +160,9 @@ def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
 
 def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     res = run_dir / "results" / "smollm2-135m"
-    metrics = json.loads((res / "probe" / "metrics.json").read_text())
+    # Strict JSON (no NaN where a source has no test texts), as jq and DuckDB need.
+    metrics = json.loads((res / "probe" / "metrics.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
     assert metrics["n"] == 120 and metrics["class_balance"] == {"toxic": 60, "clean": 60}
     assert metrics["labels_from"] == "scorer jigsaw-bilstm"
     assert "WikiText-2" in metrics["sources"]["origins_left_out"]

@@ -291,6 +291,18 @@ def load_probe(path: str | Path, d_model: int | None = None) -> tuple[torch.Tens
     return t["weight"], float(t.get("bias", torch.zeros(1))[0])
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with NaN (an accuracy over no texts) as null: JSON has no NaN, and jq or
+    DuckDB refuse the ``NaN`` that Python would write."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[str, Any],
                 out_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     """Label, sample, embed, fit; write ``probe.safetensors``, ``metrics.json``,
@@ -379,7 +391,7 @@ def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[s
     with atomic_path(out_dir / "top_tokens.csv") as tmp:
         pd.DataFrame(tokens, columns=["token", "dot_with_probe"]).to_csv(tmp, index=False)
     with atomic_path(out_dir / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=1) + "\n")
+        tmp.write_text(json.dumps(_json_safe(metrics), indent=1, allow_nan=False) + "\n")
     save_probe(out_dir / "probe.safetensors", w, b, {"test_accuracy": metrics["test_accuracy"],
                                                      "d_model": adapter.d_model})
     return metrics
