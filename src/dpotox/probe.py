@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class ProbeConfig:
     clean_threshold: float = 0.1
     max_tokens: int = 128
     batch_size: int = 32
-    l2: float | list[float] = 1.0
+    l2: float | list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
     cv_folds: int = 5
     max_iter: int = 1000
     seed: int = 0
