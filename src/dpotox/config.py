@@ -10,6 +10,7 @@ path that must exist) run after it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,13 @@ def model_setting(config: Mapping[str, Any], model: str, section: str, key: str)
     if isinstance(per_model, Mapping) and key in per_model:
         return per_model[key]
     return config[section][key]
+
+
+def section_settings(cls: type, config: Mapping[str, Any], *section: str) -> Any:
+    """``cls`` (a settings dataclass with a ``seed`` field) from ``config[section[0]][...]`` and
+    the top-level ``seed``; keys the dataclass does not hold are left to other readers."""
+    values: Mapping[str, Any] = config
+    for key in section:
+        values = values.get(key, {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names}, seed=config.get("seed", 0))

