@@ -23,6 +23,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 
 from dpotox.config import missing_paths, validate_config  # noqa: E402
 from dpotox.errors import ConfigError  # noqa: E402
+from dpotox.neuron_stats import table_files  # noqa: E402
 
 # The embedded default applies only when no --configfile is given: Snakemake merges config
 # files, and the paper's models must not be run next to the default's.
@@ -55,6 +56,7 @@ include: "workflow/rules/prepare.smk"
 include: "workflow/rules/probe.smk"
 include: "workflow/rules/dpo.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/neurons.smk"
 include: "workflow/rules/targets.smk"
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -82,7 +83,8 @@ def test_one_model_target_plans_only_that_model(tmp_path):
                      configfiles=(*DEFAULT_CONFIG, str(extra)))
     assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "train_probe": 1,
                                   "make_pairs": 1, "train_dpo": 1, "evaluate": 2,
-                                  "model_manifest": 1}
+                                  "toxic_ablation_spec": 1, "cache_activations": 3,
+                                  "neuron_table": 1, "neuron_stats": 1, "model_manifest": 1}
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
 
 
@@ -192,6 +194,52 @@ def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     assert dpo["n_prompts"] == 160 and dpo["log_ppl"] is not None
 
 
+def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
+    from dpotox.activations import mean_activations, prompt_means, read_meta
+    from dpotox.neuron_stats import TABLES
+
+    res = run_dir / "results" / "smollm2-135m"
+    for variant in ("base", "dpo"):
+        meta = read_meta(res / "activations" / variant)
+        assert (meta["n_prompts"], meta["n_layers"], meta["d_mlp"]) == (160, 30, 1536)
+        # The cache rides on evaluate's generation: each prompt's positions are its new tokens.
+        table = pd.read_parquet(res / "eval" / f"{variant}.parquet")
+        ids, means, counts = prompt_means(res / "activations" / variant, 29)
+        assert dict(zip(ids, counts.tolist())) == dict(zip(table["id"], table["new_tokens"]))
+        assert np.isfinite(means).all()
+    assert read_meta(res / "activations" / "ablate-toxic-200")["spec"] == "ablate-toxic-200"
+    assert not list((res / "activations").glob(".*"))  # no staging folder left behind
+    neurons = pd.read_parquet(res / "neurons.parquet")
+    assert len(neurons) == 30 * 1536 and set(neurons["group"]) == {"TP", "TN", "AP", "AN", "increased"}
+    np.testing.assert_allclose(neurons["mbar_dpo"].to_numpy().reshape(30, 1536),
+                               mean_activations(res / "activations" / "dpo"))
+    # SiLU-gated neurons: about half negative; DPO barely turns the value vectors.
+    assert 0.3 < (neurons["mbar_base"] < 0).mean() < 0.7 and neurons["cos_base_dpo"].min() > 0.9
+    spec = json.loads((res / "specs" / "ablate-toxic-200.json").read_text())
+    ablated = {(e["layer"], n) for e in spec["edits"] for n in e["neurons"]}
+    assert ablated == set(neurons.loc[neurons["rank_cos"] <= 200, ["layer", "neuron"]]
+                          .itertuples(index=False, name=None))
+    tables = run_dir / "results" / "tables" / "smollm2-135m"
+    for name in TABLES:
+        assert len(pd.read_csv(tables / f"{name}.csv")) > 0
+    shares = pd.read_csv(tables / "table5_group_shares.csv").set_index("group")
+    assert shares.loc[["TP", "TN", "AP", "AN"], "pct_of_reduction"].sum() == pytest.approx(100)
+    fig1a = pd.read_csv(tables / "fig1a_layer_projections.csv")
+    assert list(fig1a.columns) == ["layer", "base", "dpo", "ablated_top200"] and len(fig1a) == 30
+    assert "done in" in (run_dir / "logs" / "neuron_stats" / "smollm2-135m.log").read_text()
+    # The README's pandas and DuckDB examples run, as written, on the run's files.
+    import duckdb
+    readme = (REPO / "README.md").read_text()
+    python = re.search(r"```python\n(# pandas: one layer.*?)```", readme, re.S).group(1)
+    sql = re.search(r"```sql\n(-- duckdb: the five.*?)```", readme, re.S).group(1)
+    env: dict = {}
+    exec(python.replace("results/", f"{run_dir}/results/"), env)
+    np.testing.assert_allclose(env["mbar"].to_numpy(),
+                               mean_activations(res / "activations" / "base")[29], rtol=1e-6)
+    rows = duckdb.sql(sql.replace("results/", f"{run_dir}/results/")).fetchall()
+    assert len(rows) == 5 * 3 and {r[3] for r in rows} == {"base", "dpo", "ablate-toxic-200"}
+
+
 def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data:\n  wiki: {kind: jsonl, path: /no/such/wiki.jsonl}\n")
@@ -216,7 +264,9 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     # prepare_data: prompts, wiki, probe_texts and pair_prompts (RTP's non-challenging prompts).
     assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 4, "train_probe": 4,
                                   "make_pairs": 4, "train_dpo": 4, "evaluate": 8,
-                                  "model_manifest": 4, "all": 1}
+                                  "toxic_ablation_spec": 4, "cache_activations": 12,
+                                  "neuron_table": 4, "neuron_stats": 4, "model_manifest": 4,
+                                  "all": 1}
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
     llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]
     assert "mem_mb=96000" in llama and "runtime=1440" in llama

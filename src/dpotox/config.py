@@ -245,10 +245,13 @@ def model_setting(config: Mapping[str, Any], model: str, section: str, key: str)
 
 
 def section_settings(cls: type, config: Mapping[str, Any], *section: str) -> Any:
-    """``cls`` (a settings dataclass with a ``seed`` field) from ``config[section[0]][...]`` and
-    the top-level ``seed``; keys the dataclass does not hold are left to other readers."""
+    """``cls`` (a settings dataclass) from ``config[section[0]][...]``, and the top-level ``seed``
+    if ``cls`` has a ``seed`` field; keys the dataclass does not hold are left to other readers."""
     values: Mapping[str, Any] = config
     for key in section:
         values = values.get(key, {})
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names}, seed=config.get("seed", 0))
+    kwargs = {k: v for k, v in values.items() if k in names}
+    if "seed" in names:
+        kwargs["seed"] = config.get("seed", 0)
+    return cls(**kwargs)

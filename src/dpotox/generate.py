@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase, StaticCache
 
 from dpotox.arch import Adapter
 from dpotox.errors import DpotoxError
-from dpotox.interventions import Intervention, applied
+from dpotox.interventions import Intervention, Recorder, applied
 from dpotox.sources.models import resolve_device
 
 
@@ -127,17 +127,18 @@ def balanced_batch_size(n: int, batch_size: int) -> int:
 
 def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
            ids: Sequence[str], *, spec: Intervention | None = None, new_tokens: int = 20,
-           batch_size: int = 32, sort: bool = True) -> Generation:
+           batch_size: int = 32, sort: bool = True,
+           recorder: Recorder | None = None) -> Generation:
     """Greedy continuations of tokenised ``prompts`` under ``spec`` (see :func:`generate`)."""
     return generate(adapter, tok, prompts, ids, spec=spec, new_tokens=new_tokens,
-                    batch_size=batch_size, sort=sort)
+                    batch_size=batch_size, sort=sort, recorder=recorder)
 
 
 @torch.inference_mode()
 def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
              ids: Sequence[str], *, spec: Intervention | None = None, new_tokens: int = 20,
              batch_size: int = 32, sort: bool = True, temperature: float = 0.0,
-             seed: int = 0) -> Generation:
+             seed: int = 0, recorder: Recorder | None = None) -> Generation:
     """Continuations of tokenised ``prompts`` under ``spec``.
 
     Args:
@@ -149,6 +150,8 @@ def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[S
         sort: batch prompts of similar length together (less padding, same tokens).
         temperature: 0 decodes greedily; above 0 samples at this temperature.
         seed: seeds the sampling generator (unused when greedy).
+        recorder: reads every layer's activations at the positions that produce the kept
+            tokens (``ctx.active`` marks the rows still generating); see ``dpotox.activations``.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be 0 (greedy) or positive, not {temperature}")
@@ -162,7 +165,7 @@ def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[S
     out: list[list[int]] = [[] for _ in prompts]
     rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     t0 = time.perf_counter()
-    with applied(adapter, spec, prompt_ids=list(ids)) as ctx:
+    with applied(adapter, spec, prompt_ids=list(ids), recorder=recorder) as ctx:
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             input_ids, mask = left_pad([prompts[i] for i in rows], pad, device)
@@ -170,6 +173,9 @@ def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[S
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             ctx.prompt_ids = [ids[i] for i in rows]
             ctx.phase = "prefill"
+            ctx.active = torch.ones(len(rows), dtype=torch.bool, device=device)
+            if recorder is not None:
+                recorder.start(ctx)
             width = input_ids.shape[1]
             # A cache allocated once for the whole continuation: a growing one copies every
             # layer's keys and values at each step (a tenth of the time at batch 128 on CPU).
@@ -195,10 +201,14 @@ def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[S
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 last = last + 1
+                # A finished row's next position produces only padding: not a kept token.
+                ctx.active = ~done
                 res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last,
                             past_key_values=cache,
                             cache_position=torch.tensor([width + step], device=device),
                             use_cache=True, logits_to_keep=1)
+            if recorder is not None:
+                recorder.finish(ctx)
             gen = torch.stack(generated, dim=1).tolist()
             for row, toks in zip(rows, gen, strict=True):
                 # Keep tokens up to and including the first end-of-sequence token.

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -304,6 +304,26 @@ class Context:
 
     phase: Phase = "all"
     prompt_ids: Sequence[str] | None = None
+    # Rows whose position in this pass produces a kept token (a row that has emitted an
+    # end-of-sequence token is inactive); None means every row.
+    active: torch.Tensor | None = None
+
+
+class Recorder(Protocol):
+    """Reads neuron activations ``m`` as the model runs (activation caching).
+
+    Its hook sits on every layer's output projection after the spec's edits, so it sees the
+    activations the model actually uses. ``record`` gets ``[batch, positions, d_mlp]``: the
+    positions a ``generation`` edit acts on (the last prompt position in prefill, the new
+    token in decode, every position in teacher-forced scoring). The caller of the forward
+    passes calls ``start`` when a batch of prompts begins and ``finish`` when it is done.
+    """
+
+    def start(self, ctx: Context) -> None: ...
+
+    def record(self, layer: int, m: torch.Tensor, ctx: Context) -> None: ...
+
+    def finish(self, ctx: Context) -> None: ...
 
 
 def _positions(ctx: Context, where: str) -> slice:
@@ -388,25 +408,36 @@ def _scaled_keys(adapter: Adapter, layer: int, edits: list[ScaleKeys]) -> Iterat
         module.weight = original
 
 
+class _RecordHook:
+    """A forward pre-hook that hands one layer's activations to a :class:`Recorder`."""
+
+    def __init__(self, layer: int, recorder: Recorder, ctx: Context) -> None:
+        self.layer, self.recorder, self.ctx = layer, recorder, ctx
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.recorder.record(self.layer, args[0][:, _positions(self.ctx, "generation")], self.ctx)
+
+
 @contextmanager
 def applied(adapter: Adapter, spec: Intervention | None, *,
-            prompt_ids: Sequence[str] | None = None) -> Iterator[Context]:
+            prompt_ids: Sequence[str] | None = None,
+            recorder: Recorder | None = None) -> Iterator[Context]:
     """Apply ``spec`` to the adapter's model for the block; yield the :class:`Context` to steer.
 
     The spec is checked first (nothing is registered if it cannot apply). On leaving the block,
     also by an exception, every hook is removed and every edited weight is put back.
-    ``spec=None`` applies nothing, so callers need not branch.
+    ``spec=None`` applies nothing, so callers need not branch. A ``recorder`` reads every
+    layer's activations after the spec's edits.
     """
     ctx = Context(prompt_ids=prompt_ids)
-    if spec is None or not spec.edits:
-        yield ctx
-        return
-    check(spec, adapter, prompt_ids=prompt_ids)
+    edits = spec.edits if spec is not None else []
+    if edits:
+        check(spec, adapter, prompt_ids=prompt_ids)
     p = next(adapter.model.parameters())
     neuron_edits: dict[int, list] = defaultdict(list)
     residual_edits: dict[int, list] = defaultdict(list)
     key_edits: dict[int, list] = defaultdict(list)
-    for e in spec.edits:
+    for e in edits:
         target = (neuron_edits if isinstance(e, SetNeurons | ScaleNeurons)
                   else residual_edits if isinstance(e, AddResidual) else key_edits)
         target[e.layer].append(e)
@@ -421,4 +452,10 @@ def applied(adapter: Adapter, spec: Intervention | None, *,
             h = adapter.layer(layer).register_forward_hook(
                 _ResidualHook(edits, ctx, p.device, p.dtype))
             stack.callback(h.remove)
+        if recorder is not None:
+            # Registered after the edit hooks: pre-hooks run in order, so it sees edited values.
+            for layer in range(adapter.n_layers):
+                h = adapter.out_proj(layer).register_forward_pre_hook(
+                    _RecordHook(layer, recorder, ctx))
+                stack.callback(h.remove)
         yield ctx

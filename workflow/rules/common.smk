@@ -22,6 +22,9 @@ def model_targets(model):
         f"results/{model}/dpo/model",
         f"results/{model}/eval/base.json",
         f"results/{model}/eval/dpo.json",
+        *expand("results/{model}/activations/{variant}", model=model, variant=["base", "dpo"]),
+        f"results/{model}/neurons.parquet",
+        *table_files("results/tables", model),
     ]
 
 

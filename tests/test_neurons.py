@@ -1,0 +1,192 @@
+"""The neuron table and its statistics: the projection identity for every family, the groups,
+and the papers' tables computed from a table whose answers are known."""
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpotox.activations import cache_generation, mean_activations
+from dpotox.arch import Adapter
+from dpotox.neuron_stats import (TABLES, activation_signs, cumulative_reduction, group_shares,
+                                 group_shares_by_rank, layer_group_reduction, layer_projections,
+                                 projection_change, shift_correlations, to_markdown, write_stats)
+from dpotox.neurons import (GROUPS, INCREASED, NeuronsError, layer_frame, neuron_frame,
+                            sign_groups, top_cosine_neurons, toxic_ablation, value_cosines,
+                            value_geometry)
+from tiny_models import D_MLP, D_MODEL, N_LAYERS, VOCAB, TokenIdTokenizer, tiny_model
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB - 1, (int(k),), generator=g).tolist()
+            for k in torch.randint(2, 9, (n,), generator=g)]
+
+
+def _dpo_like(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy with every weight nudged by 5%: a stand-in for a DPO model of the same base."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    return other
+
+
+def _mlp_output_along(model, prompts, gens, u: torch.Tensor) -> np.ndarray:
+    """Per layer: the MLP block's output projected on ``u``, averaged over the positions that
+    produce each prompt's continuation, from unpadded teacher-forced passes (no dpotox code)."""
+    adapter = Adapter(model)
+    sums, n = np.zeros(adapter.n_layers), 0
+    for prompt, new in zip(prompts, gens):
+        seen = {}
+        hooks = [adapter.mlp(layer).register_forward_hook(
+            lambda mod, args, out, layer=layer: seen.__setitem__(layer, out[0].detach()))
+            for layer in range(adapter.n_layers)]
+        with torch.no_grad():
+            model(input_ids=torch.tensor([prompt + new]))
+        for h in hooks:
+            h.remove()
+        first = len(prompt) - 1
+        for layer in range(adapter.n_layers):
+            sums[layer] += float((seen[layer][first:first + len(new)].double() @ u).sum())
+        n += len(new)
+    return sums / n
+
+
+def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path):
+    """Per layer, sum_i mbar_i (v_i . u) + b . u equals the mean MLP output projected on u."""
+    dpo = _dpo_like(model)
+    prompts, ids = _prompts(6), [f"p{i}" for i in range(6)]
+    w = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2))
+    u = (w / w.norm()).double()
+    gens = {}
+    for name, m in (("base", model), ("dpo", dpo)):
+        gen, _ = cache_generation(Adapter(m), TokenIdTokenizer(m), prompts, ids, tmp_path / name,
+                                  new_tokens=5, batch_size=4)
+        gens[name] = gen.new_tokens
+    g_base, g_dpo = value_geometry(Adapter(model), w), value_geometry(Adapter(dpo), w)
+    neurons = neuron_frame(g_base, g_dpo, value_cosines(Adapter(model), Adapter(dpo)),
+                           mean_activations(tmp_path / "base"), mean_activations(tmp_path / "dpo"))
+    layers = layer_frame(g_base, g_dpo, neurons)
+    for name, m in (("base", model), ("dpo", dpo)):
+        expected = _mlp_output_along(m, prompts, gens[name], u)
+        np.testing.assert_allclose(layers[f"mlp_proj_{name}"].to_numpy(), expected,
+                                   rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(layers["reduction"], layers["mlp_proj_base"] - layers["mlp_proj_dpo"])
+    if model.config.model_type == "gpt2":
+        assert (layers["bias_along_base"] != 0).all()  # the bias term really is exercised
+    # The groups and "increased" partition all neurons; groups follow their definitions.
+    assert len(neurons) == N_LAYERS * D_MLP
+    assert set(neurons["group"]) <= {*GROUPS, INCREASED}
+    red = neurons["delta"] > 0
+    assert (neurons.loc[red, "group"] == neurons.loc[red, "edit_group"]).all()
+    assert (neurons.loc[~red, "group"] == INCREASED).all()
+    assert neurons.groupby("group").size().sum() == len(neurons)
+    for g in GROUPS:
+        sel = neurons[neurons["edit_group"] == g]
+        assert ((sel["cos"] > 0) == g.startswith("T")).all()
+        assert ((sel["mbar_base"] >= 0) == g.endswith("P")).all()
+    assert sorted(neurons["rank_delta"]) == list(range(1, len(neurons) + 1))
+    assert neurons.loc[neurons["rank_delta"] == 1, "delta"].item() == neurons["delta"].max()
+    assert neurons.loc[neurons["rank_cos"] == 1, "cos"].item() == neurons["cos"].max()
+    assert np.isclose(neurons["cos_base_dpo"], 1, atol=0.05).mean() > 0.9
+
+
+def test_geometry_of_known_vectors():
+    model = tiny_model("llama")
+    a = Adapter(model)
+    w = a.value_vectors(1)[5].detach().clone() * 3  # neuron (1, 5) points along the probe
+    g = value_geometry(a, w)
+    assert g.cos[1, 5] == pytest.approx(1.0) and g.along[1, 5] == pytest.approx(float(w.norm() / 3))
+    assert (g.bias_along == 0).all()  # no output bias in a GLU
+    np.testing.assert_allclose(value_cosines(a, a), 1.0)
+    assert top_cosine_neurons(g.cos, 1) == [(1, 5)]
+    assert top_cosine_neurons(-g.cos, 1, anti=True) == [(1, 5)]
+    spec = toxic_ablation(g.cos, 7)
+    assert spec.name == "ablate-toxic-7" and sum(e.neurons.numel() for e in spec.edits) == 7
+    assert sign_groups(np.array([0.1, 0.1, -0.1, -0.1, 0.0]),
+                       np.array([0.0, -1.0, 2.0, -3.0, 1.0])).tolist() == ["TP", "TN", "AP", "AN", "AP"]
+
+
+def test_mismatched_inputs_are_named():
+    g = value_geometry(Adapter(tiny_model("gpt2")), torch.ones(D_MODEL))
+    with pytest.raises(NeuronsError, match="base mean activations"):
+        neuron_frame(g, g, np.ones((N_LAYERS, D_MLP)), np.ones((N_LAYERS + 1, D_MLP)),
+                     np.ones((N_LAYERS, D_MLP)))
+
+
+def _known_table() -> pd.DataFrame:
+    """Eight neurons in two layers whose groups and sums are worked out by hand."""
+    rows = [  # layer, cos, mbar_base, mbar_dpo, along_base (= along_dpo)
+        (0, 0.5, 1.0, 0.5, 1.0),    # TP: proj 1.0 -> 0.5, delta 0.5
+        (0, 0.5, -1.0, -2.0, 1.0),  # TN: -1 -> -2, delta 1.0
+        (0, -0.5, 1.0, 3.0, -1.0),  # AP: -1 -> -3, delta 2.0
+        (0, -0.5, -2.0, -1.0, -1.0),  # AN: 2 -> 1, delta 1.0
+        (1, 0.5, 1.0, 2.0, 1.0),    # increased: 1 -> 2, delta -1.0
+        (1, 0.5, 2.0, 1.0, 1.0),    # TP: delta 1.0
+        (1, -0.5, -1.0, -0.5, -1.0),  # AN: 1 -> 0.5, delta 0.5
+        (1, -0.5, 1.0, 0.5, -1.0),  # increased: -1 -> -0.5, delta -0.5
+    ]
+    arr = np.array([r[1:] for r in rows]).reshape(2, 4, 4)
+    from dpotox.neurons import ValueGeometry
+
+    geo = ValueGeometry(arr[..., 3], np.ones((2, 4)), arr[..., 0], np.array([0.25, 0.0]))
+    neurons = neuron_frame(geo, geo, np.ones((2, 4)), arr[..., 1], arr[..., 2])
+    return neurons, layer_frame(geo, geo, neurons)
+
+
+def test_statistics_of_a_known_table(tmp_path):
+    neurons, layers = _known_table()
+    assert neurons["group"].tolist() == ["TP", "TN", "AP", "AN", INCREASED, "TP", "AN", INCREASED]
+    np.testing.assert_allclose(neurons["delta"], [0.5, 1, 2, 1, -1, 1, 0.5, -0.5])
+    shares = group_shares(neurons).set_index("group")
+    assert shares.loc["reducing", "reduction"] == 6.0 and shares.loc["all", "reduction"] == 4.5
+    assert shares.loc["TP", "n_neurons"] == 2 and shares.loc["TP", "pct_of_reducing_neurons"] == pytest.approx(100 / 3)
+    assert shares.loc["AP", "pct_of_reduction"] == pytest.approx(100 * 2 / 6)
+    assert shares.loc[list(GROUPS), "pct_of_reduction"].sum() == pytest.approx(100)
+    assert shares.loc[list(GROUPS), "pct_of_reducing_neurons"].sum() == pytest.approx(100)
+    signs = activation_signs(neurons).set_index("model")
+    assert signs.loc["base", "pct_negative"] == pytest.approx(37.5)
+    change = projection_change(neurons).iloc[0]
+    assert (change["n_reduce"], change["n_increase"]) == (6, 2)
+    assert change["reduction_by_reducing"] == 6.0 and change["increase_by_increasing"] == 1.5
+    corr = shift_correlations(neurons)
+    shift = neurons["mbar_dpo"] - neurons["mbar_base"]
+    assert corr.loc[1, "pearson_r"] == pytest.approx(np.corrcoef(shift, neurons["mbar_base"])[0, 1])
+    assert 0 <= corr.loc[1, "p_value"] <= 1
+    cum = cumulative_reduction(neurons)
+    assert cum["rank"].tolist() == list(range(1, 9))
+    assert cum["cumulative_reduction"].max() == 6.0 and cum["cumulative_reduction"].iloc[-1] == 4.5
+    by_rank = group_shares_by_rank(neurons, top=4, bin_size=2)
+    assert by_rank.groupby("bin_start")["n_neurons"].sum().tolist() == [2, 2]
+    assert by_rank.groupby("bin_start")["share"].sum().tolist() == [1.0, 1.0]
+    per_layer = layer_group_reduction(neurons).set_index("layer")
+    assert per_layer.loc[0, "AP"] == 2.0 and per_layer.loc[1, INCREASED] == -1.5
+    np.testing.assert_allclose(per_layer["net"], [4.5, 0.0])
+    # Layer 0 has a bias term of 0.25 along u: it enters the MLP output, not the neurons.
+    assert layers["mlp_proj_base"].tolist() == [1 - 1 - 1 + 2 + 0.25, 1 + 2 + 1 - 1]
+    ablated = np.array([[0.0, -1.0, 1.0, -2.0], [1.0, 2.0, -1.0, 1.0]])  # neuron (0, 0) ablated
+    fig1a = layer_projections(layers, neurons, ablated, 1)
+    assert fig1a["ablated_top1"].tolist() == [-1 - 1 + 2 + 0.25, 3.0]
+    assert "| TP |" in to_markdown(shares.reset_index())
+
+
+def test_write_stats_writes_every_table(tmp_path):
+    neurons, layers = _known_table()
+    neurons.to_parquet(tmp_path / "neurons.parquet")
+    layers.to_parquet(tmp_path / "layers.parquet")
+    pd.DataFrame([{"kind": "toxic", "rank": 1, "layer": 0, "neuron": 0, "cos": 0.5,
+                   "negated": False, "top_tokens": ["a|b", " c"]}]).to_parquet(tmp_path / "tok.parquet")
+    tables = write_stats(neurons_path=tmp_path / "neurons.parquet",
+                         layers_path=tmp_path / "layers.parquet", tokens_path=tmp_path / "tok.parquet",
+                         ablated_acts=None, cfg={"neurons": {"rank_top": 4, "rank_bin": 2}},
+                         out_dir=tmp_path / "t", model="tiny")
+    assert set(tables) == set(TABLES)
+    for name, md in TABLES.items():
+        assert (tmp_path / "t" / f"{name}.csv").is_file()
+        assert (tmp_path / "t" / f"{name}.md").is_file() == md
+    assert "a\\|b" in (tmp_path / "t" / "table14_15_value_vector_tokens.md").read_text()
+    assert "ablated_top200" not in pd.read_csv(tmp_path / "t" / "fig1a_layer_projections.csv")

@@ -1,0 +1,101 @@
+# Stage: activation caches, the neuron table and the papers' statistics (DESIGN section 1,
+# "Mean activation", "Projection", "Groups"; docs/neurons.md).
+
+
+rule toxic_ablation_spec:
+    """The intervention that zeroes the n value vectors most aligned with the probe."""
+    input:
+        model="resources/models/{model}/base",
+        probe="results/{model}/probe/probe.safetensors",
+    output:
+        spec="results/{model}/specs/ablate-toxic-{n}.json",
+    wildcard_constraints:
+        n=r"[1-9][0-9]*",
+    log:
+        "logs/toxic_ablation_spec/{model}/{n}.log",
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/toxic_ablation_spec.py"
+
+
+rule cache_activations:
+    """Every neuron's activation over each model's own greedy continuations, as Parquet."""
+    input:
+        model=condition_model,
+        prompts="resources/data/prompts.parquet",
+        spec=condition_spec,
+    output:
+        cache=directory("results/{model}/activations/{condition}"),
+        **(
+            {"positions": directory("results/{model}/activations_positions/{condition}")}
+            if config["activations"]["per_position"]
+            else {}
+        ),
+    params:
+        cfg=lambda wildcards: {k: config[k] for k in ("seed", "evaluation", "activations")},
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
+    log:
+        "logs/cache_activations/{model}/{condition}.log",
+    benchmark:
+        "benchmarks/cache_activations/{model}/{condition}.tsv"
+    threads: 2
+    resources:
+        gpu=model_resource("gpu", 0),
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/cache_activations.py"
+
+
+rule neuron_table:
+    """Per neuron: cosine with the probe, mean activations and projections base and DPO,
+    delta, groups, ranks; per layer: the MLP output along the probe; logit-lens tokens."""
+    input:
+        base="resources/models/{model}/base",
+        dpo="results/{model}/dpo/model",
+        probe="results/{model}/probe/probe.safetensors",
+        base_acts="results/{model}/activations/base",
+        dpo_acts="results/{model}/activations/dpo",
+    output:
+        neurons="results/{model}/neurons.parquet",
+        layers="results/{model}/layers.parquet",
+        tokens="results/{model}/value_vector_tokens.parquet",
+    params:
+        cfg=lambda wildcards: {k: config[k] for k in ("seed", "neurons")},
+    log:
+        "logs/neuron_table/{model}.log",
+    benchmark:
+        "benchmarks/neuron_table/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/neuron_table.py"
+
+
+rule neuron_stats:
+    """The papers' statistics of the neuron table (Tables 5, 13, 14/15, 17, 18; data of
+    Figs. 1a, 1b, 2b, 3) as CSV and markdown."""
+    input:
+        neurons="results/{model}/neurons.parquet",
+        layers="results/{model}/layers.parquet",
+        tokens="results/{model}/value_vector_tokens.parquet",
+        ablated=f"results/{{model}}/activations/ablate-toxic-{config['neurons']['ablate_top_n']}",
+    output:
+        table_files("results/tables", "{model}"),
+    params:
+        cfg=lambda wildcards: {k: config[k] for k in ("seed", "neurons")},
+    log:
+        "logs/neuron_stats/{model}.log",
+    benchmark:
+        "benchmarks/neuron_stats/{model}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/neuron_stats.py"

@@ -1,0 +1,14 @@
+"""Snakemake script of rule cache_activations: see dpotox.activations.cache_activations."""
+
+from dpotox.activations import cache_activations
+from dpotox.logs import rule_log
+
+with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
+    smk = snakemake  # noqa: F821
+    info = cache_activations(model_dir=smk.input.model, prompts_path=smk.input.prompts,
+                             cfg=smk.params.cfg, out_dir=smk.output.cache,
+                             positions_dir=smk.output.get("positions"),
+                             spec_path=smk.input.spec or None,
+                             variant=smk.wildcards.condition, device=smk.params.device)
+    log.info("wrote %s: %d prompts, %d positions, %d layers x %d neurons", smk.output.cache,
+             info["n_prompts"], info["n_positions"], info["n_layers"], info["d_mlp"])
