@@ -88,6 +88,16 @@ def test_one_model_target_plans_only_that_model(tmp_path):
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
 
 
+def test_per_position_caches_are_a_second_output(tmp_path):
+    extra = tmp_path / "pp.yaml"
+    extra.write_text("activations:\n  per_position: true\n")
+    proc = snakemake(tmp_path, "-n", "results/smollm2-135m/activations/dpo",
+                     configfiles=(*DEFAULT_CONFIG, str(extra)))
+    out = proc.stdout + proc.stderr
+    assert ("output: results/smollm2-135m/activations/dpo, "
+            "results/smollm2-135m/activations_positions/dpo") in out
+
+
 def test_second_run_does_nothing(run_dir):
     proc = snakemake(run_dir, "-n", configfiles=E2E_CONFIG)
     assert "Nothing to be done" in proc.stdout + proc.stderr

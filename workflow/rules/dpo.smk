@@ -1,25 +1,5 @@
 # Stage: preference pairs and DPO fine-tuning with TRL (DESIGN section 1, "DPO").
 
-import shlex
-
-from snakemake_interface_executor_plugins.settings import DeploymentMethod
-
-
-def pairs_inputs(wildcards):
-    """What make_pairs reads depends on dpo.pairs.method (see dpotox.pairs)."""
-    method = config["dpo"]["pairs"]["method"]
-    inputs = {"prompts": "resources/data/prompts.parquet"}
-    if method in ("best-of-n", "steered"):
-        inputs["model"] = f"resources/models/{wildcards.model}/base"
-    if method == "best-of-n" and config["data"]["pair_prompts"]:
-        inputs["pair_prompts"] = "resources/data/pair_prompts.parquet"
-    if method == "steered":
-        inputs["wiki"] = "resources/data/wiki.parquet"
-        inputs["probe"] = f"results/{wildcards.model}/probe/probe.safetensors"
-    if method == "jsonl":
-        inputs["pairs"] = "resources/data/pairs.parquet"
-    return inputs
-
 
 rule make_pairs:
     """Build preference pairs (best-of-n, steered) or read Lee et al.'s (jsonl); score both sides."""
@@ -45,18 +25,6 @@ rule make_pairs:
         "../../envs/dpotox.yaml"
     script:
         "../scripts/make_pairs.py"
-
-
-def dpo_launcher(wildcards):
-    """One process per GPU under accelerate when a model asks for several; else one python."""
-    # Inside a conda env (--sdm conda) the env's python is first on PATH; otherwise the
-    # interpreter running Snakemake (a virtualenv need not be activated) has the packages.
-    in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    python = "python" if in_conda else shlex.quote(sys.executable)
-    gpus = config["models"][wildcards.model]["resources"]["gpu"]
-    if gpus > 1:
-        return f"{python} -m accelerate.commands.launch --num_processes {gpus} -m dpotox"
-    return f"{python} -m dpotox"
 
 
 rule train_dpo:

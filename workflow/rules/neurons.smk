@@ -13,6 +13,9 @@ rule toxic_ablation_spec:
         n=r"[1-9][0-9]*",
     log:
         "logs/toxic_ablation_spec/{model}/{n}.log",
+    resources:
+        # Loads the base model on the CPU to rank its value vectors.
+        mem_mb=model_resource("mem_mb"),
     conda:
         "../../envs/dpotox.yaml"
     script:
