@@ -172,6 +172,7 @@ def test_statistics_of_a_known_table(tmp_path):
     fig1a = layer_projections(layers, neurons, ablated, 1)
     assert fig1a["ablated_top1"].tolist() == [-1 - 1 + 2 + 0.25, 3.0]
     assert "| TP |" in to_markdown(shares.reset_index())
+    assert "| < 1e-300 |" in to_markdown(pd.DataFrame({"p_value": [0.0], "r": [0.0]}))
 
 
 def test_write_stats_writes_every_table(tmp_path):

@@ -94,7 +94,11 @@ class _LayerWriters:
         if layer not in self.writers:
             path = layer_dir(self.root, layer) / "part-0.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.writers[layer] = pq.ParquetWriter(path, self.schema)
+            # Dictionary pages for the repetitive columns only: trying them on the float
+            # activations (and their statistics) doubled the write time for nothing.
+            keys = [f.name for f in self.schema if f.name != "activation"]
+            self.writers[layer] = pq.ParquetWriter(path, self.schema, use_dictionary=keys,
+                                                   write_statistics=keys)
         self.writers[layer].write_table(pa.table(columns, schema=self.schema))
 
     def close(self) -> None:
@@ -125,20 +129,24 @@ class ParquetRecorder:
     def start(self, ctx: Context) -> None:
         b = len(ctx.prompt_ids)
         self.ids = pa.array(list(ctx.prompt_ids), pa.string())
-        self.sums = torch.zeros(b, self.n_layers, self.d_mlp, dtype=torch.float64, device=self.device)
+        # Layer-major, so each layer's running sum is one contiguous block.
+        self.sums = torch.zeros(self.n_layers, b, self.d_mlp, dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(b, dtype=torch.long, device=self.device)
         self.next_position = 0
 
     def record(self, layer: int, m: torch.Tensor, ctx: Context) -> None:
-        active = (ctx.active if ctx.active is not None
-                  else torch.ones(m.shape[0], dtype=torch.bool, device=m.device))
-        x = m.to(torch.float64) * active[:, None, None]
-        self.sums[:, layer] += x.sum(1)
         if layer == 0:
+            # Once per forward pass: which rows count, as a float64 column to weight by.
+            active = (ctx.active if ctx.active is not None
+                      else torch.ones(m.shape[0], dtype=torch.bool, device=m.device))
+            self.active = active
+            self.weight = active.to(torch.float64)[:, None]
             self.position = self.next_position
             self.next_position += m.shape[1]
             self.counts += active.long() * m.shape[1]
+        self.sums[layer].addcmul_(m.to(torch.float64).sum(1), self.weight)
         if self.positions is not None:
+            active = self.active
             rows = active.nonzero()[:, 0]
             vals = m[rows].float().cpu().numpy()  # [rows, positions, d_mlp]
             n_rows, n_pos, d = vals.shape
@@ -155,14 +163,14 @@ class ParquetRecorder:
         if bool((self.counts == 0).any()):
             raise ActivationsError("a prompt produced no position to average over; this is a "
                                    "bug in the generation loop, not in the data")
-        means = (self.sums / self.counts[:, None, None]).float().cpu().numpy()
+        means = (self.sums / self.counts[:, None]).float().cpu().numpy()  # [L, b, d]
         rows = pa.array(np.repeat(np.arange(b), self.d_mlp))
         ids = pc.take(self.ids, rows)
         counts = pa.array(np.repeat(self.counts.cpu().numpy().astype(np.int32), self.d_mlp))
         neurons = pa.concat_arrays([self._neurons] * b)
         for layer in range(self.n_layers):
             self.means.write(layer, {"prompt_id": ids, "neuron": neurons,
-                                     "activation": pa.array(means[:, layer].reshape(-1)),
+                                     "activation": pa.array(means[layer].reshape(-1)),
                                      "n_positions": counts})
         self.n_prompts += b
         self.n_positions += int(self.counts.sum())

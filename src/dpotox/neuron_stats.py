@@ -165,17 +165,21 @@ def value_vector_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub markdown table (floats to 4 significant digits, p-values in e-notation)."""
-    def cell(v: Any) -> str:
+    """A GitHub markdown table (floats to 4 significant digits, small ones in e-notation; a
+    p-value of 0 is one below float64's range and shows as ``< 1e-300``)."""
+    def cell(v: Any, column: str) -> str:
         if isinstance(v, float | np.floating):
             if math.isnan(v):
                 return ""
+            if v == 0 and column.startswith("p_value"):
+                return "< 1e-300"
             return f"{v:.3e}" if v != 0 and abs(v) < 1e-3 else f"{v:.4g}"
         return str(v).replace("|", "\\|")
 
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    body = ["| " + " | ".join(cell(v, str(c)) for v, c in zip(row, df.columns)) + " |"
+            for row in df.itertuples(index=False)]
     return "\n".join([head, sep, *body]) + "\n"
 
 
