@@ -148,6 +148,8 @@ def test_an_interrupted_run_leaves_no_cache(tmp_path, monkeypatch):
                          new_tokens=5, batch_size=3, positions_dir=tmp_path / "acts" / "pos")
     assert calls["n"] == 8
     assert not target.exists() and list((tmp_path / "acts").iterdir()) == []
+    # The recorder's hooks went with the exception.
+    assert not any(adapter.out_proj(layer)._forward_pre_hooks for layer in range(N_LAYERS))
     with pytest.raises(ActivationsError, match="does not exist"):
         read_meta(target)
     # A folder without its _meta.json (a copy cut short, a killed job) is not a cache either.
