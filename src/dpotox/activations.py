@@ -275,6 +275,11 @@ def prompt_means(root: str | Path, layer: int) -> tuple[list[str], np.ndarray, n
     if not 0 <= layer < meta["n_layers"]:
         raise ActivationsError(f"layer {layer} is out of range; {root} holds layers "
                                f"0..{meta['n_layers'] - 1}")
+    return _layer_means(root, meta, layer)
+
+
+def _layer_means(root: str | Path, meta: Mapping[str, Any],
+                 layer: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     t = pq.read_table(layer_dir(root, layer) / "part-0.parquet")
     n, d = meta["n_prompts"], meta["d_mlp"]
     if t.num_rows != n * d:
@@ -293,7 +298,8 @@ def mean_activations(root: str | Path) -> np.ndarray:
     meta = read_meta(root)
     out = np.empty((meta["n_layers"], meta["d_mlp"]))
     for layer in range(meta["n_layers"]):
-        _, acts, counts = prompt_means(root, layer)
+        # The cache was checked once above; each layer is only read.
+        _, acts, counts = _layer_means(root, meta, layer)
         out[layer] = counts @ acts / counts.sum()
     return out
 

@@ -189,12 +189,12 @@ def toxic_ablation(cos: np.ndarray, n: int) -> Intervention:
                         f"the {n} value vectors most aligned with the probe, activations set to 0")
 
 
-def logit_lens(adapter: Adapter, tok: PreTrainedTokenizerBase, neurons: pd.DataFrame, *,
+def logit_lens(adapter: Adapter, tok: PreTrainedTokenizerBase, cos: np.ndarray, *,
                k: int, n_tokens: int) -> pd.DataFrame:
     """The top tokens of the ``k`` most toxic-aligned value vectors and of the ``k`` most
     anti-toxic ones, negated (the papers' Tables 14 and 15): the tokens whose unembedding has
-    the largest dot product with the vector."""
-    cos = neurons.pivot(index="layer", columns="neuron", values="cos").to_numpy()
+    the largest dot product with the vector. ``cos``: ``[L, d_mlp]`` cos(v_i, w) of the
+    adapter's value vectors (:class:`ValueGeometry`)."""
     rows = []
     for kind, anti in (("toxic", False), ("anti-toxic", True)):
         for rank, (layer, i) in enumerate(top_cosine_neurons(cos, k, anti=anti), start=1):
@@ -228,7 +228,7 @@ def build_neuron_table(*, base_model: str | Path, dpo_model: str | Path, probe_p
     g_base, g_dpo = value_geometry(a_base, w), value_geometry(a_dpo, w)
     neurons = neuron_frame(g_base, g_dpo, value_cosines(a_base, a_dpo),
                            mean_activations(base_acts), mean_activations(dpo_acts))
-    tokens = logit_lens(a_base, tok, neurons, k=nc.top_k_tokens, n_tokens=nc.n_tokens)
+    tokens = logit_lens(a_base, tok, g_base.cos, k=nc.top_k_tokens, n_tokens=nc.n_tokens)
     layers = layer_frame(g_base, g_dpo, neurons)
     common = {"dpotox.probe": str(probe_path), "dpotox.base_model": str(base_model),
               "dpotox.dpo_model": str(dpo_model), "dpotox.n_prompts": str(meta["base"]["n_prompts"])}
