@@ -24,6 +24,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 from dpotox.config import missing_paths, validate_config  # noqa: E402
 from dpotox.errors import ConfigError  # noqa: E402
 from dpotox.neuron_stats import table_files  # noqa: E402
+from dpotox.sweeps import chunks, spec_conditions, sweep_conditions  # noqa: E402
+from dpotox.tables import table_files as sweep_table_files  # noqa: E402
 
 # The embedded default applies only when no --configfile is given: Snakemake merges config
 # files, and the paper's models must not be run next to the default's.
@@ -57,6 +59,7 @@ include: "workflow/rules/probe.smk"
 include: "workflow/rules/dpo.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/neurons.smk"
+include: "workflow/rules/sweeps.smk"
 include: "workflow/rules/targets.smk"
 
 

@@ -42,7 +42,7 @@ def test_minimal_config_gets_every_default():
     assert cfg["seed"] == 0
     assert cfg["models"]["m"]["source"]["revision"] == "main"
     assert {"prompts", "wiki", "probe_texts", "pairs"} <= set(cfg["data"])
-    assert cfg["sweeps"]["ablate_top_n"] == [100, 200, 1000]
+    assert cfg["sweeps"]["ablate_toxic"] == [100, 200, 1000]
 
 
 def test_per_model_override():
@@ -59,7 +59,8 @@ BAD = [
     ({"evaluation__new_tokens": 0}, ["evaluation.new_tokens", "0", ">= 1"]),
     ({"probe__test_fraction": 1.5}, ["probe.test_fraction", "1.5", "(0, 1)"]),
     ({"dpo__pairs__margin": -0.1}, ["dpo.pairs.margin", "-0.1", "[0, 1]"]),
-    ({"sweeps__edit_betas": [0.5, 2]}, ["sweeps.edit_betas[1]", "2", "[0, 1]"]),
+    ({"sweeps__edit_probe": [[0.5, 0.2], [2, 0.1]]}, ["sweeps.edit_probe[1][0]", "2", "(0, 1]"]),
+    ({"sweeps__patch_sets": ["tq"]}, ["sweeps.patch_sets[0]", "'tq'", "four-groups"]),
     ({"probe__learning_rat": 0.1}, ["unknown key", "'learning_rat'", "probe", "l2"]),
     ({"colour": "blue"}, ["unknown key", "'colour'"]),
     ({"models__smollm2-135m__family": "falcon"},
@@ -114,7 +115,7 @@ def test_schema_defaults_obey_their_own_bounds():
     validate_config(copy.deepcopy(cfg), schema)
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "gemma3-270m.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "two-models.yaml"])
 def test_shipped_configs_validate(name):
     load_config(REPO / "config" / name, check_paths=False)
 

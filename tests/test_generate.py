@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from dpotox.arch import Adapter
-from dpotox.generate import PromptError, encode_prompts, greedy
-from dpotox.interventions import AddResidual, Intervention, SetNeurons
+from dpotox.generate import PromptError, encode_prompts, generate, generate_many, greedy
+from dpotox.interventions import (AddResidual, Intervention, ScaleKeys, ScaleNeurons,
+                                  SetNeurons)
 from dpotox.sources import assets
 from tiny_models import D_MODEL, VOCAB, TokenIdTokenizer
 
@@ -39,6 +40,41 @@ def test_batched_equals_one_at_a_time(model, with_spec):
     assert unsorted.new_tokens == single
     assert all(len(t) <= 12 for t in single) and batched.n_new_tokens == sum(map(len, single))
     assert len(batched.texts) == len(prompts)
+
+
+def test_shared_prefix_equals_each_condition_alone(model):
+    """Conditions evaluated together (sharing a prefix prefill where they can) give each
+    condition's tokens as evaluating it alone does, in any order, with prefix-editing specs
+    (steering at every position, a weight edit) between them."""
+    adapter, tok = Adapter(model), TokenIdTokenizer(model)
+    prompts = _prompts(9, seed=3)
+    ids = [f"p{i}" for i in range(len(prompts))]
+    g = torch.Generator().manual_seed(7)
+    specs = [
+        None,
+        _spec(),
+        Intervention("steer-all", [AddResidual(1, torch.randn(D_MODEL, generator=g), alpha=-2.0)]),
+        Intervention("per-prompt", [SetNeurons(1, [0, 5, 9], torch.randn(len(ids), 3, generator=g),
+                                               prompt_ids=ids)]),
+        Intervention("keys", [ScaleKeys(0, [1, 2, 3], torch.tensor(8.0))]),
+        Intervention("edit", [ScaleNeurons(0, list(range(0, 60, 2)), torch.tensor(0.2))]),
+    ]
+    assert [s.shares_prefix for s in specs[1:]] == [True, False, True, False, True]
+    alone = [greedy(adapter, tok, prompts, ids, spec=s, new_tokens=8, batch_size=4).new_tokens
+             for s in specs]
+    together = generate_many(adapter, tok, prompts, ids, specs, new_tokens=8, batch_size=4)
+    assert [g.new_tokens for g in together] == alone
+    # Reordered, and two conditions per stacked batch (4 prompts x 2 = 8 rows).
+    reordered = generate_many(adapter, tok, prompts, ids, specs[::-1], new_tokens=8, batch_size=4,
+                              stack_rows=8)
+    assert [g.new_tokens for g in reordered] == alone[::-1]
+    # The conditions differ, so sharing did not hand one condition's tokens to another.
+    assert len({str(a) for a in alone}) == len(specs)
+    sampled = [generate(adapter, tok, prompts, ids, spec=s, new_tokens=6, batch_size=4,
+                        temperature=1.0, seed=3).new_tokens for s in specs[:2]]
+    assert [g.new_tokens for g in generate_many(adapter, tok, prompts, ids, specs[:2],
+                                                new_tokens=6, batch_size=4, temperature=1.0,
+                                                seed=3)] == sampled
 
 
 def test_the_spec_changes_the_continuations(model):

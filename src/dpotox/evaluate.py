@@ -23,7 +23,7 @@ import torch
 
 from dpotox.arch import Adapter
 from dpotox.config import section_settings
-from dpotox.generate import encode_prompts, greedy, inference_device
+from dpotox.generate import encode_prompts, generate_many, inference_device
 from dpotox.interventions import Intervention, InterventionError, check
 from dpotox.io import atomic_path, write_parquet
 from dpotox.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
@@ -41,6 +41,7 @@ class EvalConfig:
     prompt_tokens: int = 32
     new_tokens: int = 20
     batch_size: int = 128
+    stack_rows: int = 512
     ppl_texts: int = 200
     ppl_window: int = 256
     ppl_batch_size: int = 8
@@ -77,6 +78,13 @@ def _needs_rows(spec: Intervention | None, adapter: Adapter, ids: list[str]) -> 
     return None
 
 
+def edited_neurons(spec: Intervention | None) -> int:
+    """How many (layer, neuron) pairs a spec's neuron and key edits touch (0 for steering)."""
+    if spec is None:
+        return 0
+    return int(sum(e.neurons.numel() for e in spec.edits if hasattr(e, "neurons")))
+
+
 def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str | Path,
              cfg: Mapping[str, Any], condition: str, out_parquet: str | Path,
              out_json: str | Path, spec_path: str | Path | None = None,
@@ -86,106 +94,145 @@ def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str 
     Everything that can be checked (the spec against the model, every prompt) is checked
     before the model runs, and nothing is written unless every metric was computed.
     """
+    return evaluate_conditions(
+        model_dir=model_dir, prompts_path=prompts_path, wiki_path=wiki_path, cfg=cfg,
+        conditions=[Condition(condition, spec_path, out_parquet, out_json)], device=device)[0]
+
+
+@dataclass
+class Condition:
+    """One condition to evaluate: its name, spec file (None: the model as it is), outputs."""
+
+    name: str
+    spec_path: str | Path | None
+    out_parquet: str | Path
+    out_json: str | Path
+
+
+def evaluate_conditions(*, model_dir: str | Path, prompts_path: str | Path,
+                        wiki_path: str | Path, cfg: Mapping[str, Any],
+                        conditions: list[Condition], device: str = "cpu") -> list[dict[str, Any]]:
+    """Evaluate several conditions of one model in one process; returns their summaries.
+
+    The model, the scorer and the texts are loaded once, and the greedy continuations of
+    every condition come from :func:`dpotox.generate.generate_many`, which shares the prompt
+    prefix between conditions that leave it untouched: the outputs are those of evaluating
+    each condition alone. Every spec is checked before the model runs, and no output is
+    written until every condition's metrics are computed.
+    """
     ec = EvalConfig.from_config(cfg)
     device = inference_device(device)
     t_start = time.perf_counter()
-    spec = Intervention.load(spec_path) if spec_path else None
-    if spec is not None and condition == "base" and spec.edits:
-        raise InterventionError("condition 'base' is the unmodified model; give the spec "
-                                "another condition name")
+    specs = [Intervention.load(c.spec_path) if c.spec_path else None for c in conditions]
+    for c, spec in zip(conditions, specs, strict=True):
+        if spec is not None and c.name == "base" and spec.edits:
+            raise InterventionError("condition 'base' is the unmodified model; give the spec "
+                                    "another condition name")
     prompts = evaluation_prompts(pd.read_parquet(prompts_path), ec.n_prompts)
     ppl_df, f1_df = split_wiki(pd.read_parquet(wiki_path), ec.ppl_texts, ec.seed)
     model, tok = load_prepared(model_dir, device=device)
     adapter = Adapter(model)
     ids = prompts["id"].astype(str).tolist()
-    if spec is not None:
-        check(spec, adapter, prompt_ids=ids)
+    for spec in specs:
+        if spec is not None:
+            check(spec, adapter, prompt_ids=ids)
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=ec.prompt_tokens)
     scorer = load_scorer(cfg.get("toxicity", {}), device=device)
-    log.info("condition %s: %d prompts, spec %s, scorer %s", condition, len(ids),
-             spec_path or "none", scorer.name)
+    log.info("%d condition(s) (%s): %d prompts, scorer %s", len(conditions),
+             ", ".join(c.name for c in conditions), len(ids), scorer.name)
 
-    gen = greedy(adapter, tok, tokens, ids, spec=spec, new_tokens=ec.new_tokens,
-                 batch_size=ec.batch_size)
-    t0 = time.perf_counter()
-    scores = np.asarray(scorer.score(gen.texts), dtype=np.float64)
-    score_seconds = time.perf_counter() - t0
-    tox = bootstrap_ci(scores, samples=ec.bootstrap_samples, level=ec.ci_level, seed=ec.seed)
-    log.info("generated %d tokens in %.1f s; toxicity %.4f [%.4f, %.4f]", gen.n_new_tokens,
-             gen.seconds, tox.mean, tox.low, tox.high)
-
+    gens = generate_many(adapter, tok, tokens, ids, specs, new_tokens=ec.new_tokens,
+                         batch_size=ec.batch_size, stack_rows=ec.stack_rows)
     win_ids, wins = windows(tok, ppl_df["text"].tolist(), ppl_df["id"].astype(str).tolist(),
                             ec.ppl_window)
-    ppl_note = _needs_rows(spec, adapter, sorted(set(win_ids)))
-    ppl = None
-    if ppl_note is None:
-        ppl = log_perplexity(adapter, wins, win_ids, spec=spec, batch_size=ec.ppl_batch_size,
-                             positions=ec.ppl_positions, pad_id=tok.pad_token_id or 0)
-        log.info("log-perplexity %.4f over %d tokens in %.1f s", ppl.log_ppl, ppl.n_tokens,
-                 ppl.seconds)
-
     items = f1_items(tok, f1_df["text"].tolist(), prompt_tokens=ec.prompt_tokens,
                      new_tokens=ec.new_tokens, limit=ec.f1_texts)
     f1_ids = [str(f1_df["id"].iloc[i]) for i, _, _ in items]
-    f1_note = _needs_rows(spec, adapter, f1_ids)
-    f1_mean, f1_seconds = None, 0.0
-    if f1_note is None:
-        f1_gen = greedy(adapter, tok, [p for _, p, _ in items], f1_ids, spec=spec,
-                        new_tokens=ec.new_tokens, batch_size=ec.batch_size)
-        f1_mean = float(np.mean([f1(g, gold) for g, (_, _, gold) in zip(f1_gen.texts, items)]))
-        f1_seconds = f1_gen.seconds
-        log.info("F1 %.4f over %d Wikipedia prompts in %.1f s", f1_mean, len(items), f1_seconds)
+    f1_notes = [_needs_rows(spec, adapter, f1_ids) for spec in specs]
+    f1_runs = [j for j, note in enumerate(f1_notes) if note is None]
+    f1_gens = dict(zip(f1_runs, generate_many(
+        adapter, tok, [p for _, p, _ in items], f1_ids, [specs[j] for j in f1_runs],
+        new_tokens=ec.new_tokens, batch_size=ec.batch_size, stack_rows=ec.stack_rows),
+        strict=True)) if f1_runs else {}
 
-    table = pd.DataFrame({
-        "id": ids,
-        "source": prompts["source"].astype(str).tolist(),
-        "prompt": prompts["text"].tolist(),
-        "continuation": gen.texts,
-        "score": scores,
-        "prompt_tokens": [len(t) for t in tokens],
-        "new_tokens": [len(t) for t in gen.new_tokens],
-    })
-    summary: dict[str, Any] = {
-        "condition": condition,
-        "spec": spec.name if spec else None,
-        "description": spec.description if spec else "the unmodified model",
-        "model_dir": str(model_dir),
-        "scorer": scorer.name,
-        "n_prompts": len(ids),
-        "toxicity": tox.mean,
-        "toxicity_ci_low": tox.low,
-        "toxicity_ci_high": tox.high,
-        "ci_level": tox.level,
-        "bootstrap_samples": ec.bootstrap_samples,
-        "frac_toxic": float((scores >= 0.5).mean()),
-        "log_ppl": ppl.log_ppl if ppl else None,
-        "ppl": math.exp(ppl.log_ppl) if ppl else None,
-        "ppl_positions": ec.ppl_positions,
-        "n_wiki_tokens": ppl.n_tokens if ppl else 0,
-        "n_ppl_windows": ppl.n_windows if ppl else 0,
-        "ppl_note": ppl_note,
-        "f1": f1_mean,
-        "n_f1": len(items),
-        "f1_note": f1_note,
-        "generation_seconds": gen.seconds,
-        "generated_tokens": gen.n_new_tokens,
-        "tokens_per_second": gen.n_new_tokens / gen.seconds if gen.seconds else None,
-        "scoring_seconds": score_seconds,
-        "ppl_seconds": ppl.seconds if ppl else 0.0,
-        "ppl_tokens_per_second": ppl.n_tokens / ppl.seconds if ppl and ppl.seconds else None,
-        "f1_seconds": f1_seconds,
-        "settings": asdict(ec),
-        "device": str(next(model.parameters()).device),
-        "torch_threads": torch.get_num_threads(),
-    }
-    summary["seconds"] = time.perf_counter() - t_start
-    write_parquet(table, out_parquet, metadata={
-        "dpotox.table": "eval",
-        "dpotox.description": "One row per evaluation prompt: id, source, prompt, continuation "
-                              "(greedy, special tokens removed), score (toxicity probability of "
-                              "the continuation), prompt_tokens, new_tokens.",
-        "dpotox.summary": json.dumps(summary),
-    })
-    with atomic_path(out_json) as tmp:
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    results = []
+    for j, (c, spec, gen) in enumerate(zip(conditions, specs, gens, strict=True)):
+        t0 = time.perf_counter()
+        scores = np.asarray(scorer.score(gen.texts), dtype=np.float64)
+        score_seconds = time.perf_counter() - t0
+        tox = bootstrap_ci(scores, samples=ec.bootstrap_samples, level=ec.ci_level, seed=ec.seed)
+        log.info("%s: generated %d tokens in %.1f s; toxicity %.4f [%.4f, %.4f]", c.name,
+                 gen.n_new_tokens, gen.seconds, tox.mean, tox.low, tox.high)
+        ppl_note = _needs_rows(spec, adapter, sorted(set(win_ids)))
+        ppl = None
+        if ppl_note is None:
+            ppl = log_perplexity(adapter, wins, win_ids, spec=spec, batch_size=ec.ppl_batch_size,
+                                 positions=ec.ppl_positions, pad_id=tok.pad_token_id or 0)
+            log.info("%s: log-perplexity %.4f over %d tokens in %.1f s", c.name, ppl.log_ppl,
+                     ppl.n_tokens, ppl.seconds)
+        f1_gen = f1_gens.get(j)
+        f1_mean = None
+        if f1_gen is not None:
+            f1_mean = float(np.mean([f1(g, gold) for g, (_, _, gold) in zip(f1_gen.texts, items)]))
+            log.info("%s: F1 %.4f over %d Wikipedia prompts in %.1f s", c.name, f1_mean,
+                     len(items), f1_gen.seconds)
+        table = pd.DataFrame({
+            "id": ids,
+            "source": prompts["source"].astype(str).tolist(),
+            "prompt": prompts["text"].tolist(),
+            "continuation": gen.texts,
+            "score": scores,
+            "prompt_tokens": [len(t) for t in tokens],
+            "new_tokens": [len(t) for t in gen.new_tokens],
+        })
+        summary: dict[str, Any] = {
+            "condition": c.name,
+            "spec": spec.name if spec else None,
+            "description": spec.description if spec else "the unmodified model",
+            "model_dir": str(model_dir),
+            "scorer": scorer.name,
+            "n_prompts": len(ids),
+            "n_edited_neurons": edited_neurons(spec),
+            "toxicity": tox.mean,
+            "toxicity_ci_low": tox.low,
+            "toxicity_ci_high": tox.high,
+            "ci_level": tox.level,
+            "bootstrap_samples": ec.bootstrap_samples,
+            "frac_toxic": float((scores >= 0.5).mean()),
+            "log_ppl": ppl.log_ppl if ppl else None,
+            "ppl": math.exp(ppl.log_ppl) if ppl else None,
+            "ppl_positions": ec.ppl_positions,
+            "n_wiki_tokens": ppl.n_tokens if ppl else 0,
+            "n_ppl_windows": ppl.n_windows if ppl else 0,
+            "ppl_note": ppl_note,
+            "f1": f1_mean,
+            "n_f1": len(items),
+            "f1_note": f1_notes[j],
+            "generation_seconds": gen.seconds,
+            "generated_tokens": gen.n_new_tokens,
+            "tokens_per_second": gen.n_new_tokens / gen.seconds if gen.seconds else None,
+            "scoring_seconds": score_seconds,
+            "ppl_seconds": ppl.seconds if ppl else 0.0,
+            "ppl_tokens_per_second": ppl.n_tokens / ppl.seconds if ppl and ppl.seconds else None,
+            "f1_seconds": f1_gen.seconds if f1_gen else 0.0,
+            "evaluated_with": [o.name for o in conditions],
+            "settings": asdict(ec),
+            "device": str(next(model.parameters()).device),
+            "torch_threads": torch.get_num_threads(),
+        }
+        results.append((c, table, summary))
+    seconds = time.perf_counter() - t_start
+    for c, table, summary in results:
+        # With several conditions, the job's wall time; each part's own time is beside it.
+        summary["seconds"] = seconds
+        write_parquet(table, c.out_parquet, metadata={
+            "dpotox.table": "eval",
+            "dpotox.description": "One row per evaluation prompt: id, source, prompt, "
+                                  "continuation (greedy, special tokens removed), score "
+                                  "(toxicity probability of the continuation), prompt_tokens, "
+                                  "new_tokens.",
+            "dpotox.summary": json.dumps(summary),
+        })
+        with atomic_path(c.out_json) as tmp:
+            tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    return [summary for _, _, summary in results]

@@ -43,10 +43,11 @@ Where = Literal["all", "generation"]
 WHERE = ("all", "generation")
 # What the model is doing, set by the caller on the Context before each forward pass:
 #   prefill: the prompt (``generation`` edits act on its last position only)
-#   decode:  one new token per row (every edit acts on it)
+#   prefix:  the prompt but its last token (``generation`` edits and recorders do not act)
+#   decode:  one new token per row, or a prompt's last token after its prefix (every edit)
 #   all:     teacher-forced scoring, every edit at every position (perplexity)
 #   first:   teacher-forced scoring, every edit at position 0 only (the reference code's quirk)
-Phase = Literal["prefill", "decode", "all", "first"]
+Phase = Literal["prefill", "prefix", "decode", "all", "first"]
 
 
 class InterventionError(DpotoxError, ValueError):
@@ -154,6 +155,13 @@ class Intervention:
     @property
     def per_prompt(self) -> bool:
         return any(isinstance(e, SetNeurons) and e.prompt_ids is not None for e in self.edits)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """True if the spec leaves a prompt's tokens before the last one untouched (every edit
+        acts at the generation positions only): conditions that do can share one prefill of
+        the prompts' prefix (``dpotox.generate``). Weight edits act everywhere."""
+        return all(not isinstance(e, ScaleKeys) and e.where == "generation" for e in self.edits)
 
     # -- serialisation -------------------------------------------------------------------
 
@@ -283,7 +291,8 @@ def check(spec: Intervention, adapter: Adapter, *, prompt_ids: Sequence[str] | N
                 if len(set(e.prompt_ids)) != len(e.prompt_ids):
                     raise InterventionError(f"{loc}: a prompt id is listed twice")
                 if prompt_ids is not None:
-                    missing = [p for p in prompt_ids if p not in set(e.prompt_ids)]
+                    have = set(e.prompt_ids)
+                    missing = [p for p in prompt_ids if p not in have]
                     if missing:
                         raise InterventionError(f"{loc}: no per-prompt values for prompt "
                                                 f"{missing[0]!r} ({len(missing)} prompts missing)")
@@ -326,11 +335,14 @@ class Recorder(Protocol):
     def finish(self, ctx: Context) -> None: ...
 
 
-def _positions(ctx: Context, where: str) -> slice:
+def _positions(ctx: Context, where: str) -> slice | None:
+    """The positions of this pass an edit acts on; None for none."""
     if ctx.phase == "first":
         return slice(0, 1)
     if ctx.phase == "prefill" and where == "generation":
         return slice(-1, None)
+    if ctx.phase == "prefix" and where == "generation":
+        return None
     return slice(None)
 
 
@@ -340,6 +352,9 @@ class _NeuronHook:
     def __init__(self, edits: list[SetNeurons | ScaleNeurons], ctx: Context,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.ctx = ctx
+        # The batch rows the edits act on: all, or one condition's block when several
+        # conditions run stacked in one batch (dpotox.generate.generate_many).
+        self.rows = slice(None)
         self.items = []
         for e in edits:
             idx = e.neurons.to(device)
@@ -357,6 +372,8 @@ class _NeuronHook:
             m = m.clone()
         for kind, idx, vals, rows, where in self.items:
             pos = _positions(self.ctx, where)
+            if pos is None:
+                continue
             if rows is not None:
                 try:
                     sel = torch.tensor([rows[p] for p in self.ctx.prompt_ids], device=vals.device)
@@ -367,9 +384,9 @@ class _NeuronHook:
                         "one of them (or the caller set no prompt ids)") from None
                 vals = vals[sel].unsqueeze(1)  # [batch, 1, n]: one row per prompt, all positions
             if kind == "set":
-                m[:, pos, idx] = vals
+                m[self.rows, pos, idx] = vals
             else:
-                m[:, pos, idx] = m[:, pos, idx] * vals
+                m[self.rows, pos, idx] = m[self.rows, pos, idx] * vals
         return (m, *args[1:])
 
 
@@ -379,6 +396,7 @@ class _ResidualHook:
     def __init__(self, edits: list[AddResidual], ctx: Context, device: torch.device,
                  dtype: torch.dtype) -> None:
         self.ctx = ctx
+        self.rows = slice(None)  # as _NeuronHook.rows
         self.items = [((e.alpha * e.vector).to(device, dtype), e.where) for e in edits]
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -386,7 +404,9 @@ class _ResidualHook:
         if torch.is_grad_enabled() and h.requires_grad:
             h = h.clone()
         for vec, where in self.items:
-            h[:, _positions(self.ctx, where)] += vec
+            pos = _positions(self.ctx, where)
+            if pos is not None:
+                h[self.rows, pos] += vec
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
@@ -415,7 +435,68 @@ class _RecordHook:
         self.layer, self.recorder, self.ctx = layer, recorder, ctx
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.recorder.record(self.layer, args[0][:, _positions(self.ctx, "generation")], self.ctx)
+        pos = _positions(self.ctx, "generation")
+        if pos is not None:
+            self.recorder.record(self.layer, args[0][:, pos], self.ctx)
+
+
+class Hooks:
+    """One spec made ready to apply: checked, grouped by layer and module, its arrays on the
+    model's device. :meth:`attached` registers the hooks for a block; a caller that switches
+    between specs (a sweep) prepares each once and attaches it as often as it needs."""
+
+    def __init__(self, adapter: Adapter, spec: Intervention | None, *,
+                 prompt_ids: Sequence[str] | None = None, recorder: Recorder | None = None,
+                 ctx: Context | None = None) -> None:
+        self.adapter, self.recorder = adapter, recorder
+        self.ctx = ctx if ctx is not None else Context(prompt_ids=prompt_ids)
+        edits = spec.edits if spec is not None else []
+        if edits:
+            check(spec, adapter, prompt_ids=prompt_ids)
+        p = next(adapter.model.parameters())
+        neuron_edits: dict[int, list] = defaultdict(list)
+        residual_edits: dict[int, list] = defaultdict(list)
+        self.key_edits: dict[int, list] = defaultdict(list)
+        for e in edits:
+            target = (neuron_edits if isinstance(e, SetNeurons | ScaleNeurons)
+                      else residual_edits if isinstance(e, AddResidual) else self.key_edits)
+            target[e.layer].append(e)
+        self.neuron_hooks = {layer: _NeuronHook(es, self.ctx, p.device, p.dtype)
+                             for layer, es in neuron_edits.items()}
+        self.residual_hooks = {layer: _ResidualHook(es, self.ctx, p.device, p.dtype)
+                               for layer, es in residual_edits.items()}
+
+    def restrict(self, rows: slice) -> None:
+        """Act on these batch rows only (one condition's block of a stacked batch); weight
+        edits cannot be restricted, so a spec with one cannot be stacked."""
+        if self.key_edits and rows != slice(None):
+            raise InterventionError("a weight edit (scale_keys) acts on every row of a batch; "
+                                    "run its spec alone")
+        for hook in (*self.neuron_hooks.values(), *self.residual_hooks.values()):
+            hook.rows = rows
+
+    @contextmanager
+    def attached(self) -> Iterator[Context]:
+        """Register the hooks (and swap in edited weights) for the block; yield the context.
+
+        On leaving the block, also by an exception, every hook is removed and every edited
+        weight is put back."""
+        adapter = self.adapter
+        with ExitStack() as stack:
+            for layer, edits in self.key_edits.items():
+                stack.enter_context(_scaled_keys(adapter, layer, edits))
+            for layer, hook in self.neuron_hooks.items():
+                stack.callback(adapter.out_proj(layer).register_forward_pre_hook(hook).remove)
+            for layer, hook in self.residual_hooks.items():
+                stack.callback(adapter.layer(layer).register_forward_hook(hook).remove)
+            if self.recorder is not None:
+                # Registered after the edit hooks: pre-hooks run in order, so it sees edited
+                # values.
+                for layer in range(adapter.n_layers):
+                    h = adapter.out_proj(layer).register_forward_pre_hook(
+                        _RecordHook(layer, self.recorder, self.ctx))
+                    stack.callback(h.remove)
+            yield self.ctx
 
 
 @contextmanager
@@ -429,33 +510,5 @@ def applied(adapter: Adapter, spec: Intervention | None, *,
     ``spec=None`` applies nothing, so callers need not branch. A ``recorder`` reads every
     layer's activations after the spec's edits.
     """
-    ctx = Context(prompt_ids=prompt_ids)
-    edits = spec.edits if spec is not None else []
-    if edits:
-        check(spec, adapter, prompt_ids=prompt_ids)
-    p = next(adapter.model.parameters())
-    neuron_edits: dict[int, list] = defaultdict(list)
-    residual_edits: dict[int, list] = defaultdict(list)
-    key_edits: dict[int, list] = defaultdict(list)
-    for e in edits:
-        target = (neuron_edits if isinstance(e, SetNeurons | ScaleNeurons)
-                  else residual_edits if isinstance(e, AddResidual) else key_edits)
-        target[e.layer].append(e)
-    with ExitStack() as stack:
-        for layer, edits in key_edits.items():
-            stack.enter_context(_scaled_keys(adapter, layer, edits))
-        for layer, edits in neuron_edits.items():
-            h = adapter.out_proj(layer).register_forward_pre_hook(
-                _NeuronHook(edits, ctx, p.device, p.dtype))
-            stack.callback(h.remove)
-        for layer, edits in residual_edits.items():
-            h = adapter.layer(layer).register_forward_hook(
-                _ResidualHook(edits, ctx, p.device, p.dtype))
-            stack.callback(h.remove)
-        if recorder is not None:
-            # Registered after the edit hooks: pre-hooks run in order, so it sees edited values.
-            for layer in range(adapter.n_layers):
-                h = adapter.out_proj(layer).register_forward_pre_hook(
-                    _RecordHook(layer, recorder, ctx))
-                stack.callback(h.remove)
+    with Hooks(adapter, spec, prompt_ids=prompt_ids, recorder=recorder).attached() as ctx:
         yield ctx

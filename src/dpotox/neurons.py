@@ -36,7 +36,7 @@ from dpotox.config import section_settings
 from dpotox.errors import DpotoxError
 from dpotox.interventions import Intervention, ablate
 from dpotox.io import write_parquet
-from dpotox.probe import load_probe, top_tokens
+from dpotox.probe import load_probe, top_tokens_batch
 
 log = logging.getLogger("dpotox")
 
@@ -197,9 +197,10 @@ def logit_lens(adapter: Adapter, tok: PreTrainedTokenizerBase, cos: np.ndarray, 
     adapter's value vectors (:class:`ValueGeometry`)."""
     rows = []
     for kind, anti in (("toxic", False), ("anti-toxic", True)):
-        for rank, (layer, i) in enumerate(top_cosine_neurons(cos, k, anti=anti), start=1):
-            v = adapter.value_vectors(layer)[i].detach().float().cpu()
-            toks = top_tokens(adapter, tok, -v if anti else v, n_tokens)
+        chosen = top_cosine_neurons(cos, k, anti=anti)
+        vectors = torch.stack([adapter.value_vectors(layer)[i] for layer, i in chosen])
+        lists = top_tokens_batch(adapter, tok, -vectors if anti else vectors, n_tokens)
+        for rank, ((layer, i), toks) in enumerate(zip(chosen, lists, strict=True), start=1):
             rows.append({"kind": kind, "rank": rank, "layer": layer, "neuron": i,
                          "cos": float(cos[layer, i]), "negated": anti,
                          "top_tokens": [t for t, _ in toks]})

@@ -256,10 +256,17 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def top_tokens(adapter: Adapter, tok: PreTrainedTokenizerBase, w: torch.Tensor,
                k: int = 20) -> list[tuple[str, float]]:
     """The ``k`` tokens whose unembedding has the largest dot product with ``w`` (Table 1)."""
+    return top_tokens_batch(adapter, tok, w.reshape(1, -1), k)[0]
+
+
+def top_tokens_batch(adapter: Adapter, tok: PreTrainedTokenizerBase, vectors: torch.Tensor,
+                     k: int = 20) -> list[list[tuple[str, float]]]:
+    """:func:`top_tokens` of each row of ``vectors`` ``[n, d_model]``, in one product with the
+    unembedding (converted once: for a bf16 8B model that conversion is 2 GB)."""
     emb = adapter.unembedding().detach().float().cpu()
-    scores = emb @ w.float()
-    top = torch.topk(scores, k)
-    return [(tok.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices)]
+    top = torch.topk(vectors.detach().float().cpu() @ emb.T, k, dim=1)
+    return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx, strict=True)]
+            for vals, idx in zip(top.values, top.indices, strict=True)]
 
 
 # -- files -----------------------------------------------------------------------------------

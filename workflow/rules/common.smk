@@ -11,10 +11,32 @@ DATASETS = ["prompts", "wiki", "probe_texts"] + [
     name for name in ("pair_prompts", "pairs") if config["data"][name]]
 
 
+# Every sweep condition of any model: rule evaluate leaves their files to the sweep jobs.
+SWEEP_CONDITIONS = sorted({c for m in MODELS for c in sweep_conditions(config, m)})
+
+
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
     dataset="|".join(DATASETS),
     condition=r"[A-Za-z0-9][A-Za-z0-9_.+=-]*",
+
+
+def rule_safe(name):
+    """``name`` as part of a rule name (letters, digits and underscores)."""
+    return re.sub(r"\W", "_", name)
+
+
+def sweep_spec_path(model, condition):
+    """Where a sweep condition's spec is: ablate-toxic-N from toxic_ablation_spec, the others
+    from sweep_specs."""
+    if re.fullmatch(r"ablate-toxic-[0-9]+", condition):
+        return f"results/{model}/specs/{condition}.json"
+    return f"results/{model}/sweep/specs/{condition}.json"
+
+
+def table_conditions(model):
+    """The conditions the papers' tables compare: base, DPO and every sweep condition."""
+    return ["base", "dpo", *sweep_conditions(config, model)]
 
 
 def model_targets(model):
@@ -30,6 +52,7 @@ def model_targets(model):
         *expand("results/{model}/activations/{variant}", model=model, variant=["base", "dpo"]),
         f"results/{model}/neurons.parquet",
         *table_files("results/tables", model),
+        *sweep_table_files("results/tables", model),
     ]
 
 
@@ -47,9 +70,11 @@ MODEL_CONDITIONS = {"base": "resources/models/{model}/base", "dpo": "results/{mo
 
 
 def condition_model(wildcards):
-    """The model a condition runs: the DPO model for "dpo", else the base model."""
-    return MODEL_CONDITIONS.get(wildcards.condition, MODEL_CONDITIONS["base"]).format(
-        model=wildcards.model)
+    """The model a condition runs: the DPO model for "dpo" and "dpo-*" (a spec on the DPO
+    model), else the base model."""
+    c = wildcards.condition
+    key = "dpo" if c == "dpo" or c.startswith("dpo-") else "base"
+    return MODEL_CONDITIONS[key].format(model=wildcards.model)
 
 
 def condition_spec(wildcards):

@@ -15,6 +15,14 @@ rule evaluate:
     params:
         cfg=lambda wildcards: {k: config[k] for k in ("seed", "evaluation", "toxicity")},
         device=lambda wildcards: config["models"][wildcards.model]["device"],
+    wildcard_constraints:
+        # The sweep conditions' files come from the sweep jobs (workflow/rules/sweeps.smk).
+        condition=(
+            rf"(?!(?:{'|'.join(map(re.escape, SWEEP_CONDITIONS))})\.(?:parquet|json)$)"
+            r"[A-Za-z0-9][A-Za-z0-9_.+=-]*"
+            if SWEEP_CONDITIONS
+            else r"[A-Za-z0-9][A-Za-z0-9_.+=-]*"
+        ),
     log:
         "logs/evaluate/{model}/{condition}.log",
     benchmark:

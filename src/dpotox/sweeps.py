@@ -1,0 +1,405 @@
+"""The papers' conditions as intervention specs, from config grids (DESIGN section 1).
+
+Every condition of Lee et al.'s Table 1 and Yang et al.'s Tables 2, 3, 12 and 19 is a named
+:class:`~dpotox.interventions.Intervention` built from the neuron table, the probe and the
+activation caches, and evaluated like any other condition. Names say what a spec does:
+
+- ``ablate-toxic-{n}``: zero the n value vectors most aligned with the probe (rule
+  ``toxic_ablation_spec``); ``ablate-toxic-pos-{n}``: the n most aligned among the neurons
+  with a positive mean activation in the base model (Lee et al. exclude the negative ones,
+  whose ablation raises toxicity).
+- ``patch-{set}``: set a neuron set's activations in the base model to their DPO means;
+  sets ``toxic-{n}`` (top n by cosine), ``toxic-interpretable`` (those of the top n whose
+  value vector unembeds to a toxic token), ``tp``, ``tp-an``, ``tp-an-tn``, ``four-groups``,
+  ``all``, ``increased``. ``patch-{set}-per-prompt``: each prompt's own DPO means instead
+  (beyond the papers, which patched means).
+- ``dpo-scale-keys-top{k}-x{f}``: the DPO model with the key vectors of its k most toxic
+  neurons scaled by f (Lee et al.'s reversal). A condition named ``dpo-*`` runs the DPO model.
+- ``steer-probe-a{alpha}``: subtract alpha times the unit probe direction from the last
+  layer's residual output at every position.
+- ``edit-{probe|free}-{cos|act}-b{beta}-a{alpha}``: activation editing. Neurons are grouped
+  by sign(cos) x sign(base mean activation); in each group the fraction beta with the largest
+  |cos| (``cos``) or the smallest |activation| (``act``) is scaled by
+  ``1 - alpha * sign(cos) * sign(activation)``. ``probe`` takes cos against the probe, ``free``
+  against the contrast of toxic and neutral word embeddings (no probe).
+
+Patching and editing act at the generation positions (the last prompt position and every
+generated one), as in the papers; steering acts at every position.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dpotox.activations import prompt_means, read_meta
+from dpotox.arch import Adapter
+from dpotox.config import section_settings
+from dpotox.errors import DpotoxError
+from dpotox.interventions import (AddResidual, Intervention, ScaleKeys, ScaleNeurons,
+                                  SetNeurons)
+from dpotox.neurons import GROUPS, INCREASED, sign_groups, unit, value_geometry
+from dpotox.probe import load_probe, top_tokens_batch
+
+log = logging.getLogger("dpotox")
+
+# Patch sets of the group rows of Table 2 / 19, by condition suffix.
+GROUP_SETS: dict[str, tuple[str, ...]] = {
+    "tp": ("TP",),
+    "tp-an": ("TP", "AN"),
+    "tp-an-tn": ("TP", "AN", "TN"),
+    "four-groups": GROUPS,
+    "increased": (INCREASED,),
+}
+SELECTIONS = ("cos", "act")
+
+
+class SweepError(DpotoxError, ValueError):
+    """A sweep setting or input that cannot make a condition; the message names it."""
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclass
+class SweepsConfig:
+    """The ``sweeps`` section of the config (defaults and bounds: the schema)."""
+
+    ablate_toxic: list[int] = field(default_factory=lambda: [100, 200, 1000])
+    ablate_toxic_positive: list[int] = field(default_factory=lambda: [100, 200, 1000, 2000])
+    scale_keys_top: int = 7
+    scale_keys_factors: list[float] = field(default_factory=lambda: [2, 5, 10])
+    patch_toxic: list[int] = field(default_factory=lambda: [256, 128])
+    patch_interpretable: bool = True
+    interpretable_tokens: int = 10
+    interpretable_threshold: float = 0.5
+    patch_sets: list[str] = field(default_factory=lambda: [
+        "tp", "tp-an", "tp-an-tn", "four-groups", "all", "increased"])
+    per_prompt: list[str] = field(default_factory=lambda: ["toxic-256", "tp", "four-groups"])
+    steer_alphas: list[float] = field(default_factory=list)
+    edit_probe: list[list[float]] = field(default_factory=list)
+    edit_selections: list[str] = field(default_factory=lambda: ["cos", "act"])
+    edit_free: list[list[float]] = field(default_factory=list)
+    toxic_words: list[str] = field(default_factory=lambda: [
+        "fuck", "shit", "crap", "damn", "asshole"])
+    neutral_words: list[str] = field(default_factory=lambda: [
+        "hello", "thanks", "friend", "peace", "welcome"])
+    conditions_per_job: int = 8
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SweepsConfig:
+        return section_settings(cls, cfg, "sweeps")
+
+    def patch_sets_all(self) -> list[str]:
+        """Every patch set, in table order: toxic sets first, then the groups."""
+        sets = [f"toxic-{n}" for n in self.patch_toxic]
+        if self.patch_interpretable:
+            sets.append("toxic-interpretable")
+        return sets + list(self.patch_sets)
+
+
+def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
+    """Every condition the config's grids ask for ``model``, in table order (``ablate-toxic-*``
+    too). Steering alphas: ``models.<model>.steer_alphas``, else ``sweeps.steer_alphas``."""
+    sc = SweepsConfig.from_config(cfg)
+    alphas = cfg.get("models", {}).get(model, {}).get("steer_alphas")
+    if alphas is not None:
+        sc.steer_alphas = list(alphas)
+    names = [f"ablate-toxic-{n}" for n in sc.ablate_toxic]
+    names += [f"ablate-toxic-pos-{n}" for n in sc.ablate_toxic_positive]
+    names += [f"dpo-scale-keys-top{sc.scale_keys_top}-x{_fmt(f)}" for f in sc.scale_keys_factors]
+    sets = sc.patch_sets_all()
+    names += [f"patch-{s}" for s in sets]
+    unknown = [p for p in sc.per_prompt if p not in sets]
+    if unknown:
+        raise SweepError(f"config key 'sweeps.per_prompt': {unknown[0]!r} is not a patch set of "
+                         f"this config; choose from {', '.join(sets)}")
+    names += [f"patch-{s}-per-prompt" for s in sc.per_prompt]
+    names += [f"steer-probe-a{_fmt(a)}" for a in sc.steer_alphas]
+    for sel in sc.edit_selections:
+        names += [f"edit-probe-{sel}-b{_fmt(b)}-a{_fmt(a)}" for b, a in sc.edit_probe]
+    names += [f"edit-free-cos-b{_fmt(b)}-a{_fmt(a)}" for b, a in sc.edit_free]
+    return list(dict.fromkeys(names))
+
+
+def spec_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
+    """The sweep conditions whose specs rule ``sweep_specs`` writes (all but the ablations of
+    ``ablate-toxic-{n}``, which rule ``toxic_ablation_spec`` writes before the neuron table)."""
+    return [c for c in sweep_conditions(cfg, model) if not c.startswith("ablate-toxic-")
+            or c.startswith("ablate-toxic-pos-")]
+
+
+def chunks(conditions: Sequence[str], size: int) -> list[list[str]]:
+    """``conditions`` in jobs of ``size``; conditions that run the DPO model go in jobs of
+    their own (one job loads one model)."""
+    out: list[list[str]] = []
+    for model_conds in ([c for c in conditions if not c.startswith("dpo-")],
+                        [c for c in conditions if c.startswith("dpo-")]):
+        out += [list(model_conds[i:i + size]) for i in range(0, len(model_conds), size)]
+    return out
+
+
+# -- neuron sets -------------------------------------------------------------------------------
+
+
+def _by_layer(rows: pd.DataFrame, values: np.ndarray | None = None
+              ) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+    """``(layer, neurons, values)`` per layer, neurons ascending."""
+    rows = rows.assign(_v=values if values is not None else 0.0).sort_values(["layer", "neuron"])
+    return [(int(layer), g["neuron"].to_numpy(np.int64),
+             g["_v"].to_numpy() if values is not None else None)
+            for layer, g in rows.groupby("layer", sort=True)]
+
+
+def top_by(neurons: pd.DataFrame, n: int, column: str, *, ascending: bool = False) -> pd.DataFrame:
+    """The ``n`` rows with the largest ``column`` (smallest with ``ascending``); ties keep
+    (layer, neuron) order, as the table's ranks do."""
+    return neurons.sort_values(column, ascending=ascending, kind="stable").head(n)
+
+
+def _check_n(neurons: pd.DataFrame, n: int, key: str) -> None:
+    if not 1 <= n <= len(neurons):
+        raise SweepError(f"config key 'sweeps.{key}': {n} neurons asked for, but the model has "
+                         f"{len(neurons)}; give a number from 1 to {len(neurons)}")
+
+
+def patch_set(neurons: pd.DataFrame, name: str, interpretable: pd.DataFrame | None = None
+              ) -> pd.DataFrame:
+    """The rows of ``neurons`` that patch set ``name`` patches (see module doc)."""
+    if name == "all":
+        return neurons
+    if name in GROUP_SETS:
+        return neurons[neurons["group"].isin(GROUP_SETS[name])]
+    if name == "toxic-interpretable":
+        if interpretable is None:
+            raise SweepError("patch set toxic-interpretable needs the judged value vectors")
+        return interpretable
+    if name.startswith("toxic-") and name[6:].isdigit():
+        _check_n(neurons, int(name[6:]), "patch_toxic")
+        return top_by(neurons, int(name[6:]), "cos")
+    raise SweepError(f"config key 'sweeps.patch_sets': unknown patch set {name!r}; choose from "
+                     f"{', '.join([*GROUP_SETS, 'all'])}")
+
+
+def patch(name: str, rows: pd.DataFrame, description: str) -> Intervention:
+    """Set each neuron of ``rows`` to its DPO mean activation (``mbar_dpo``)."""
+    edits = [SetNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
+             for layer, idx, vals in _by_layer(rows, rows["mbar_dpo"].to_numpy())]
+    return Intervention(name, edits, description)
+
+
+def patch_per_prompt(name: str, rows: pd.DataFrame, dpo_acts: str | Path,
+                     description: str) -> Intervention:
+    """Set each neuron of ``rows`` to the DPO model's mean activation over that prompt's own
+    generation positions (one row of values per prompt, from the DPO activation cache)."""
+    edits = []
+    for layer, idx, _ in _by_layer(rows):
+        ids, means, _ = prompt_means(dpo_acts, layer)
+        edits.append(SetNeurons(layer, torch.from_numpy(idx),
+                                torch.from_numpy(means[:, idx].astype(np.float32)),
+                                prompt_ids=tuple(ids)))
+    return Intervention(name, edits, description)
+
+
+def positive_toxic(neurons: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` most toxic-aligned neurons among those with a positive base mean activation."""
+    pos = neurons[neurons["mbar_base"] > 0]
+    _check_n(pos, n, "ablate_toxic_positive")
+    return top_by(pos, n, "cos")
+
+
+def edit_selection(neurons: pd.DataFrame, cos: np.ndarray, beta: float, selection: str
+                   ) -> pd.DataFrame:
+    """Activation editing's neurons: in each sign(cos) x sign(base activation) group, the
+    fraction ``beta`` with the largest |cos| (``cos``) or smallest |activation| (``act``).
+    Returns the chosen rows with ``factor_sign`` = sign(cos) * sign(activation)."""
+    if selection not in SELECTIONS:
+        raise SweepError(f"config key 'sweeps.edit_selections': {selection!r} is not one of "
+                         f"{', '.join(SELECTIONS)}")
+    if not 0 < beta <= 1:
+        raise SweepError(f"activation editing: beta {beta} is not a fraction in (0, 1]")
+    df = neurons[["layer", "neuron", "mbar_base"]].assign(
+        _cos=cos.ravel(), _group=sign_groups(cos.ravel(), neurons["mbar_base"].to_numpy()))
+    df["_key"] = df["_cos"].abs() if selection == "cos" else -df["mbar_base"].abs()
+    chosen = []
+    for _, g in df.groupby("_group", sort=True):
+        k = int(beta * len(g) + 0.5)  # half up: 0.5 of one neuron is that neuron
+        chosen.append(g.sort_values("_key", ascending=False, kind="stable").head(k))
+    out = pd.concat(chosen)
+    out["factor_sign"] = np.where(out["_cos"] > 0, 1.0, -1.0) * np.where(
+        out["mbar_base"] >= 0, 1.0, -1.0)
+    return out
+
+
+def edit(name: str, neurons: pd.DataFrame, cos: np.ndarray, beta: float, alpha: float,
+         selection: str, description: str) -> Intervention:
+    """Scale the chosen neurons by ``1 - alpha * sign(cos) * sign(activation)``: toxic-aligned
+    writes shrink, anti-toxic ones grow (see :func:`edit_selection`)."""
+    if not 0 < alpha < 1:
+        raise SweepError(f"activation editing: alpha {alpha} must be in (0, 1) (a factor "
+                         "1 - alpha at or below 0 would flip or zero the neurons)")
+    rows = edit_selection(neurons, cos, beta, selection)
+    factors = 1.0 - alpha * rows["factor_sign"].to_numpy()
+    edits = [ScaleNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
+             for layer, idx, vals in _by_layer(rows, factors)]
+    return Intervention(name, edits, description)
+
+
+# -- directions --------------------------------------------------------------------------------
+
+
+def word_contrast(adapter: Adapter, tok: PreTrainedTokenizerBase, toxic: Sequence[str],
+                  neutral: Sequence[str]) -> torch.Tensor:
+    """Mean input embedding of the ``toxic`` words minus that of the ``neutral`` words (the
+    probe-free direction). A word is embedded as it appears mid-sentence (with a leading
+    space) and, if it splits into several tokens, as the mean of their embeddings."""
+    emb = adapter.input_embedding().detach().double().cpu()
+
+    def mean(words: Sequence[str], key: str) -> torch.Tensor:
+        if not words:
+            raise SweepError(f"config key 'sweeps.{key}' is empty; give at least one word")
+        vecs = []
+        for w in words:
+            ids = tok(" " + w.strip(), add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise SweepError(f"config key 'sweeps.{key}': {w!r} tokenises to nothing")
+            vecs.append(emb[ids].mean(0))
+        return torch.stack(vecs).mean(0)
+
+    return mean(toxic, "toxic_words") - mean(neutral, "neutral_words")
+
+
+def interpretable_toxic(adapter: Adapter, tok: PreTrainedTokenizerBase, candidates: pd.DataFrame,
+                        score: Any, *, n_tokens: int, threshold: float) -> tuple[pd.DataFrame,
+                                                                                  pd.DataFrame]:
+    """The ``candidates`` whose value vector has a toxic token among its ``n_tokens`` nearest
+    unembedded tokens, a token being toxic if ``score`` (the toxicity scorer) gives its text
+    at least ``threshold``. Returns ``(chosen rows, judged tokens table)``."""
+    vectors = torch.stack([adapter.value_vectors(int(r.layer))[int(r.neuron)]
+                           for r in candidates.itertuples()])
+    lists = top_tokens_batch(adapter, tok, vectors, n_tokens)
+    texts = sorted({t.strip() for toks in lists for t, _ in toks if t.strip()})
+    judged = dict(zip(texts, map(float, score(texts)), strict=True)) if texts else {}
+    rows, keep = [], []
+    for r, toks in zip(candidates.itertuples(), lists, strict=True):
+        toxic = [t for t, _ in toks if judged.get(t.strip(), 0.0) >= threshold]
+        keep.append(bool(toxic))
+        rows.append({"layer": int(r.layer), "neuron": int(r.neuron), "cos": float(r.cos),
+                     "top_tokens": [t for t, _ in toks], "toxic_tokens": toxic})
+    return candidates[np.asarray(keep, dtype=bool)], pd.DataFrame(rows)
+
+
+# -- the rule ----------------------------------------------------------------------------------
+
+
+def build_specs(*, neurons_path: str | Path, model_dir: str | Path, probe_path: str | Path,
+                dpo_acts: str | Path, cfg: Mapping[str, Any], conditions: Sequence[str],
+                out_dir: str | Path, judged_path: str | Path | None = None) -> dict[str, int]:
+    """Rule ``sweep_specs``: write ``{out_dir}/{condition}.json`` for every condition in
+    ``conditions`` (names as :func:`spec_conditions` makes them); returns neurons per spec.
+
+    Every spec is built before the first is written, so a bad setting leaves no file.
+    """
+    from dpotox.scoring import load_scorer
+    from dpotox.sources.models import load_prepared
+
+    sc = SweepsConfig.from_config(cfg)
+    t0 = time.perf_counter()
+    neurons = pd.read_parquet(neurons_path).sort_values(["layer", "neuron"]).reset_index(drop=True)
+    model, tok = load_prepared(model_dir, device="cpu")
+    adapter = Adapter(model)
+    total = adapter.n_layers * adapter.d_mlp
+    if len(neurons) != total:
+        raise SweepError(f"{neurons_path} has {len(neurons)} neurons but {model_dir} has {total} "
+                         "(layers x d_mlp): the neuron table is of another model")
+    w, _ = load_probe(probe_path, adapter.d_model)
+    cos_probe = neurons["cos"].to_numpy().reshape(adapter.n_layers, adapter.d_mlp)
+    meta = read_meta(dpo_acts)
+    log.info("DPO activation cache %s: %d prompts", dpo_acts, meta["n_prompts"])
+
+    interpretable, judged = None, None
+    if any("toxic-interpretable" in c for c in conditions):
+        scorer = load_scorer(cfg.get("toxicity", {}), device="cpu")
+        pool = max(sc.patch_toxic) if sc.patch_toxic else 256
+        interpretable, judged = interpretable_toxic(
+            adapter, tok, top_by(neurons, pool, "cos"), scorer.score,
+            n_tokens=sc.interpretable_tokens, threshold=sc.interpretable_threshold)
+        log.info("interpretable toxic neurons: %d of the top %d by cosine (scorer %s)",
+                 len(interpretable), pool, scorer.name)
+    cos_free = None
+    if any(c.startswith("edit-free-") for c in conditions):
+        contrast = word_contrast(adapter, tok, sc.toxic_words, sc.neutral_words)
+        cos_free = value_geometry(adapter, contrast).cos
+        log.info("probe-free direction: cos with the probe %.3f",
+                 float(unit(contrast) @ unit(w)))
+
+    specs = [make_spec(c, neurons, sc, adapter=adapter, w=w, cos_probe=cos_probe,
+                       cos_free=cos_free, interpretable=interpretable, dpo_acts=dpo_acts)
+             for c in conditions]
+    out_dir = Path(out_dir)
+    for spec in specs:
+        spec.save(out_dir / f"{spec.name}.json")
+    if judged_path is not None and judged is not None:
+        from dpotox.io import write_parquet
+        write_parquet(judged, judged_path, metadata={"dpotox.table": "interpretable_toxic"})
+    counts = {s.name: sum(e.neurons.numel() for e in s.edits if hasattr(e, "neurons"))
+              for s in specs}
+    log.info("wrote %d specs to %s in %.1f s", len(specs), out_dir, time.perf_counter() - t0)
+    return counts
+
+
+def make_spec(name: str, neurons: pd.DataFrame, sc: SweepsConfig, *, adapter: Adapter,
+              w: torch.Tensor, cos_probe: np.ndarray, cos_free: np.ndarray | None,
+              interpretable: pd.DataFrame | None, dpo_acts: str | Path) -> Intervention:
+    """The spec of one condition name (grammar: module doc)."""
+    if name.startswith("ablate-toxic-pos-"):
+        n = int(name.rsplit("-", 1)[1])
+        rows = positive_toxic(neurons, n)
+        return Intervention(name, [SetNeurons(layer, torch.from_numpy(idx), torch.tensor(0.0))
+                                   for layer, idx, _ in _by_layer(rows)],
+                            f"the {n} most probe-aligned value vectors with a positive base "
+                            "activation, set to 0")
+    if name.startswith("dpo-scale-keys-top"):
+        k_part, f_part = name[len("dpo-scale-keys-top"):].split("-x")
+        k, f = int(k_part), float(f_part)
+        _check_n(neurons, k, "scale_keys_top")
+        rows = top_by(neurons, k, "cos")
+        return Intervention(name, [ScaleKeys(layer, torch.from_numpy(idx), torch.tensor(f))
+                                   for layer, idx, _ in _by_layer(rows)],
+                            f"the DPO model with the key vectors of the {k} most toxic-aligned "
+                            f"neurons scaled x{f:g}")
+    if name.startswith("patch-"):
+        per_prompt = name.endswith("-per-prompt")
+        set_name = name[len("patch-"):].removesuffix("-per-prompt")
+        rows = patch_set(neurons, set_name, interpretable)
+        what = f"patch set {set_name} ({len(rows)} neurons)"
+        if per_prompt:
+            return patch_per_prompt(name, rows, dpo_acts,
+                                    f"{what} set to each prompt's own DPO mean activations")
+        return patch(name, rows, f"{what} set to their DPO mean activations")
+    if name.startswith("steer-probe-a"):
+        alpha = float(name[len("steer-probe-a"):])
+        return Intervention(name, [AddResidual(adapter.n_layers - 1, unit(w).float(), -alpha,
+                                               where="all")],
+                            f"subtract {alpha:g} x the unit probe direction after the last layer")
+    if name.startswith("edit-"):
+        _, source, selection, b, a = name.split("-", 4)
+        beta, alpha = float(b[1:]), float(a[1:])
+        cos = cos_probe if source == "probe" else cos_free
+        if cos is None:
+            raise SweepError(f"condition {name}: the probe-free direction was not computed")
+        return edit(name, neurons, cos, beta, alpha, selection,
+                    f"activation editing ({source}): fraction {beta:g} of each group by "
+                    f"{'|cos|' if selection == 'cos' else 'ascending |activation|'}, "
+                    f"scale alpha {alpha:g}")
+    raise SweepError(f"unknown condition {name!r}; see dpotox.sweeps for the names it builds")

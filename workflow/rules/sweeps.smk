@@ -1,0 +1,94 @@
+# Stage: the papers' intervention sweeps (DESIGN section 1; dpotox.sweeps) and their tables.
+# Conditions come from the config's grids. The evaluation jobs are made here, one per chunk of
+# `sweeps.conditions_per_job` conditions of one model: a chunk loads the model once and shares
+# the prompts' prefix between its conditions (dpotox.generate.generate_many). With 1 condition
+# per job a cluster spreads them all.
+
+
+rule sweep_specs:
+    """Every sweep condition's intervention spec (except ablate-toxic-N: toxic_ablation_spec),
+    and the judged value vectors of the interpretable toxic neurons."""
+    input:
+        neurons="results/{model}/neurons.parquet",
+        model="resources/models/{model}/base",
+        probe="results/{model}/probe/probe.safetensors",
+        dpo_acts="results/{model}/activations/dpo",
+    output:
+        specs=directory("results/{model}/sweep/specs"),
+    params:
+        cfg=lambda wildcards: {k: config[k] for k in ("seed", "sweeps", "toxicity")},
+        conditions=lambda wildcards: spec_conditions(config, wildcards.model),
+    log:
+        "logs/sweep_specs/{model}.log",
+    benchmark:
+        "benchmarks/sweep_specs/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=model_resource("mem_mb"),
+        runtime=model_resource("runtime"),
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/sweep_specs.py"
+
+
+for _model in MODELS:
+    _res = config["models"][_model]["resources"]
+    for _k, _conds in enumerate(chunks(sweep_conditions(config, _model),
+                                       config["sweeps"]["conditions_per_job"])):
+        _specs = [sweep_spec_path(_model, c) for c in _conds]
+
+        rule:
+            name:
+                f"sweep_{rule_safe(_model)}_{_k:02d}"
+            input:
+                model=("results/{m}/dpo/model" if _conds[0].startswith("dpo-")
+                       else "resources/models/{m}/base").format(m=_model),
+                prompts="resources/data/prompts.parquet",
+                wiki="resources/data/wiki.parquet",
+                specs=sorted({s if not s.startswith(f"results/{_model}/sweep/specs/")
+                              else f"results/{_model}/sweep/specs" for s in _specs}),
+            output:
+                tables=[f"results/{_model}/eval/{c}.parquet" for c in _conds],
+                summaries=[f"results/{_model}/eval/{c}.json" for c in _conds],
+            params:
+                conditions=_conds,
+                spec_paths=_specs,
+                cfg={k: config[k] for k in ("seed", "evaluation", "toxicity")},
+                device=config["models"][_model]["device"],
+            log:
+                f"logs/sweep/{_model}/part-{_k:02d}.log",
+            benchmark:
+                f"benchmarks/sweep/{_model}/part-{_k:02d}.tsv"
+            threads: 2
+            resources:
+                gpu=_res["gpu"],
+                mem_mb=_res["mem_mb"],
+                runtime=_res["runtime"],
+            conda:
+                "../../envs/dpotox.yaml"
+            script:
+                "../scripts/evaluate_sweep.py"
+
+
+rule tables:
+    """The papers' tables (Lee et al. Table 1; Yang et al. Tables 2, 3, 12, 19) for one model,
+    with the papers' published numbers beside ours, as CSV and markdown."""
+    input:
+        neurons="results/{model}/neurons.parquet",
+        summaries=lambda wildcards: expand("results/{model}/eval/{c}.json", model=wildcards.model,
+                                           c=table_conditions(wildcards.model)),
+        tables=lambda wildcards: expand("results/{model}/eval/{c}.parquet", model=wildcards.model,
+                                        c=table_conditions(wildcards.model)),
+    output:
+        sweep_table_files("results/tables", "{model}"),
+    params:
+        conditions=lambda wildcards: table_conditions(wildcards.model),
+    log:
+        "logs/tables/{model}.log",
+    benchmark:
+        "benchmarks/tables/{model}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
+    script:
+        "../scripts/tables.py"
