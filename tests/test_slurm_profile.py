@@ -319,8 +319,15 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
         blocks = re.split(r"^(?=(?:rule|checkpoint) \w+:)", text, flags=re.M)
         for block in blocks:
             m = re.match(r"(?:rule|checkpoint) (\w+):", block)
-            if m and re.search(r"(?<![\w.])gpu\s*=(?!=)", block):
+            body = re.split(r"^\s+rule:", block, flags=re.M)[0]
+            if m and re.search(r"(?<![\w.])gpu\s*=(?!=)", body):
                 gpu_rules.append(m.group(1))
+        # Rules made in a loop (the sweep jobs, `rule:` with `name:`) take the placement of
+        # rule evaluate from the profile.
+        for block in re.split(r"^(?=\s+rule:)", text, flags=re.M)[1:]:
+            if re.search(r"(?<![\w.])gpu\s*=(?!=)", block):
+                assert "_EVALUATE_PLACEMENT" in block, f"{smk.name}: a looped GPU rule"
+                gpu_rules.append("evaluate")
     missing = [r for r in gpu_rules if "slurm_partition" not in set_resources.get(r, {})]
     assert not missing, (
         f"GPU rules without a GPU partition in profiles/slurm/config.yaml: {missing}"

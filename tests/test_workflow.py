@@ -295,6 +295,9 @@ def test_paper_dag_plans_on_slurm(tmp_path):
                                   "tables": 4, "model_manifest": 4, "all": 1}
     assert len(conds["gpt2-medium"]) == 33 and "steer-probe-a30" in conds["gpt2-medium"]
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
+    # The sweep jobs go where the profile sends evaluate, with the model's requests.
+    sweep = out.split("rule sweep_llama_3_1_8b_00:")[1].split("\n\n")[0]
+    assert "slurm_partition=gpu" in sweep and "mem_mb=96000" in sweep, sweep
     llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]
     assert "mem_mb=96000" in llama and "runtime=1440" in llama
 

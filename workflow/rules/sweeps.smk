@@ -32,6 +32,14 @@ rule sweep_specs:
         "../scripts/sweep_specs.py"
 
 
+# A profile's set-resources name rules, and these are made per model and chunk: they go
+# where the profile sends rule evaluate (its SLURM partition, for one).
+_EVALUATE_PLACEMENT = {
+    k: getattr(v, "raw", v)
+    for k, v in workflow.resource_settings.overwrite_resources.get("evaluate", {}).items()
+    if k.startswith("slurm_")
+}
+
 for _model in MODELS:
     _res = config["models"][_model]["resources"]
     for _k, _conds in enumerate(chunks(sweep_conditions(config, _model),
@@ -65,6 +73,7 @@ for _model in MODELS:
                 gpu=_res["gpu"],
                 mem_mb=_res["mem_mb"],
                 runtime=_res["runtime"],
+                **_EVALUATE_PLACEMENT,
             conda:
                 "../../envs/dpotox.yaml"
             script:
