@@ -78,13 +78,6 @@ def _needs_rows(spec: Intervention | None, adapter: Adapter, ids: list[str]) -> 
     return None
 
 
-def edited_neurons(spec: Intervention | None) -> int:
-    """How many (layer, neuron) pairs a spec's neuron and key edits touch (0 for steering)."""
-    if spec is None:
-        return 0
-    return int(sum(e.neurons.numel() for e in spec.edits if hasattr(e, "neurons")))
-
-
 def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str | Path,
              cfg: Mapping[str, Any], condition: str, out_parquet: str | Path,
              out_json: str | Path, spec_path: str | Path | None = None,
@@ -192,7 +185,7 @@ def evaluate_conditions(*, model_dir: str | Path, prompts_path: str | Path,
             "model_dir": str(model_dir),
             "scorer": scorer.name,
             "n_prompts": len(ids),
-            "n_edited_neurons": edited_neurons(spec),
+            "n_edited_neurons": spec.n_neurons if spec else 0,
             "toxicity": tox.mean,
             "toxicity_ci_low": tox.low,
             "toxicity_ci_high": tox.high,

@@ -157,6 +157,11 @@ class Intervention:
         return any(isinstance(e, SetNeurons) and e.prompt_ids is not None for e in self.edits)
 
     @property
+    def n_neurons(self) -> int:
+        """How many (layer, neuron) pairs the neuron and key edits touch (0 for steering)."""
+        return int(sum(e.neurons.numel() for e in self.edits if hasattr(e, "neurons")))
+
+    @property
     def shares_prefix(self) -> bool:
         """True if the spec leaves a prompt's tokens before the last one untouched (every edit
         acts at the generation positions only): conditions that do can share one prefill of

@@ -352,8 +352,7 @@ def build_specs(*, neurons_path: str | Path, model_dir: str | Path, probe_path: 
     if judged_path is not None and judged is not None:
         from dpotox.io import write_parquet
         write_parquet(judged, judged_path, metadata={"dpotox.table": "interpretable_toxic"})
-    counts = {s.name: sum(e.neurons.numel() for e in s.edits if hasattr(e, "neurons"))
-              for s in specs}
+    counts = {s.name: s.n_neurons for s in specs}
     log.info("wrote %d specs to %s in %.1f s", len(specs), out_dir, time.perf_counter() - t0)
     return counts
 
