@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml requirements/embedded-assets.txt
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/embedded-assets.txt
 	touch $@
 
+# The workflow, then the report of every figure and table it made (results/report.html).
 run: $(STAMP)
 	$(BIN)/snakemake --profile profiles/local --configfile config/config.yaml --cores $(CORES) $(SNAKEMAKE_ARGS)
+	$(MAKE) report
+
+report: $(STAMP)
+	$(BIN)/snakemake --profile profiles/local --configfile config/config.yaml --report results/report.html
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -23,6 +23,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYT
 
 from dpotox.config import missing_paths, validate_config  # noqa: E402
 from dpotox.errors import ConfigError  # noqa: E402
+from dpotox.figures import ALL_MODELS, FIGURES, figure_files, figure_inputs  # noqa: E402
 from dpotox.neuron_stats import table_files  # noqa: E402
 from dpotox.sweeps import chunks, spec_conditions, sweep_conditions  # noqa: E402
 from dpotox.tables import table_files as sweep_table_files  # noqa: E402
@@ -60,6 +61,7 @@ include: "workflow/rules/dpo.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/neurons.smk"
 include: "workflow/rules/sweeps.smk"
+include: "workflow/rules/figures.smk"
 include: "workflow/rules/targets.smk"
 
 
@@ -72,4 +74,5 @@ localrules:
 rule all:
     input:
         expand("results/{model}/MANIFEST.tsv", model=MODELS),
+        [f for s in FIGURE_SCOPES if s == ALL_MODELS for f in figure_files("results/figures", s)],
     default_target: True

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dpotox.config import load_config
+from dpotox.figures import FIGURES
 from dpotox.sources import load_prepared
 from dpotox.sweeps import chunks, sweep_conditions
 
@@ -101,8 +102,22 @@ def test_one_model_target_plans_only_that_model(tmp_path):
                                   "toxic_ablation_spec": n_ablate, "cache_activations": 3,
                                   "neuron_table": 1, "neuron_stats": 1, "sweep_specs": 1,
                                   "sweep_chunks": len(chunks(conds, cfg["sweeps"]["conditions_per_job"])),
-                                  "tables": 1, "model_manifest": 1}
+                                  "tables": 1, "model_manifest": 1,
+                                  **{name: 1 for name in FIGURES}}
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
+    assert "scope=smollm2-135m" not in proc.stdout + proc.stderr
+
+
+def test_two_models_add_figures_with_a_row_per_model(tmp_path):
+    extra = str(REPO / "config" / "two-models.yaml")
+    proc = snakemake(tmp_path, "-n", configfiles=(*DEFAULT_CONFIG, extra))
+    jobs = planned_jobs(proc)
+    assert {name: jobs[name] for name in FIGURES} == {name: 3 for name in FIGURES}
+    out = proc.stdout + proc.stderr
+    block = out.split("output: results/figures/all-models/fig1a_layer_projections.png")[0]
+    block = block.rsplit("rule fig1a_layer_projections:", 1)[1]
+    assert ("results/tables/smollm2-135m/fig1a_layer_projections.csv, "
+            "results/tables/gemma3-270m/fig1a_layer_projections.csv") in block
 
 
 def test_second_run_does_nothing(run_dir):
@@ -121,7 +136,9 @@ def test_forcerun_one_rule_plans_only_that_rule(run_dir):
     # ... the sweep jobs and the tables are.
     jobs = planned_jobs(proc)
     assert jobs.pop("sweep_chunks") >= 1
-    assert jobs == {"prepare_data": 1, "evaluate": 2, "tables": 1, "model_manifest": 1, "all": 1}
+    # The editing trade-off is drawn from a table of rule tables; the other figures are not.
+    assert jobs == {"prepare_data": 1, "evaluate": 2, "tables": 1, "editing_tradeoff": 1,
+                    "model_manifest": 1, "all": 1}
     proc = snakemake(run_dir, "-n", "--forcerun", "evaluate", "--until", "evaluate",
                      configfiles=E2E_CONFIG)
     assert planned_jobs(proc) == {"evaluate": 2}
@@ -292,7 +309,9 @@ def test_paper_dag_plans_on_slurm(tmp_path):
                                   "toxic_ablation_spec": 12, "cache_activations": 12,
                                   "neuron_table": 4, "neuron_stats": 4, "sweep_specs": 4,
                                   "sweep_chunks": sum(map(len, conds.values())),
-                                  "tables": 4, "model_manifest": 4, "all": 1}
+                                  "tables": 4, "model_manifest": 4, "all": 1,
+                                  # each model's, and all four in one (a row each)
+                                  **{name: 5 for name in FIGURES}}
     assert len(conds["gpt2-medium"]) == 33 and "steer-probe-a30" in conds["gpt2-medium"]
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
     # The sweep jobs go where the profile sends evaluate, with the model's requests.
@@ -340,4 +359,34 @@ def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     assert alone["toxicity"] == summaries["patch-tp"]["toxicity"]
     # Redrawing the tables recomputes nothing upstream.
     proc = snakemake(run_dir, "-n", "--forcerun", "tables", configfiles=E2E_CONFIG)
-    assert planned_jobs(proc) == {"tables": 1, "model_manifest": 1, "all": 1}
+    assert planned_jobs(proc) == {"tables": 1, "editing_tradeoff": 1, "model_manifest": 1,
+                                  "all": 1}
+
+
+def test_figures_and_report_of_the_embedded_model(run_dir):
+    """Every figure is drawn as PNG and PDF at its size; one figure is redrawn alone (a dry
+    run counts the jobs); the report holds every figure and table with its caption."""
+    from PIL import Image
+
+    from dpotox.figures.style import figure_pixels
+    from dpotox.neuron_stats import TABLES as STATS
+    from dpotox.tables import TABLES
+
+    figures = run_dir / "results" / "figures" / "smollm2-135m"
+    for name, spec in FIGURES.items():
+        with Image.open(figures / f"{name}.png") as im:
+            assert im.size == figure_pixels(1, spec.n_cols, 150), name
+        assert (figures / f"{name}.pdf").read_bytes()[:5] == b"%PDF-", name
+        log = (run_dir / "logs" / "figures" / "smollm2-135m" / f"{name}.log").read_text()
+        assert "drew" in log and "done in" in log
+    target = "results/figures/smollm2-135m/fig1a_layer_projections.png"
+    proc = snakemake(run_dir, "-n", target, "--forcerun", "fig1a_layer_projections",
+                     configfiles=E2E_CONFIG)
+    assert planned_jobs(proc) == {"fig1a_layer_projections": 1}
+
+    proc = snakemake(run_dir, "--report", str(run_dir / "report.html"), configfiles=E2E_CONFIG)
+    assert "ERROR" not in proc.stderr, proc.stderr[-3000:]  # a caption docutils cannot read
+    html = (run_dir / "report.html").read_text()
+    for name in [*FIGURES, *STATS, *TABLES]:
+        assert f"{name}.{'png' if name in FIGURES else 'csv'}" in html, name
+    assert "System Message" not in html and "Yang et al. (2024)" in html

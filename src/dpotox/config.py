@@ -108,6 +108,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"unknown key {names} under '{key}'{hint}"
     if v == "required":
         return f"'{key}' is missing required key {error.message.split(' is a required')[0]}"
+    if v == "not" and "description" in error.schema:
+        return f"config key '{key}': {error.instance!r} is not allowed: {error.schema['description']}"
     if v == "propertyNames":
         return f"bad name under '{key}': {error.message}"
     if v == "enum" and error.absolute_path and error.absolute_path[-1] == "family":

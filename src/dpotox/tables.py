@@ -41,12 +41,15 @@ TABLES: dict[str, str] = {
     "table12_steering": "Steering with the probe at each alpha (Yang et al. 2025, Table 12)",
     "table19_editing": "Editing variants, patching checks (Yang et al. 2025, Table 19)",
     "table_per_prompt": "Patching with each prompt's own DPO activations vs the DPO means",
+    "table_editing_grid": "Activation editing over the beta x alpha grid, with the base model, "
+                          "DPO and steering as reference points",
 }
 # table -> (paper, published table) whose numbers stand beside our rows
 SOURCES: dict[str, tuple[str, str] | None] = {
     "table1_ablation": ("yang2024-ablation", "1"), "table2_interventions": ("yang2025-dpo", "2"),
     "table3_toxic_neurons": ("yang2025-dpo", "3"), "table12_steering": ("yang2025-dpo", "12"),
     "table19_editing": ("yang2025-dpo", "19"), "table_per_prompt": None,
+    "table_editing_grid": None,
 }
 CITATIONS = {
     "yang2024-ablation": "Yang, Sondej, Mayne, Mahdi (2024), Ablation is not enough to emulate "
@@ -77,7 +80,12 @@ ROWS: dict[str, list[str]] = {
     "table19_editing": ["base", STEER, "dpo", "patch-four-groups", "patch-all", "patch-increased",
                         rf"edit-probe-cos-b{N}-a{N}", rf"edit-probe-act-b{N}-a{N}"],
     "table_per_prompt": PATCHES,
+    "table_editing_grid": ["base", "dpo", STEER, rf"edit-probe-cos-b{N}-a{N}",
+                           rf"edit-probe-act-b{N}-a{N}", rf"edit-free-cos-b{N}-a{N}"],
 }
+# The editing-grid table's method column: which kind of condition a row is, and its numbers.
+METHODS = [("base", "base"), ("dpo", "dpo"), (STEER, "steering"),
+           (rf"edit-(probe-cos|probe-act|free-cos)-b{N}-a{N}", "edit-{0}")]
 EDIT = "Activation editing ({}) beta={{0}} alpha={{1}}"
 LABELS: list[tuple[str, str]] = [
     ("base", "None (base model)"), ("dpo", "DPO"),
@@ -253,6 +261,21 @@ def _per_prompt(rows: list[str], summ: dict[str, dict], eval_dir: Path,
                                       "difference_ci_high", "n"])
 
 
+def _editing_grid(rows: list[str], summ: dict[str, dict]) -> pd.DataFrame:
+    """Every editing condition with its method, beta and alpha as columns, beside the base
+    model, DPO and steering (alpha only): the data of the editing trade-off figure."""
+    out = []
+    for c in rows:
+        for pattern, method in METHODS:
+            if m := re.fullmatch(pattern, c):
+                break
+        numbers = [float(x) for x in m.groups() if re.fullmatch(N, x)]
+        beta, alpha = ([math.nan] * (2 - len(numbers)) + numbers)[-2:]
+        out.append(_ours(summ[c]) | {"method": method.format(*m.groups()), "beta": beta,
+                                     "alpha": alpha})
+    return pd.DataFrame(out, columns=[*COLUMNS, "method", "beta", "alpha"])
+
+
 def attach_published(df: pd.DataFrame, published: pd.DataFrame,
                      source: tuple[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """Add ``paper_{model}_{metric}`` columns from the published table ``source`` for every row
@@ -367,6 +390,8 @@ def build_tables(eval_dir: str | Path, conditions: list[str], model: str, out_di
             df = _table3(rows, summ, eval_dir, n_neurons_total, boot)
         elif name == "table_per_prompt":
             df = _per_prompt(rows, summ, eval_dir, boot)
+        elif name == "table_editing_grid":
+            df = _editing_grid(rows, summ)
         else:
             df = pd.DataFrame([_ours(summ[c]) for c in rows], columns=COLUMNS)
         tables[name], docs[name] = _document(name, df, summ, boot, published, model)

@@ -53,7 +53,47 @@ def model_targets(model):
         f"results/{model}/neurons.parquet",
         *table_files("results/tables", model),
         *sweep_table_files("results/tables", model),
+        *figure_files("results/figures", model),
     ]
+
+
+# Figures with a row of panels per model exist only where there is more than one model.
+FIGURE_SCOPES = MODELS + ([ALL_MODELS] if len(MODELS) > 1 else [])
+
+
+def scope_models(scope):
+    """The models a figure scope draws: one model, or all of them."""
+    return MODELS if scope == ALL_MODELS else [scope]
+
+
+def figure_table_paths(name):
+    """Params function of a figure rule: model -> table name -> path, in row order."""
+
+    def get(wildcards):
+        return {m: figure_inputs(name, m) for m in scope_models(wildcards.scope)}
+
+    return get
+
+
+def figure_tables(name):
+    """Input function of a figure rule: every table it reads, of every model it draws."""
+
+    def get(wildcards):
+        return [p for m in scope_models(wildcards.scope) for p in figure_inputs(name, m).values()]
+
+    return get
+
+
+def reported_tables(paths, rule):
+    """``paths`` with each CSV marked for the report (category Tables, one subcategory per
+    model) and captioned by workflow/report/tables/<table>.rst; markdown stays out."""
+    marked = []
+    for p in paths:
+        if p.endswith(".csv"):
+            p = report(p, caption=f"../report/tables/{Path(p).stem}.rst", category="Tables",
+                       subcategory="{model}", labels={"table": Path(p).stem, "rule": rule})
+        marked.append(p)
+    return marked
 
 
 def model_resource(name, default=None):

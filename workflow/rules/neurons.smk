@@ -91,7 +91,7 @@ rule neuron_stats:
         tokens="results/{model}/value_vector_tokens.parquet",
         ablated=f"results/{{model}}/activations/ablate-toxic-{config['neurons']['ablate_top_n']}",
     output:
-        table_files("results/tables", "{model}"),
+        reported_tables(table_files("results/tables", "{model}"), "neuron_stats"),
     params:
         cfg=lambda wildcards: {k: config[k] for k in ("seed", "neurons")},
     log:

@@ -90,7 +90,7 @@ rule tables:
         tables=lambda wildcards: expand("results/{model}/eval/{c}.parquet", model=wildcards.model,
                                         c=table_conditions(wildcards.model)),
     output:
-        sweep_table_files("results/tables", "{model}"),
+        reported_tables(sweep_table_files("results/tables", "{model}"), "tables"),
     params:
         conditions=lambda wildcards: table_conditions(wildcards.model),
     log:
