@@ -25,6 +25,7 @@ from dpotox.config import missing_paths, validate_config  # noqa: E402
 from dpotox.errors import ConfigError  # noqa: E402
 from dpotox.figures import ALL_MODELS, FIGURES, figure_files, figure_inputs  # noqa: E402
 from dpotox.neuron_stats import table_files  # noqa: E402
+from dpotox.resources import requests  # noqa: E402
 from dpotox.sweeps import chunks, spec_conditions, sweep_conditions  # noqa: E402
 from dpotox.tables import table_files as sweep_table_files  # noqa: E402
 

@@ -313,21 +313,32 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
     set_resources = load_profile().get("set-resources", {})
     if not any("slurm_partition" in res for res in set_resources.values()):
         pytest.skip("the profile sends every rule to one partition")
+    from dpotox.resources import GPU_RULES
+
+    # A rule may get a GPU when it requests gpu=... itself or takes the computed requests of
+    # a rule that runs its model on the GPU (dpotox.resources.GPU_RULES).
+    def may_use_gpu(body):
+        computed = re.findall(r'(?:model_resources|requests)\("(\w+)"', body)
+        return (re.search(r"(?<![\w.])gpu\s*=(?!=)", body) is not None
+                or any(r in GPU_RULES for r in computed))
+
     gpu_rules = []
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text()
         blocks = re.split(r"^(?=(?:rule|checkpoint) \w+:)", text, flags=re.M)
         for block in blocks:
             m = re.match(r"(?:rule|checkpoint) (\w+):", block)
-            body = re.split(r"^\s+rule:", block, flags=re.M)[0]
-            if m and re.search(r"(?<![\w.])gpu\s*=(?!=)", body):
+            body = re.split(r"^(?:for |\s+rule:)", block, flags=re.M)[0]
+            if m and may_use_gpu(body):
                 gpu_rules.append(m.group(1))
         # Rules made in a loop (the sweep jobs, `rule:` with `name:`) take the placement of
         # rule evaluate from the profile.
-        for block in re.split(r"^(?=\s+rule:)", text, flags=re.M)[1:]:
-            if re.search(r"(?<![\w.])gpu\s*=(?!=)", block):
+        for block in re.split(r"^(?=for |\s+rule:)", text, flags=re.M)[1:]:
+            if "rule:" in block and may_use_gpu(block):
                 assert "_EVALUATE_PLACEMENT" in block, f"{smk.name}: a looped GPU rule"
                 gpu_rules.append("evaluate")
+    # the stages that run a model on a GPU are all found
+    assert {"train_probe", "make_pairs", "train_dpo", "evaluate", "cache_activations"} <= set(gpu_rules)
     missing = [r for r in gpu_rules if "slurm_partition" not in set_resources.get(r, {})]
     assert not missing, (
         f"GPU rules without a GPU partition in profiles/slurm/config.yaml: {missing}"

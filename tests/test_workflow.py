@@ -14,6 +14,7 @@ import torch
 
 from dpotox.config import load_config
 from dpotox.figures import FIGURES
+from dpotox.resources import requests
 from dpotox.sources import load_prepared
 from dpotox.sweeps import chunks, sweep_conditions
 
@@ -294,7 +295,7 @@ def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
 
 def test_paper_dag_plans_on_slurm(tmp_path):
     """The papers' config plans with the SLURM profile on a machine without the hub or Jigsaw."""
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"),
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(tmp_path), "--profile", str(REPO / "profiles" / "slurm"),
            "--configfile", str(REPO / "config" / "paper.yaml")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -314,11 +315,15 @@ def test_paper_dag_plans_on_slurm(tmp_path):
                                   **{name: 5 for name in FIGURES}}
     assert len(conds["gpt2-medium"]) == 33 and "steer-probe-a30" in conds["gpt2-medium"]
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
-    # The sweep jobs go where the profile sends evaluate, with the model's requests.
+    # The sweep jobs go where the profile sends evaluate, with the model's computed requests.
     sweep = out.split("rule sweep_llama_3_1_8b_00:")[1].split("\n\n")[0]
-    assert "slurm_partition=gpu" in sweep and "mem_mb=96000" in sweep, sweep
-    llama = out.split("wildcards: model=llama-3.1-8b")[1].split("\n\n")[0]
-    assert "mem_mb=96000" in llama and "runtime=1440" in llama
+    req = requests("sweep", "llama-3.1-8b", cfg)
+    assert "slurm_partition=gpu" in sweep and f"mem_mb={req['mem_mb']}," in sweep, sweep
+    assert f"runtime={req['runtime']}," in sweep and "gpu=1," in sweep
+    # The 8B model's DPO gets two GPUs and runs under FSDP (config/accelerate/fsdp.yaml).
+    dpo = out.split("rule train_dpo:")
+    dpo = next(b for b in dpo if "wildcards: model=llama-3.1-8b" in b.split("\n\n")[0])
+    assert "gpu=2" in dpo and "--config_file" in dpo and "accelerate/fsdp.yaml --num_processes 2" in dpo
 
 
 def test_sweeps_and_tables_of_the_embedded_model(run_dir):

@@ -96,13 +96,16 @@ def reported_tables(paths, rule):
     return marked
 
 
-def model_resource(name, default=None):
-    """A per-model cluster request (models.<model>.resources.<name>) for a rule's resources."""
+def model_resources(rule):
+    """A rule's cluster requests for the job's model (gpu, gpu_mem_mb, mem_mb, runtime, and
+    any other key of models.<model>.resources): computed from the model's size
+    (dpotox.resources), each key of models.<model>.resources replacing its computed value."""
 
-    def get(wildcards):
-        return config["models"][wildcards.model]["resources"].get(name, default)
+    def request(name):
+        return lambda wildcards: requests(rule, wildcards.model, config)[name]
 
-    return get
+    names = {k for m in MODELS for k in requests(rule, m, config)}
+    return {name: request(name) for name in sorted(names)}
 
 
 # Conditions that are a model of their own rather than an intervention spec on the base model.
@@ -146,7 +149,11 @@ def dpo_launcher(wildcards):
     # interpreter running Snakemake (a virtualenv need not be activated) has the packages.
     in_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
     python = "python" if in_conda else shlex.quote(sys.executable)
-    gpus = config["models"][wildcards.model]["resources"]["gpu"]
+    gpus = requests("train_dpo", wildcards.model, config)["gpu"]
     if gpus > 1:
-        return f"{python} -m accelerate.commands.launch --num_processes {gpus} -m dpotox"
+        # FSDP shards the weights, gradients and optimizer state over the GPUs (the requests
+        # count on it: dpotox.resources).
+        fsdp = Path(workflow.basedir) / "config" / "accelerate" / "fsdp.yaml"
+        return (f"{python} -m accelerate.commands.launch --config_file {shlex.quote(str(fsdp))}"
+                f" --num_processes {gpus} -m dpotox")
     return f"{python} -m dpotox"

@@ -18,9 +18,7 @@ rule make_pairs:
         "benchmarks/make_pairs/{model}.tsv"
     threads: 2
     resources:
-        gpu=model_resource("gpu", 0),
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("make_pairs"),
     conda:
         "../../envs/dpotox.yaml"
     script:
@@ -30,8 +28,8 @@ rule make_pairs:
 rule train_dpo:
     """Fine-tune the base model on the pairs with TRL's DPOTrainer; resumes from a checkpoint.
 
-    A shell rule, not a script, so that with models.<model>.resources.gpu > 1 the same
-    command runs under `accelerate launch --num_processes <gpu>` (see docs/dpo.md).
+    A shell rule, not a script, so that when the job gets more than one GPU the same command
+    runs under `accelerate launch` with FSDP, one process per GPU (see docs/dpo.md).
     """
     input:
         model="resources/models/{model}/base",
@@ -52,9 +50,7 @@ rule train_dpo:
         "benchmarks/train_dpo/{model}.tsv"
     threads: 2
     resources:
-        gpu=model_resource("gpu", 0),
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("train_dpo"),
     conda:
         "../../envs/dpotox.yaml"
     shell:

@@ -29,9 +29,7 @@ rule evaluate:
         "benchmarks/evaluate/{model}/{condition}.tsv"
     threads: 2
     resources:
-        gpu=model_resource("gpu", 0),
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("evaluate"),
     conda:
         "../../envs/dpotox.yaml"
     script:

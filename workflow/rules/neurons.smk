@@ -14,8 +14,8 @@ rule toxic_ablation_spec:
     log:
         "logs/toxic_ablation_spec/{model}/{n}.log",
     resources:
-        # Loads the base model on the CPU to rank its value vectors.
-        mem_mb=model_resource("mem_mb"),
+        # Loads the base model on the CPU to rank its value vectors (no GPU).
+        **model_resources("toxic_ablation_spec"),
     conda:
         "../../envs/dpotox.yaml"
     script:
@@ -44,9 +44,7 @@ rule cache_activations:
         "benchmarks/cache_activations/{model}/{condition}.tsv"
     threads: 2
     resources:
-        gpu=model_resource("gpu", 0),
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("cache_activations"),
     conda:
         "../../envs/dpotox.yaml"
     script:
@@ -74,8 +72,7 @@ rule neuron_table:
         "benchmarks/neuron_table/{model}.tsv"
     threads: 2
     resources:
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("neuron_table"),
     conda:
         "../../envs/dpotox.yaml"
     script:

@@ -12,8 +12,7 @@ rule prepare_model:
     benchmark:
         "benchmarks/prepare_model/{model}.tsv"
     resources:
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("prepare_model"),
     conda:
         "../../envs/dpotox.yaml"
     script:

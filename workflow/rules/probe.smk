@@ -20,9 +20,7 @@ rule train_probe:
         "benchmarks/train_probe/{model}.tsv"
     threads: 2
     resources:
-        gpu=model_resource("gpu", 0),
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("train_probe"),
     conda:
         "../../envs/dpotox.yaml"
     script:

@@ -24,8 +24,7 @@ rule sweep_specs:
         "benchmarks/sweep_specs/{model}.tsv"
     threads: 2
     resources:
-        mem_mb=model_resource("mem_mb"),
-        runtime=model_resource("runtime"),
+        **model_resources("sweep_specs"),
     conda:
         "../../envs/dpotox.yaml"
     script:
@@ -41,7 +40,7 @@ _EVALUATE_PLACEMENT = {
 }
 
 for _model in MODELS:
-    _res = config["models"][_model]["resources"]
+    _res = requests("sweep", _model, config)
     for _k, _conds in enumerate(chunks(sweep_conditions(config, _model),
                                        config["sweeps"]["conditions_per_job"])):
         _specs = [sweep_spec_path(_model, c) for c in _conds]
@@ -70,9 +69,7 @@ for _model in MODELS:
                 f"benchmarks/sweep/{_model}/part-{_k:02d}.tsv"
             threads: 2
             resources:
-                gpu=_res["gpu"],
-                mem_mb=_res["mem_mb"],
-                runtime=_res["runtime"],
+                **_res,
                 **_EVALUATE_PLACEMENT,
             conda:
                 "../../envs/dpotox.yaml"
