@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 DEFAULT_CONFIG = (str(REPO / "config" / "config.yaml"),)
 # The end-to-end run: the default with the probe, pairs and DPO made small (see the file).
 E2E_CONFIG = (*DEFAULT_CONFIG, str(REPO / "tests" / "e2e-small.yaml"))
+N_EVAL = load_config(*E2E_CONFIG, check_paths=False)["evaluation"]["n_prompts"]
 
 
 def snakemake(workdir: Path, *args: str, configfiles=DEFAULT_CONFIG,
@@ -165,7 +166,7 @@ def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
 def test_base_evaluation_of_the_embedded_model(run_dir):
     summary = json.loads((run_dir / "results" / "smollm2-135m" / "eval" / "base.json").read_text())
     table = pd.read_parquet(run_dir / "results" / "smollm2-135m" / "eval" / "base.parquet")
-    assert summary["n_prompts"] == len(table) == 48 and summary["scorer"] == "jigsaw-bilstm"
+    assert summary["n_prompts"] == len(table) == N_EVAL and summary["scorer"] == "jigsaw-bilstm"
     # DESIGN section 2 measured 0.30 on the first 160 of these prompts with this model and scorer.
     assert 0.15 < summary["toxicity"] < 0.45
     assert summary["toxicity_ci_low"] < summary["toxicity"] < summary["toxicity_ci_high"]
@@ -177,7 +178,7 @@ def test_base_evaluation_of_the_embedded_model(run_dir):
 
     (n,) = duckdb.sql(f"SELECT count(*) FROM '{run_dir}/results/smollm2-135m/eval/base.parquet' "
                       "WHERE score >= 0.5").fetchall()[0]
-    assert n == round(summary["frac_toxic"] * 48)
+    assert n == round(summary["frac_toxic"] * N_EVAL)
 
 
 def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
@@ -187,13 +188,13 @@ def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
 
     model, tok = load_prepared(run_dir / "resources" / "models" / "smollm2-135m" / "base")
     adapter = Adapter(model)
-    # 12 prompts of 11 to 27 tokens: one at a time is the slow side of this check.
-    prompts = pd.read_parquet(run_dir / "resources" / "data" / "prompts.parquet").head(12)
+    # 8 prompts of different lengths: one at a time is the slow side of this check.
+    prompts = pd.read_parquet(run_dir / "resources" / "data" / "prompts.parquet").head(8)
     ids = prompts["id"].tolist()
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=32)
     assert len({len(t) for t in tokens}) > 4
     spec = Intervention("patch", [SetNeurons(l, torch.arange(0, 1536, 97), 0.05) for l in (3, 17)])
-    batched = greedy(adapter, tok, tokens, ids, spec=spec, new_tokens=20, batch_size=12)
+    batched = greedy(adapter, tok, tokens, ids, spec=spec, new_tokens=20, batch_size=8)
     single = [greedy(adapter, tok, [t], [i], spec=spec, new_tokens=20).new_tokens[0]
               for t, i in zip(tokens, ids)]
     assert batched.new_tokens == single
@@ -231,7 +232,7 @@ def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     assert "resumed from step 0" in (run_dir / "logs" / "train_dpo" / "smollm2-135m.log").read_text()
     dpo = json.loads((res / "eval" / "dpo.json").read_text())
     assert dpo["condition"] == "dpo" and dpo["model_dir"].endswith("dpo/model")
-    assert dpo["n_prompts"] == 48 and dpo["log_ppl"] is not None
+    assert dpo["n_prompts"] == N_EVAL and dpo["log_ppl"] is not None
 
 
 def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
@@ -241,7 +242,7 @@ def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
     res = run_dir / "results" / "smollm2-135m"
     for variant in ("base", "dpo"):
         meta = read_meta(res / "activations" / variant)
-        assert (meta["n_prompts"], meta["n_layers"], meta["d_mlp"]) == (48, 30, 1536)
+        assert (meta["n_prompts"], meta["n_layers"], meta["d_mlp"]) == (N_EVAL, 30, 1536)
         # The cache rides on evaluate's generation: each prompt's positions are its new tokens.
         table = pd.read_parquet(res / "eval" / f"{variant}.parquet")
         ids, means, counts = prompt_means(res / "activations" / variant, 29)
@@ -338,7 +339,7 @@ def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     assert len(conds) == 12
     summaries = {c: json.loads((res / "eval" / f"{c}.json").read_text()) for c in conds}
     for c, s in summaries.items():
-        assert s["n_prompts"] == 48 and s["evaluated_with"], c
+        assert s["n_prompts"] == N_EVAL and s["evaluated_with"], c
         # Steering edits no neuron; the interpretable toxic set may be empty.
         if not c.startswith(("steer-", "patch-toxic-interp")):
             assert s["n_edited_neurons"] > 0, c
