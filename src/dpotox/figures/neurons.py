@@ -105,8 +105,8 @@ def projection_arrows(axes: Sequence[Axes], t: Tables, *, legend: bool, arrows_t
     ax.set(xlabel="cos(value vector, probe)",
            ylabel=f"projection on probe, before -> after DPO\n({PROJ_UNIT})",
            title=f"top {len(top)} neurons by reduction")
-    if legend:
-        group_legend(ax, ncols=2, loc="best")
+    if legend:  # below the figure: arrows reach every corner of the panel
+        group_legend(ax.figure, ncols=4, loc="outside lower center")
 
 
 def layer_group_reduction(axes: Sequence[Axes], t: Tables, *, legend: bool) -> None:
