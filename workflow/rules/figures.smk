@@ -1,6 +1,6 @@
 # Stage: the papers' figures (dpotox.figures), one rule per figure, named as the figure. A
 # figure reads only the CSV and Parquet tables of earlier stages, so
-#   snakemake --forcerun fig1a_layer_projections results/figures/<model>/fig1a_layer_projections.png
+#   snakemake results/figures/<model>/fig1a_layer_projections.png --forcerun fig1a_layer_projections
 # redraws that figure in seconds and recomputes nothing upstream. {scope} is a model, or
 # all-models (a row of panels per model; made when the config has several models). Drawing
 # takes seconds and little memory, so on a cluster the figures are drawn where Snakemake runs.

@@ -4,7 +4,7 @@ Each figure is one entry of :data:`FIGURES`: the tables it reads, the paper figu
 redraws, and a draw function that fills one row of panels for one model. The same figure is
 drawn for one model (``results/figures/{model}/``) or with a row per model
 (``results/figures/all-models/``). Because a figure reads only CSV and Parquet tables, rule
-``<figure name>`` redraws it in seconds, and ``snakemake --forcerun <figure name> <file>``
+``<figure name>`` redraws it in seconds, and ``snakemake <file> --forcerun <figure name>``
 recomputes nothing upstream.
 
 Figures are numbered as in Yang, Sondej, Mayne, Mahdi (2024), "Ablation is not enough to
@@ -144,7 +144,7 @@ def load_tables(name: str, paths: Mapping[str, str | Path]) -> dict[str, pd.Data
         if missing := [c for c in columns if c not in have]:
             raise FigureError(f"figure {name}: {path} lacks column(s) {', '.join(missing)}; it "
                               f"was written by an older dpotox: rerun rule {rule} "
-                              f"(snakemake --forcerun {rule} {path})")
+                              f"(snakemake {path} --forcerun {rule})")
         if path.suffix == ".parquet":
             df = pd.read_parquet(path, columns=list(columns))
         else:
