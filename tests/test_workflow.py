@@ -295,10 +295,13 @@ def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
 
 
 def test_paper_dag_plans_on_slurm(tmp_path):
-    """The papers' config plans with the SLURM profile on a machine without the hub or Jigsaw."""
+    """The papers' config plans with the SLURM profile on a machine without the hub or Jigsaw;
+    a request one model overrides applies to that model only."""
+    override = tmp_path / "override.yaml"
+    override.write_text("models:\n  llama-3.1-8b:\n    resources: {cpus_per_task: 16}\n")
     cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(tmp_path), "--profile", str(REPO / "profiles" / "slurm"),
-           "--configfile", str(REPO / "config" / "paper.yaml")]
+           "--configfile", str(REPO / "config" / "paper.yaml"), str(override)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -325,6 +328,9 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     dpo = out.split("rule train_dpo:")
     dpo = next(b for b in dpo if "wildcards: model=llama-3.1-8b" in b.split("\n\n")[0])
     assert "gpu=2" in dpo and "--config_file" in dpo and "accelerate/fsdp.yaml --num_processes 2" in dpo
+    assert "cpus_per_task=16" in dpo.split("\n\n")[0]
+    gemma = out.split("wildcards: model=gemma-2-2b")[1].split("\n\n")[0]
+    assert "cpus_per_task=16" not in gemma
 
 
 def test_sweeps_and_tables_of_the_embedded_model(run_dir):

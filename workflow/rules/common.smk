@@ -101,8 +101,9 @@ def model_resources(rule):
     any other key of models.<model>.resources): computed from the model's size
     (dpotox.resources), each key of models.<model>.resources replacing its computed value."""
 
+    # A key that one model overrides and another does not is unset (None) for the other.
     def request(name):
-        return lambda wildcards: requests(rule, wildcards.model, config)[name]
+        return lambda wildcards: requests(rule, wildcards.model, config).get(name)
 
     names = {k for m in MODELS for k in requests(rule, m, config)}
     return {name: request(name) for name in sorted(names)}
