@@ -19,7 +19,7 @@ from dpotox.neuron_stats import write_stats
 from dpotox.neurons import layer_frame, neuron_frame, value_geometry
 from dpotox.tables import build_tables
 from test_tables import write_eval
-from tiny_models import D_MLP, D_MODEL, N_LAYERS, tiny_model
+from tiny_models import D_MLP, D_MODEL, N_LAYERS, dpo_like, tiny_model
 
 MODELS = {"tiny-gpt2": "gpt2", "tiny-gemma2": "gemma2"}
 CONDITIONS = ["base", "dpo", "steer-probe-a8", "edit-probe-cos-b0.5-a0.2",
@@ -30,10 +30,7 @@ CFG = {"figures": {"dpi": 60, "arrows_top": 50, "activations_top": 20, "shift_bi
 def _write_model_tables(model: str, family: str, seed: int) -> None:
     """What rules neuron_table, neuron_stats and tables write for one model, under ./results."""
     base = tiny_model(family, seed=seed)
-    dpo = tiny_model(family, seed=seed)
-    with torch.no_grad():  # a DPO-like copy: every weight nudged a little
-        for p in dpo.parameters():
-            p.mul_(1 + 0.05 * torch.randn_like(p))
+    dpo = dpo_like(base, seed=seed + 1)
     w = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(seed))
     gb, gd = value_geometry(Adapter(base), w), value_geometry(Adapter(dpo), w)
     rng = np.random.default_rng(seed)

@@ -1,8 +1,6 @@
 """The neuron table and its statistics: the projection identity for every family, the groups,
 and the papers' tables computed from a table whose answers are known."""
 
-import copy
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,23 +14,13 @@ from dpotox.neuron_stats import (TABLES, activation_signs, cumulative_reduction,
 from dpotox.neurons import (GROUPS, INCREASED, NeuronsError, layer_frame, neuron_frame,
                             sign_groups, top_cosine_neurons, toxic_ablation, value_cosines,
                             value_geometry)
-from tiny_models import D_MLP, D_MODEL, N_LAYERS, VOCAB, TokenIdTokenizer, tiny_model
+from tiny_models import D_MLP, D_MODEL, N_LAYERS, VOCAB, TokenIdTokenizer, dpo_like, tiny_model
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, VOCAB - 1, (int(k),), generator=g).tolist()
             for k in torch.randint(2, 9, (n,), generator=g)]
-
-
-def _dpo_like(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy with every weight nudged by 5%: a stand-in for a DPO model of the same base."""
-    other = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
-    return other
 
 
 def _mlp_output_along(model, prompts, gens, u: torch.Tensor) -> np.ndarray:
@@ -58,7 +46,7 @@ def _mlp_output_along(model, prompts, gens, u: torch.Tensor) -> np.ndarray:
 
 def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path):
     """Per layer, sum_i mbar_i (v_i . u) + b . u equals the mean MLP output projected on u."""
-    dpo = _dpo_like(model)
+    dpo = dpo_like(model)
     prompts, ids = _prompts(6), [f"p{i}" for i in range(6)]
     w = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2))
     u = (w / w.norm()).double()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -42,6 +43,16 @@ def tiny_model(family: str, *, vocab: int = VOCAB, seed: int = 0) -> PreTrainedM
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+def dpo_like(model: PreTrainedModel, seed: int = 1) -> PreTrainedModel:
+    """A copy with every weight nudged by 5%: a stand-in for a DPO model of the same base."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1 + 0.05 * torch.randn(p.shape, generator=g))
+    return other
 
 
 class TokenIdTokenizer:

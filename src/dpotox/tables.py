@@ -83,9 +83,6 @@ ROWS: dict[str, list[str]] = {
     "table_editing_grid": ["base", "dpo", STEER, rf"edit-probe-cos-b{N}-a{N}",
                            rf"edit-probe-act-b{N}-a{N}", rf"edit-free-cos-b{N}-a{N}"],
 }
-# The editing-grid table's method column: which kind of condition a row is, and its numbers.
-METHODS = [("base", "base"), ("dpo", "dpo"), (STEER, "steering"),
-           (rf"edit-(probe-cos|probe-act|free-cos)-b{N}-a{N}", "edit-{0}")]
 EDIT = "Activation editing ({}) beta={{0}} alpha={{1}}"
 LABELS: list[tuple[str, str]] = [
     ("base", "None (base model)"), ("dpo", "DPO"),
@@ -265,14 +262,13 @@ def _editing_grid(rows: list[str], summ: dict[str, dict]) -> pd.DataFrame:
     """Every editing condition with its method, beta and alpha as columns, beside the base
     model, DPO and steering (alpha only): the data of the editing trade-off figure."""
     out = []
-    for c in rows:
-        for pattern, method in METHODS:
-            if m := re.fullmatch(pattern, c):
-                break
-        numbers = [float(x) for x in m.groups() if re.fullmatch(N, x)]
-        beta, alpha = ([math.nan] * (2 - len(numbers)) + numbers)[-2:]
-        out.append(_ours(summ[c]) | {"method": method.format(*m.groups()), "beta": beta,
-                                     "alpha": alpha})
+    for c in rows:  # rows are base, dpo, steering and editing conditions (select_rows)
+        method, beta, alpha = c, math.nan, math.nan
+        if m := re.fullmatch(STEER, c):
+            method, alpha = "steering", float(m[1])
+        elif m := re.fullmatch(rf"(edit-[a-z]+-[a-z]+)-b{N}-a{N}", c):
+            method, beta, alpha = m[1], float(m[2]), float(m[3])
+        out.append(_ours(summ[c]) | {"method": method, "beta": beta, "alpha": alpha})
     return pd.DataFrame(out, columns=[*COLUMNS, "method", "beta", "alpha"])
 
 

@@ -137,20 +137,20 @@ def load_tables(name: str, paths: Mapping[str, str | Path]) -> dict[str, pd.Data
         if not path.is_file():
             raise FigureError(f"figure {name}: {path} does not exist; run rule {rule} first "
                               f"(snakemake {path})")
-        if path.suffix == ".parquet":
+        if path.suffix == ".parquet":  # the schema first, then only the columns drawn
             have = set(pq.read_schema(path).names)
+            df = None
         else:
-            have = set(pd.read_csv(path, nrows=0).columns)
+            # Every column of a CSV: some figures read a column the table names by its
+            # settings (fig1a's ablated_top{n}).
+            df = pd.read_csv(path)
+            have = set(df.columns)
         if missing := [c for c in columns if c not in have]:
             raise FigureError(f"figure {name}: {path} lacks column(s) {', '.join(missing)}; it "
                               f"was written by an older dpotox: rerun rule {rule} "
                               f"(snakemake {path} --forcerun {rule})")
-        if path.suffix == ".parquet":
+        if df is None:
             df = pd.read_parquet(path, columns=list(columns))
-        else:
-            # Rows come back as written, every column: some figures read a column the table
-            # names by its settings (fig1a's ablated_top{n}).
-            df = pd.read_csv(path)
         if df.empty:
             raise FigureError(f"figure {name}: {path} has no rows; rerun rule {rule}")
         out[table] = df
