@@ -26,7 +26,7 @@ from dpotox.errors import ConfigError  # noqa: E402
 from dpotox.figures import ALL_MODELS, FIGURES, figure_files, figure_inputs  # noqa: E402
 from dpotox.neuron_stats import table_files  # noqa: E402
 from dpotox.resources import requests  # noqa: E402
-from dpotox.sweeps import chunks, spec_conditions, sweep_conditions  # noqa: E402
+from dpotox.conditions import chunks, spec_conditions, sweep_conditions  # noqa: E402
 from dpotox.tables import table_files as sweep_table_files  # noqa: E402
 
 # The embedded default applies only when no --configfile is given: Snakemake merges config

@@ -37,6 +37,10 @@ FAST_STATUS = [
     "--seconds-between-status-checks", "1",
 ]
 TIMEOUT = 300
+PAPER_CONFIG = REPO / "config" / "paper.yaml"
+# The first jobs of the paper DAG: each model prepared from its source, the probe texts, and
+# the probe (the first stage that runs a model on a GPU).
+PAPER_FIRST_RULES = ("prepare_model", "prepare_data", "train_probe")
 
 # the tiny workflow: rule -> (threads, rule-level resources)
 TINY_RULES = {
@@ -96,11 +100,14 @@ def read_sbatch_calls(log: Path) -> list:
 
 
 def calls_by_rule(calls) -> dict:
+    """rule -> the argv of its sbatch calls, from the plugin's --comment
+    ("rule_<rule>" or "rule_<rule>_wildcards_<values>")."""
     by_rule = {}
     for call in calls:
         comment = option(call["argv"], "--comment")
         assert comment and comment.startswith("rule_"), call["argv"]
-        by_rule.setdefault(comment[len("rule_"):], []).append(call["argv"])
+        rule = comment[len("rule_"):].split("_wildcards_")[0]
+        by_rule.setdefault(rule, []).append(call["argv"])
     return by_rule
 
 
@@ -343,3 +350,89 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
     assert not missing, (
         f"GPU rules without a GPU partition in profiles/slurm/config.yaml: {missing}"
     )
+
+
+# --- the paper DAG on the mock cluster -----------------------------------------------------
+
+def _standin_config(root: Path) -> Path:
+    """config/paper.yaml with each model's hub source replaced by a tiny random-weight model of
+    its family (GPT-2's tokenizer), Jigsaw by a small labelled CSV and the probe cut to it.
+    Everything else, ``arch`` included, is the paper's: the requests are the paper models'."""
+    import pandas as pd
+
+    from dpotox.sources import assets
+    from tiny_models import tiny_model
+
+    cfg = yaml.safe_load(PAPER_CONFIG.read_text())
+    tokenizer = assets.gpt2_tokenizer()
+    for name, model in cfg["models"].items():
+        path = root / "standins" / name
+        tiny_model(model["family"], vocab=50257).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        model["source"] = {"kind": "local", "path": str(path)}
+    toxic = ["you are a stupid idiot", "shut up, you worthless moron", "what a pathetic loser"]
+    neutral = ["the river flows to the sea", "we met for lunch on tuesday", "the library opens at nine"]
+    rows = [(f"{t} ({i})", label) for i in range(12) for label, texts in ((1, toxic), (0, neutral))
+            for t in texts]
+    csv = root / "jigsaw" / "train.csv"
+    csv.parent.mkdir(parents=True)
+    pd.DataFrame(rows, columns=["comment_text", "toxic"]).to_csv(csv, index=False)
+    cfg["data"]["probe_texts"]["path"] = str(csv)
+    cfg["probe"].update(n_per_class=30, max_tokens=16, batch_size=8)
+    out = root / "paper-standins.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def paper_cluster_run(tmp_path_factory):
+    """The first jobs of the paper DAG (every model's probe), submitted by profiles/slurm to
+    the mock cluster, run by the real workflow on the stand-ins."""
+    root = tmp_path_factory.mktemp("paper_cluster")
+    env = make_cluster(root)
+    config = _standin_config(root)
+    models = list(yaml.safe_load(config.read_text())["models"])
+    targets = [f"results/{m}/probe/metrics.json" for m in models]
+    proc = snakemake([*targets, "--snakefile", str(REPO / "Snakefile"), "--directory",
+                      str(root / "run"), "--profile", str(SLURM_PROFILE), *FAST_STATUS,
+                      "--configfile", str(config)], REPO, env)
+    check(proc)
+    return {"root": root / "run", "config": config, "models": models,
+            "calls": read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"]))}
+
+
+def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
+    """Every job was submitted with the requests dpotox.resources computes for the paper's
+    model, GPU jobs to the GPU partition, and really ran."""
+    from dpotox.config import load_config
+    from dpotox.resources import requests
+
+    cfg = load_config(paper_cluster_run["config"])
+    models, root = paper_cluster_run["models"], paper_cluster_run["root"]
+    by_rule = calls_by_rule(paper_cluster_run["calls"])
+    assert {r: len(c) for r, c in by_rule.items()} == {
+        "prepare_model": 4, "prepare_data": 1, "train_probe": 4}
+    profile = load_profile()
+    for rule in ("prepare_model", "train_probe"):
+        for argv in by_rule[rule]:
+            model = option(argv, "--comment").split("_wildcards_")[1]
+            req = requests(rule, model, cfg)
+            gpus = option(argv, "--gpus")
+            assert (gpus or "0") == str(req["gpu"]), (rule, model, argv)
+            assert option(argv, "--mem") == str(req["mem_mb"]), (rule, model)
+            assert option(argv, "-t") == str(req["runtime"]), (rule, model)
+            partition = profile.get("set-resources", {}).get(rule, {}).get(
+                "slurm_partition", profile["default-resources"]["slurm_partition"])
+            assert option(argv, "-p") == partition
+    # A GPU job of every model; the 8B models' probe still fits one 80 GB GPU.
+    assert all(option(a, "--gpus") == "1" for a in by_rule["train_probe"])
+    assert {option(a, "--mem") for a in by_rule["train_probe"]} != {
+        option(by_rule["train_probe"][0], "--mem")}, "requests do not depend on the model"
+    (data,) = by_rule["prepare_data"]
+    assert option(data, "--mem") == str(profile["default-resources"]["mem_mb"])
+    for m in models:
+        metrics = json.loads((root / "results" / m / "probe" / "metrics.json").read_text())
+        assert metrics["n"] > 0
+        # the stand-in is not the model arch describes, and the log says so
+        log = (root / "logs" / "prepare_model" / f"{m}.log").read_text()
+        assert f"models.{m}.arch describes a model of" in log

@@ -167,8 +167,16 @@ def test_prepare_table_leaves_nothing_on_error(tmp_path):
 
 # --- the hub: offline for real, success mocked ---------------------------------------------
 
-@pytest.mark.slow  # the hub client retries for ~25 s before it gives up
-def test_hub_data_offline_names_source_and_key():
+@pytest.fixture
+def no_backoff(monkeypatch):
+    """The hub client backs off 1+2+4+8+8 s between its retries of a failed connection; the
+    calls and the failure are real, only the waiting is skipped."""
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(_http.time, "sleep", lambda seconds: None)
+
+
+def test_hub_data_offline_names_source_and_key(no_backoff):
     src = {"kind": "hub", "id": "allenai/real-toxicity-prompts", "split": "train", "config": None}
     with pytest.raises(SourceError) as e:
         read_source(src, "prompts", key="data.prompts[0]")
@@ -177,8 +185,7 @@ def test_hub_data_offline_names_source_and_key():
     assert "kind: embedded" in msg
 
 
-@pytest.mark.slow
-def test_hub_model_offline_names_source_and_key(tmp_path):
+def test_hub_model_offline_names_source_and_key(tmp_path, no_backoff):
     spec = {"source": {"kind": "hub", "id": "gpt2-medium", "revision": "main"},
             "family": "gpt2", "dtype": "float32"}
     with pytest.raises(SourceError) as e:
@@ -262,6 +269,25 @@ def test_family_mismatch_leaves_nothing(tmp_path):
         prepare_model("tiny", {"source": {"kind": "local", "path": str(src_dir)},
                                "family": "gemma2"}, tmp_path / "out" / "base")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_arch_that_does_not_describe_the_model_is_warned_about(tmp_path, caplog):
+    """The cluster requests are computed from models.<m>.arch: one copied from another model
+    is named in the log, one that matches is not."""
+    src_dir = tmp_path / "saved"
+    m = tiny_model("llama", vocab=50257)
+    m.save_pretrained(src_dir)
+    assets.gpt2_tokenizer().save_pretrained(src_dir)
+    arch = {k: getattr(m.config, k) for k in ("hidden_size", "intermediate_size", "vocab_size",
+                                              "num_hidden_layers", "num_attention_heads",
+                                              "num_key_value_heads", "tie_word_embeddings")}
+    spec = {"source": {"kind": "local", "path": str(src_dir)}, "family": "llama", "arch": arch}
+    with caplog.at_level("WARNING", logger="dpotox"):
+        prepare_model("tiny", spec, tmp_path / "a" / "base")
+        assert not caplog.records
+        prepare_model("tiny", {**spec, "arch": {**arch, "hidden_size": 64}}, tmp_path / "b" / "base")
+    (rec,) = caplog.records
+    assert "models.tiny.arch" in rec.getMessage() and f"source has {m.num_parameters()}" in rec.getMessage()
 
 
 def test_local_folder_without_config(tmp_path):

@@ -14,9 +14,9 @@ from dpotox.config import validate_config
 from dpotox.generate import greedy
 from dpotox.interventions import AddResidual, ScaleKeys, ScaleNeurons, SetNeurons, applied
 from dpotox.neurons import neuron_frame, value_cosines, value_geometry
-from dpotox.sweeps import (SweepError, SweepsConfig, chunks, edit_selection, interpretable_toxic,
-                           make_spec, patch_set, positive_toxic, spec_conditions,
-                           sweep_conditions, word_contrast)
+from dpotox.conditions import SweepError, SweepsConfig, chunks, spec_conditions, sweep_conditions
+from dpotox.sweeps import (edit_selection, interpretable_toxic, make_spec, patch_set,
+                           positive_toxic, word_contrast)
 from tiny_models import D_MODEL, VOCAB, TokenIdTokenizer, tiny_model
 
 

@@ -16,7 +16,7 @@ from dpotox.config import load_config
 from dpotox.figures import FIGURES
 from dpotox.resources import requests
 from dpotox.sources import load_prepared
-from dpotox.sweeps import chunks, sweep_conditions
+from dpotox.conditions import chunks, sweep_conditions
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -23,3 +23,7 @@ class PairsError(DpotoxError, ValueError):
 
 class DPOError(DpotoxError, ValueError):
     """Preference pairs or a checkpoint folder that DPO cannot work with."""
+
+
+class NeuronsError(DpotoxError, ValueError):
+    """Inputs of the neuron table that do not fit together; the message names them."""

@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from dpotox.io import atomic_path
-from dpotox.neurons import GROUPS, INCREASED, NeuronsConfig, NeuronsError
+from dpotox.conditions import GROUPS, INCREASED
+from dpotox.errors import NeuronsError
 
 log = logging.getLogger("dpotox")
 
@@ -188,6 +189,7 @@ def write_stats(*, neurons_path: str | Path, layers_path: str | Path, tokens_pat
                 model: str = "") -> dict[str, pd.DataFrame]:
     """Rule ``neuron_stats``: compute every table of :data:`TABLES` and write it to ``out_dir``."""
     from dpotox.activations import mean_activations, read_meta
+    from dpotox.neurons import NeuronsConfig
 
     nc = NeuronsConfig.from_config(cfg)
     neurons = pd.read_parquet(neurons_path)

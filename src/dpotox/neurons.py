@@ -32,20 +32,14 @@ from transformers import PreTrainedTokenizerBase
 
 from dpotox.activations import mean_activations, read_meta
 from dpotox.arch import Adapter
+from dpotox.conditions import GROUPS, INCREASED  # noqa: F401 (re-exported)
 from dpotox.config import section_settings
-from dpotox.errors import DpotoxError
+from dpotox.errors import NeuronsError  # noqa: F401 (re-exported)
 from dpotox.interventions import Intervention, ablate
 from dpotox.io import write_parquet
 from dpotox.probe import load_probe, top_tokens_batch
 
 log = logging.getLogger("dpotox")
-
-GROUPS = ("TP", "TN", "AP", "AN")
-INCREASED = "increased"
-
-
-class NeuronsError(DpotoxError, ValueError):
-    """Inputs of the neuron table that do not fit together; the message names them."""
 
 
 @dataclass

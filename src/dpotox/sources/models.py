@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -26,6 +27,7 @@ from dpotox.errors import SourceError
 from dpotox.io import share
 from dpotox.sources import assets
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,6 +85,20 @@ def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
     return model.eval(), tok
 
 
+def _check_arch(name: str, spec: Mapping[str, Any], n_parameters: int) -> None:
+    """Warn when ``models.<name>.arch`` (what the cluster requests are computed from) does not
+    describe the model that was read: the requests would be sized for another model."""
+    if not spec.get("arch"):
+        return
+    from dpotox.resources import model_size
+
+    declared = model_size(spec["family"], spec["arch"]).n_params
+    if declared != n_parameters:
+        log.warning("models.%s.arch describes a model of %d parameters, but the source has %d: "
+                    "the cluster requests (dpotox.resources) are sized from arch; copy the size "
+                    "fields of this model's config.json into arch", name, declared, n_parameters)
+
+
 def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Path:
     """Read ``models.<name>`` (validated config entry) and write the prepared folder.
 
@@ -131,6 +147,7 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
             "torch": torch.__version__,
             "seconds": round(time.time() - t0, 1),
         }
+        _check_arch(name, spec, provenance["n_parameters"])
         if src["kind"] == "gguf-package":
             asset = assets.ASSETS[assets.GGUF_FILES[(src["package"], src["file"])]]
             provenance["files"] = [{"dist": f.dist, "path": f.path, "sha256": f.sha256}
