@@ -134,6 +134,15 @@ def test_config_errors_name_per_model_and_unknown_keys():
         DPOSettings.from_config({"models": {"m": {}}}, "x")
 
 
+def test_effective_batch_is_the_same_on_any_number_of_gpus():
+    from dpotox.dpo import accumulation_per_process
+
+    settings = DPOSettings(batch_size=4, gradient_accumulation_steps=4)
+    assert [accumulation_per_process(settings, n) for n in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(DPOError, match="dpo.gradient_accumulation_steps' is 4, which 8 GPUs"):
+        accumulation_per_process(settings, 8)
+
+
 def test_split_pairs_is_seeded_disjoint_and_keeps_one_of_each():
     pairs = PAIRS.assign(i=range(len(PAIRS)))
     train, val = split_pairs(pairs, 0.25, seed=3)

@@ -29,7 +29,9 @@ One process (CPU, or one GPU): call :func:`train_dpo`; the Snakemake script
 ``workflow/scripts/train_dpo.py`` does. Several GPUs: run the same call in every process of
 ``accelerate launch --num_processes N <script>`` (or ``torchrun``), with identical arguments.
 The Trainer then runs DDP (or FSDP/DeepSpeed from the accelerate config); ``batch_size`` is
-per device, so the effective batch is ``batch_size * gradient_accumulation_steps * N``.
+per device and each process accumulates ``gradient_accumulation_steps / N`` micro-batches, so
+the effective batch is ``batch_size * gradient_accumulation_steps`` whatever N is (the
+papers' batch on any GPU count; N must divide ``gradient_accumulation_steps``).
 Every process must see the same ``checkpoint_dir`` (shared file system); process 0 alone
 writes the run marker, the final model folder and the log.
 """
@@ -362,7 +364,24 @@ class _LogProgress(TrainerCallback):
                              logs.get("grad_norm", float("nan")))
 
 
+def accumulation_per_process(settings: DPOSettings, n_processes: int) -> int:
+    """The gradient accumulation steps of each of ``n_processes`` processes that keep the
+    effective batch at ``batch_size * gradient_accumulation_steps``.
+
+    Raises:
+        DPOError: ``n_processes`` does not divide ``dpo.gradient_accumulation_steps``.
+    """
+    steps = settings.gradient_accumulation_steps
+    if steps % n_processes:
+        raise DPOError(f"config key 'dpo.gradient_accumulation_steps' is {steps}, which {n_processes} "
+                       f"GPUs cannot share: the effective batch (batch_size x "
+                       f"gradient_accumulation_steps) is split over the GPUs; make it a multiple "
+                       f"of {n_processes}, or set models.<model>.resources.gpu")
+    return steps // n_processes
+
+
 def _dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
+    from accelerate import PartialState
     from trl import DPOConfig
 
     cuda = device.startswith("cuda")
@@ -379,7 +398,7 @@ def _dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
         weight_decay=0.0,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.eval_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation_per_process(settings, PartialState().num_processes),
         max_grad_norm=settings.max_grad_norm,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
@@ -616,7 +635,7 @@ def train_dpo(model_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path,
                 "kl_weight %.3g, effective batch %d", model_dir, len(train), len(val), args.device,
                 " (bf16)" if args.bf16 else "", settings.optimizer, settings.learning_rate,
                 settings.beta, settings.kl_weight,
-                settings.batch_size * settings.gradient_accumulation_steps * args.world_size)
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
     if resume_path is not None and _finished(resume_path):
         # The Trainer would take one more step before noticing it is done; restore the best
         # model as its end of training does, and go on to write the outputs.
