@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dpotox.config import load_config
+from dpotox.estimate import planned_jobs as estimate_jobs
 from dpotox.figures import FIGURES
 from dpotox.resources import requests
 from dpotox.sources import load_prepared
@@ -318,6 +319,11 @@ def test_paper_dag_plans_on_slurm(tmp_path):
                                   # each model's, and all four in one (a row each)
                                   **{name: 5 for name in FIGURES}}
     assert len(conds["gpt2-medium"]) == 33 and "steer-probe-a30" in conds["gpt2-medium"]
+    # The GPU-hour estimate (bench/gpu_hours.py) reads the same plan, per rule and model.
+    per_model = estimate_jobs(out)
+    assert sum(n for (r, _), n in per_model.items() if r == "sweep") == sum(map(len, conds.values()))
+    assert {m for (r, m) in per_model if r == "evaluate"} == set(cfg["models"])
+    assert all(per_model[("train_dpo", m)] == 1 for m in cfg["models"])
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
     # The sweep jobs go where the profile sends evaluate, with the model's computed requests.
     sweep = out.split("rule sweep_llama_3_1_8b_00:")[1].split("\n\n")[0]

@@ -147,20 +147,78 @@ def rule_work(rule: str, cfg: Mapping[str, Any]) -> Work:
         return Work(n * cfg["probe"]["max_tokens"], 0, cfg["probe"]["batch_size"],
                     cfg["probe"]["max_tokens"])
     if rule == "train_dpo":
-        # Every pair is a chosen and a rejected sequence of up to max_length tokens; at most
-        # one pair per prompt (best-of-n keeps the prompts whose samples differ enough).
-        seq = 2 * dpo["max_length"]
+        # A pair is a chosen and a rejected sequence: the prompt cut to max_prompt_length and the
+        # completion to max_completion_length (dpotox.dpo), no longer than the sampling budget
+        # of generated pairs. At most one pair per prompt (best-of-n keeps the prompts whose
+        # samples differ enough).
+        length = dpo["max_prompt_length"] + dpo["max_completion_length"]
+        if pairs["method"] != "jsonl":
+            length = (min(dpo["max_prompt_length"], pairs["prompt_tokens"])
+                      + min(dpo["max_completion_length"], pairs["new_tokens"]))
+        seq = 2 * length
         n_pairs = pairs["n_prompts"]
         per_step = dpo["batch_size"] * dpo["gradient_accumulation_steps"]
         steps = (dpo["max_steps"] if dpo["max_steps"] > 0
                  else dpo["epochs"] * math.ceil(n_pairs * (1 - dpo["validation_fraction"]) / per_step))
-        return Work(n_pairs * seq, 0, 2 * dpo["batch_size"], dpo["max_length"],
+        return Work(n_pairs * seq, 0, 2 * dpo["batch_size"], length,
                     train_tokens=steps * per_step * seq)
     raise ConfigError(f"no resource model for rule {rule!r}")
 
 
 def _round_up(x: float, step: int) -> int:
     return int(math.ceil(x / step) * step)
+
+
+def job_flops(n_params: int, work: Work) -> float:
+    """Model FLOPs of a job: 2 per parameter per token forward, 6 per token trained on."""
+    return 2 * n_params * work.tokens + 6 * n_params * work.train_tokens
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """How one job of a GPU rule runs on the cluster, before the safety factor."""
+
+    gpus: int
+    gb_per_gpu: float  # memory each GPU needs
+    weights_gb: float
+    flops: float
+    seconds: float  # compute at the sustained rate + decoding at the bandwidth + loading
+
+
+def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
+    """The fewest GPUs of one node that hold a job of ``rule`` for ``model`` (with ``arch``),
+    and its time on them at the ``cluster`` section's rates.
+
+    Raises:
+        ConfigError: no GPU count of :data:`GPU_COUNTS` holds the job.
+    """
+    mcfg = cfg["models"][model]
+    cc = ClusterConfig.from_config(cfg)
+    size = model_size(mcfg["family"], mcfg["arch"])
+    weights_gb = size.n_params * DTYPE_BYTES[mcfg["dtype"]] / 1e9
+    work = rule_work(rule, cfg)
+    per_token_kv = 2 * size.n_layers * size.kv_width * DTYPE_BYTES[mcfg["dtype"]]
+    logits_gb = work.rows * size.vocab * 4 * 2 / 1e9  # float32 logits and their softmax
+    if work.train_tokens:
+        # checkpointed: one layer input per layer, and one layer's full activations (~16x)
+        acts_gb = work.rows * work.ctx * size.d_model * 2 * (size.n_layers + 16) / 1e9
+        state_gb = size.n_params * (TRAIN_BYTES_PER_PARAM + DTYPE_BYTES[mcfg["dtype"]]) / 1e9
+        need = [state_gb / n + acts_gb + 3 * logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]
+    else:
+        kv_gb = work.rows * work.ctx * per_token_kv / 1e9
+        need = [(weights_gb + kv_gb) / n + logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]
+    fits = [n for n, gb in zip(GPU_COUNTS, need) if gb <= 0.9 * cc.gpu_mem_gb]
+    if not fits:
+        raise ConfigError(
+            f"rule {rule} of model {model!r} needs {need[-1]:.0f} GB on each of "
+            f"{GPU_COUNTS[-1]} GPUs of {cc.gpu_mem_gb:g} GB (cluster.gpu_mem_gb); lower the "
+            "batch sizes, or set models.<model>.resources by hand")
+    gpus = fits[0]
+    flops = job_flops(size.n_params, work)
+    seconds = (flops / (gpus * cc.gpu_tflops * 1e12)
+               + work.decode_steps * weights_gb / cc.gpu_bandwidth_gbs
+               + weights_gb / cc.load_gbs)
+    return GpuPlan(gpus, need[GPU_COUNTS.index(gpus)], weights_gb, flops, seconds)
 
 
 def requests(rule: str, model: str, cfg: Mapping[str, Any]) -> dict[str, int]:
@@ -183,31 +241,11 @@ def requests(rule: str, model: str, cfg: Mapping[str, Any]) -> dict[str, int]:
                "mem_mb": _round_up(loads * weights_gb * 1000 + HOST_OVERHEAD_MB, 1000),
                "runtime": min(max(_round_up(minutes, 10), cc.min_runtime), cc.max_runtime)}
         return {**out, **override}
-    work = rule_work(rule, cfg)
-    per_token_kv = 2 * size.n_layers * size.kv_width * DTYPE_BYTES[mcfg["dtype"]]
-    logits_gb = work.rows * size.vocab * 4 * 2 / 1e9  # float32 logits and their softmax
-    if work.train_tokens:
-        # checkpointed: one layer input per layer, and one layer's full activations (~16x)
-        acts_gb = work.rows * work.ctx * size.d_model * 2 * (size.n_layers + 16) / 1e9
-        state_gb = size.n_params * (TRAIN_BYTES_PER_PARAM + DTYPE_BYTES[mcfg["dtype"]]) / 1e9
-        need = [state_gb / n + acts_gb + 3 * logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]
-    else:
-        kv_gb = work.rows * work.ctx * per_token_kv / 1e9
-        need = [(weights_gb + kv_gb) / n + logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]
-    fits = [n for n, gb in zip(GPU_COUNTS, need) if gb <= 0.9 * cc.gpu_mem_gb]
-    if not fits:
-        raise ConfigError(
-            f"rule {rule} of model {model!r} needs {need[-1]:.0f} GB on each of "
-            f"{GPU_COUNTS[-1]} GPUs of {cc.gpu_mem_gb:g} GB (cluster.gpu_mem_gb); lower the "
-            "batch sizes, or set models.<model>.resources by hand")
-    gpus = fits[0]
-    flops = 2 * size.n_params * work.tokens + 6 * size.n_params * work.train_tokens
-    seconds = (flops / (gpus * cc.gpu_tflops * 1e12)
-               + work.decode_steps * weights_gb / cc.gpu_bandwidth_gbs
-               + weights_gb / cc.load_gbs)
-    minutes = cc.safety * seconds / 60 + 10
-    out = {"gpu": gpus, "gpu_mem_mb": _round_up(need[GPU_COUNTS.index(gpus)] * 1000, 1000),
-           "mem_mb": _round_up(weights_gb * 1000 * (2 if work.train_tokens else 1)
-                               + HOST_OVERHEAD_MB * gpus, 1000),
+    plan = gpu_plan(rule, model, cfg)
+    minutes = cc.safety * plan.seconds / 60 + 10
+    trains = rule_work(rule, cfg).train_tokens > 0
+    out = {"gpu": plan.gpus, "gpu_mem_mb": _round_up(plan.gb_per_gpu * 1000, 1000),
+           "mem_mb": _round_up(plan.weights_gb * 1000 * (2 if trains else 1)
+                               + HOST_OVERHEAD_MB * plan.gpus, 1000),
            "runtime": min(max(_round_up(minutes, 10), cc.min_runtime), cc.max_runtime)}
     return {**out, **override}
