@@ -270,6 +270,37 @@ def test_llama_learns_easy_pairs(llama_dir, tmp_path):
     assert table["learning_rate"].dropna().eq(3e-3).all()  # no warmup asked, constant after it
 
 
+def test_precomputed_reference_trains_as_the_live_reference(llama_dir, tmp_path):
+    """One reference pass before training (then the reference is freed) gives the losses, KL
+    and weights of a reference forward at every step."""
+    kw = dict(max_steps=6, eval_steps=3, save_steps=3, kl_weight=0.5)
+    live, live_table, (live_out, _, _) = run(llama_dir, tmp_path, "live", **kw)
+    pre, pre_table, (pre_out, _, _) = run(llama_dir, tmp_path, "pre", precompute_ref_log_probs=True, **kw)
+    cols = ["loss", "dpo_loss", "kl", "rewards/margins"]
+    assert pre_table["kl"].iloc[-1] > 1e-4  # the KL term is exercised
+    pd.testing.assert_frame_equal(pre_table[["step", "split"]], live_table[["step", "split"]])
+    for col in cols:
+        both = pd.concat([pre_table[col], live_table[col]], axis=1).dropna()
+        assert len(both) and ((both.iloc[:, 0] - both.iloc[:, 1]).abs() < 1e-4).all(), col
+    a, b = load_file(live_out / "model.safetensors"), load_file(pre_out / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+    assert pre["steps"] == live["steps"] == 6
+
+
+def test_precompute_frees_the_reference(llama_dir, tmp_path):
+    train, val = split_pairs(PAIRS, 0.25, 0)
+    settings = DPOSettings(**{**FAST, "precompute_ref_log_probs": True})
+    trainer = make_trainer(llama_dir, train, val, settings, checkpoint_dir=tmp_path, device="cpu")
+    assert trainer.ref_model is None and trainer.precompute_ref_logps
+    example = trainer.train_dataset[0]
+    batch = trainer.data_collator([example])
+    assert len(example["ref_chosen_tokens"]) == int(batch["completion_mask"][0].sum())
+    assert example["ref_chosen_logps"] == pytest.approx(sum(example["ref_chosen_tokens"]), abs=1e-4)
+    with pytest.raises(ConfigError, match="dpo.precompute_ref_log_probs"):
+        DPOSettings(**{**FAST, "precompute_ref_log_probs": "yes"})
+
+
 def test_warmup_is_linear_then_constant(llama_dir, tmp_path):
     _, table, _ = run(llama_dir, tmp_path, max_steps=6, eval_steps=6, save_steps=6, warmup_steps=4,
                       optimizer="rmsprop", learning_rate=1e-4)

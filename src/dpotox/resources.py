@@ -10,7 +10,8 @@ A job's requests follow from what it holds and what it computes:
   one GPU is spread over several (``device_map="auto"``).
 - **DPO** trains every weight under bf16 autocast with float32 master weights, float32
   gradients and one float32 RMSprop state (12 bytes per parameter) beside the frozen reference
-  model in the model's dtype, all sharded over the GPUs by FSDP when there are several
+  model in the model's dtype (freed before training when ``dpo.precompute_ref_log_probs``, which
+  runs it once over the pairs instead of at every step), all sharded over the GPUs by FSDP when there are several
   (``config/accelerate/fsdp.yaml``), plus the checkpointed activations and a batch's logits.
 - **wall time**: the job's FLOPs (2 per parameter per token forward, 6 when training) at the
   cluster's sustained rate, plus every sequential decoding step reading all weights once at
@@ -160,8 +161,10 @@ def rule_work(rule: str, cfg: Mapping[str, Any]) -> Work:
         per_step = dpo["batch_size"] * dpo["gradient_accumulation_steps"]
         steps = (dpo["max_steps"] if dpo["max_steps"] > 0
                  else dpo["epochs"] * math.ceil(n_pairs * (1 - dpo["validation_fraction"]) / per_step))
-        return Work(n_pairs * seq, 0, 2 * dpo["batch_size"], length,
-                    train_tokens=steps * per_step * seq)
+        trained = steps * per_step * seq
+        # The reference runs once over every pair when precomputed, else beside every step.
+        ref_tokens = n_pairs * seq if dpo["precompute_ref_log_probs"] else trained
+        return Work(ref_tokens, 0, 2 * dpo["batch_size"], length, train_tokens=trained)
     raise ConfigError(f"no resource model for rule {rule!r}")
 
 
@@ -202,7 +205,9 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
     if work.train_tokens:
         # checkpointed: one layer input per layer, and one layer's full activations (~16x)
         acts_gb = work.rows * work.ctx * size.d_model * 2 * (size.n_layers + 16) / 1e9
-        state_gb = size.n_params * (TRAIN_BYTES_PER_PARAM + DTYPE_BYTES[mcfg["dtype"]]) / 1e9
+        # A precomputed reference is freed before training starts.
+        ref_bytes = 0 if cfg["dpo"]["precompute_ref_log_probs"] else DTYPE_BYTES[mcfg["dtype"]]
+        state_gb = size.n_params * (TRAIN_BYTES_PER_PARAM + ref_bytes) / 1e9
         need = [state_gb / n + acts_gb + 3 * logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]
     else:
         kv_gb = work.rows * work.ctx * per_token_kv / 1e9
