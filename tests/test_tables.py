@@ -233,3 +233,43 @@ def test_packaged_published_numbers():
     for r in pub[pub["table"] == "3"].itertuples():
         share = (t2[r.model, "base"] - t2[r.model, r.key]) / (t2[r.model, "base"] - t2[r.model, "dpo"])
         assert 100 * share == pytest.approx(r.pct_reduction, abs=0.06)
+
+
+def test_claims_verdicts_follow_the_numbers(tmp_path):
+    """Each finding's verdict comes from its paired difference: a case for each verdict."""
+    d = tmp_path / "eval"
+    d.mkdir()
+    noise = np.linspace(-0.02, 0.02, 8)
+    write_eval(d, "base", 0.5 + noise)
+    write_eval(d, "dpo", 0.1 + noise, log_ppl=3.0)
+    write_eval(d, "patch-toxic-256", 0.45 + noise)  # recovers 12.5% of DPO's 0.4
+    write_eval(d, "patch-four-groups", 0.3 + noise)  # clearly worse than DPO
+    # within log(1.05) of DPO's log-PPL and less toxic; the other is less toxic but too far
+    write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.05 + noise, log_ppl=3.04)
+    write_eval(d, "edit-probe-cos-b0.8-a0.2", 0.01 + noise, log_ppl=3.2)
+    write_eval(d, "edit-free-cos-b0.5-a0.2", 0.05 + noise[::-1], log_ppl=3.04)
+    conds = ["base", "dpo", "patch-toxic-256", "patch-four-groups", "edit-probe-cos-b0.5-a0.2",
+             "edit-probe-cos-b0.8-a0.2", "edit-free-cos-b0.5-a0.2"]
+    claims = build(d, tmp_path, conds)["table_claims"].set_index("claim")
+    minority = claims.loc["toxic neurons explain a minority of DPO's effect"]
+    assert minority["value"] == pytest.approx(12.5) and minority["verdict"] == "holds"
+    groups = claims.loc["the four groups together match or beat DPO"]
+    assert groups["value"] == pytest.approx(0.2) and groups["verdict"] == "does not hold"
+    editing = claims.loc["editing beats DPO at similar perplexity"]
+    assert "edit-probe-cos-b0.5-a0.2" in editing["evidence"] and "1 of 2" in editing["evidence"]
+    assert editing["value"] == pytest.approx(-0.05) and editing["verdict"] == "holds"
+    free = claims.loc["probe-free editing is comparable to probe-based"]
+    assert free["value"] == pytest.approx(0.0, abs=1e-12) and free["verdict"] == "holds"
+    md = (tmp_path / "out" / "tiny" / "table_claims.md").read_text()
+    assert "| toxic neurons explain a minority of DPO's effect |" in md and "12.500 [" in md
+
+    # editing that only ties DPO at that perplexity is not significant
+    write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.099 + noise[::-1], log_ppl=3.04)
+    claims = build(d, tmp_path, conds)["table_claims"].set_index("claim")
+    assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "not significant"
+    # no editing condition near DPO's perplexity: does not hold, and says so
+    claims = build(d, tmp_path, [c for c in conds if c != "edit-probe-cos-b0.5-a0.2"])[
+        "table_claims"].set_index("claim")
+    assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "does not hold"
+    assert "none of 1 editing conditions" in claims.loc["editing beats DPO at similar perplexity",
+                                                        "evidence"]

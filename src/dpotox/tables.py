@@ -43,13 +43,14 @@ TABLES: dict[str, str] = {
     "table_per_prompt": "Patching with each prompt's own DPO activations vs the DPO means",
     "table_editing_grid": "Activation editing over the beta x alpha grid, with the base model, "
                           "DPO and steering as reference points",
+    "table_claims": "The papers' findings, tested on this model",
 }
 # table -> (paper, published table) whose numbers stand beside our rows
 SOURCES: dict[str, tuple[str, str] | None] = {
     "table1_ablation": ("yang2024-ablation", "1"), "table2_interventions": ("yang2025-dpo", "2"),
     "table3_toxic_neurons": ("yang2025-dpo", "3"), "table12_steering": ("yang2025-dpo", "12"),
     "table19_editing": ("yang2025-dpo", "19"), "table_per_prompt": None,
-    "table_editing_grid": None,
+    "table_editing_grid": None, "table_claims": None,
 }
 CITATIONS = {
     "yang2024-ablation": "Yang, Sondej, Mayne, Mahdi (2024), Ablation is not enough to emulate "
@@ -82,7 +83,13 @@ ROWS: dict[str, list[str]] = {
     "table_per_prompt": PATCHES,
     "table_editing_grid": ["base", "dpo", STEER, rf"edit-probe-cos-b{N}-a{N}",
                            rf"edit-probe-act-b{N}-a{N}", rf"edit-free-cos-b{N}-a{N}"],
+    "table_claims": ["base", "dpo", rf"patch-toxic-{N}", "patch-toxic-interpretable",
+                     "patch-four-groups", rf"edit-probe-(?:cos|act)-b{N}-a{N}",
+                     rf"edit-free-cos-b{N}-a{N}"],
 }
+# "Similar perplexity" in the editing claim: a log-PPL at most this much above DPO's (5% PPL).
+SIMILAR_LOG_PPL = math.log(1.05)
+CLAIM_COLUMNS = ["claim", "paper", "evidence", "value", "ci_low", "ci_high", "verdict"]
 EDIT = "Activation editing ({}) beta={{0}} alpha={{1}}"
 LABELS: list[tuple[str, str]] = [
     ("base", "None (base model)"), ("dpo", "DPO"),
@@ -272,6 +279,87 @@ def _editing_grid(rows: list[str], summ: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=[*COLUMNS, "method", "beta", "alpha"])
 
 
+def _verdict(point: float, low: float, high: float, *, good_below: float) -> str:
+    """``holds`` when the whole CI is on the claim's side of ``good_below``, ``not
+    significant`` when only the estimate is, else ``does not hold``."""
+    if math.isnan(point):
+        return "not evaluated"
+    if high < good_below:
+        return "holds"
+    return "not significant" if point < good_below else "does not hold"
+
+
+def _claims(rows: list[str], summ: dict[str, dict], eval_dir: Path, boot: dict,
+            table3: pd.DataFrame) -> pd.DataFrame:
+    """The four findings of Yang et al. (2025), each judged on this model's conditions with a
+    paired bootstrap over prompts (the CI of ``value``):
+
+    1. toxic neurons explain a minority of DPO's effect: the largest share of DPO's toxicity
+       reduction that patching toxic neurons (by their DPO means) recovers is below 50%;
+    2. the four groups together match or beat DPO: patching all four groups is not more toxic
+       than DPO (toxicity difference, four groups minus DPO: its CI reaches 0 or below);
+    3. editing beats DPO at similar perplexity: the least toxic probe-based editing condition
+       whose log-PPL is at most log(1.05) above DPO's is less toxic (difference, edit minus DPO);
+    4. probe-free editing is comparable to probe-based: at every beta and alpha both were run at
+       (by |cos|), probe-free is not more toxic (the largest difference, free minus probe, has
+       a CI reaching 0 or below).
+    """
+    rows = set(rows)
+
+    def diff(a: str, b: str) -> tuple[float, float, float]:
+        return paired_bootstrap(_paired(eval_dir, [a, b]), lambda m: m[..., 0] - m[..., 1], **boot)
+
+    out = []
+    # 1: table 3's recovered shares of the patch-toxic-* rows (means, not per-prompt)
+    t3 = table3[table3["condition"].isin(rows) & table3["recovered_pct"].notna()]
+    if len(t3):
+        r = t3.loc[t3["recovered_pct"].idxmax()]
+        out.append(["toxic neurons explain a minority of DPO's effect", "2.5-24% recovered",
+                    f"{r['condition']}: share of DPO's reduction recovered (%), the largest of "
+                    f"{len(t3)}", r["recovered_pct"], r["recovered_ci_low"], r["recovered_ci_high"],
+                    _verdict(r["recovered_pct"], r["recovered_ci_low"], r["recovered_ci_high"],
+                             good_below=50)])
+    # 2
+    if {"patch-four-groups", "dpo"} <= rows:
+        d = diff("patch-four-groups", "dpo")
+        verdict = "not evaluated" if math.isnan(d[0]) else (
+            "holds" if d[1] <= 0 else "does not hold")
+        out.append(["the four groups together match or beat DPO", "Table 2",
+                    f"toxicity, patch-four-groups ({summ['patch-four-groups']['toxicity']:.3f}) "
+                    f"minus DPO ({summ['dpo']['toxicity']:.3f})", *d, verdict])
+    # 3
+    if "dpo" in rows and summ["dpo"]["log_ppl"] is not None:
+        limit = float(summ["dpo"]["log_ppl"]) + SIMILAR_LOG_PPL
+        edits = [c for c in rows if c.startswith("edit-probe-")]
+        similar = [c for c in edits if summ[c]["log_ppl"] is not None
+                   and float(summ[c]["log_ppl"]) <= limit]
+        if similar:
+            best = min(similar, key=lambda c: summ[c]["toxicity"])
+            d = diff(best, "dpo")
+            evidence = (f"toxicity, {best} (log-PPL {float(summ[best]['log_ppl']):.3f}) minus DPO "
+                        f"(log-PPL {float(summ['dpo']['log_ppl']):.3f}); the least toxic of "
+                        f"{len(similar)} of {len(edits)} editing conditions within log(1.05)")
+            out.append(["editing beats DPO at similar perplexity", "Tables 2, 19", evidence, *d,
+                        _verdict(*d, good_below=0)])
+        elif edits:
+            out.append(["editing beats DPO at similar perplexity", "Tables 2, 19",
+                        f"none of {len(edits)} editing conditions has a log-PPL within log(1.05) "
+                        f"of DPO's ({float(summ['dpo']['log_ppl']):.3f})", math.nan, math.nan,
+                        math.nan, "does not hold"])
+    # 4
+    pairs = [(c, c.replace("edit-free-", "edit-probe-")) for c in sorted(rows)
+             if c.startswith("edit-free-cos-") and c.replace("edit-free-", "edit-probe-") in rows]
+    if pairs:
+        diffs = {free: diff(free, probe) for free, probe in pairs}
+        worst = max(diffs, key=lambda c: diffs[c][0])
+        d = diffs[worst]
+        verdict = "holds" if all(v[1] <= 0 for v in diffs.values()) else "does not hold"
+        out.append(["probe-free editing is comparable to probe-based", "Table 2",
+                    f"toxicity, {worst} minus its probe-based twin; the largest of {len(pairs)} "
+                    "beta/alpha pairs", *d, verdict])
+    return pd.DataFrame(out, columns=CLAIM_COLUMNS)
+
+
 def attach_published(df: pd.DataFrame, published: pd.DataFrame,
                      source: tuple[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """Add ``paper_{model}_{metric}`` columns from the published table ``source`` for every row
@@ -316,7 +404,8 @@ def _fmt(v: Any, col: str) -> str:
 
 
 CI_CELLS = (("toxicity", "ci_low", "ci_high", 2), ("difference", "difference_ci_low",
-            "difference_ci_high", 3), ("recovered_pct", "recovered_ci_low", "recovered_ci_high", 1))
+            "difference_ci_high", 3), ("recovered_pct", "recovered_ci_low", "recovered_ci_high", 1),
+            ("value", "ci_low", "ci_high", 3))
 
 
 def render(df: pd.DataFrame, title: str, footer: list[str],
@@ -327,7 +416,7 @@ def render(df: pd.DataFrame, title: str, footer: list[str],
 
     show = pd.DataFrame({c: [_fmt(v, c) for v in df[c]] for c in df.columns}, index=df.index)
     for col, lo, hi, d in CI_CELLS:
-        if lo in df:
+        if col in df and lo in df:
             show[col] = [s if math.isnan(a) else f"{s} [{a:.{d}f}, {b:.{d}f}]"
                          for s, a, b in zip(show[col], df[lo], df[hi])]
             show = show.drop(columns=[lo, hi])
@@ -341,7 +430,7 @@ def _document(name: str, df: pd.DataFrame, summ: dict[str, dict], boot: dict,
     """The table with the papers' columns, and its markdown with the footnotes."""
     footer = ["Toxicity: mean score of the continuations [bootstrap CI over prompts]; `–`: none."]
     marks: dict[tuple[int, str], int] = {}
-    for i, c in enumerate(df["condition"]):
+    for i, c in enumerate(df["condition"] if "condition" in df else []):
         for col, key, what in (("log_ppl", "ppl_note", "log-PPL"), ("f1", "f1_note", "F1")):
             if col in df and summ[c].get(key):
                 marks[(i, col)] = len(marks) + 1
@@ -352,6 +441,14 @@ def _document(name: str, df: pd.DataFrame, summ: dict[str, dict], boot: dict,
                       f"resamples, seed {boot.get('seed')}); empty unless base and dpo are rows.")
     if name == "table_per_prompt":
         footer.append("difference = per-prompt minus mean patching, paired bootstrap CI.")
+    if name == "table_claims":
+        footer.append(
+            "value [CI]: a paired bootstrap over prompts. Verdicts: `holds` (the whole CI is on "
+            "the claim's side), `not significant` (the estimate is, the CI is not), `does not "
+            "hold`. Criteria (dpotox.tables._claims): recovered share below 50%; four groups "
+            "minus DPO with a CI reaching 0 or below; the least toxic probe-based editing "
+            "within log(1.05) of DPO's log-PPL, minus DPO, below 0; probe-free minus "
+            "probe-based editing at each beta/alpha with a CI reaching 0 or below.")
     if source := SOURCES[name]:
         df, notes = attach_published(df, published, source)
         footer += ["", f"`paper_<model>_*`: the published numbers of "
@@ -388,6 +485,8 @@ def build_tables(eval_dir: str | Path, conditions: list[str], model: str, out_di
             df = _per_prompt(rows, summ, eval_dir, boot)
         elif name == "table_editing_grid":
             df = _editing_grid(rows, summ)
+        elif name == "table_claims":
+            df = _claims(rows, summ, eval_dir, boot, tables["table3_toxic_neurons"])
         else:
             df = pd.DataFrame([_ours(summ[c]) for c in rows], columns=COLUMNS)
         tables[name], docs[name] = _document(name, df, summ, boot, published, model)
