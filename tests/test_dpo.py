@@ -3,10 +3,12 @@ tokenizer and a Llama with a small byte-level BPE tokenizer trained here."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
@@ -17,6 +19,7 @@ from dpotox.sources import prepare_model
 from dpotox.sources.models import load_prepared
 from tiny_models import prepared_gpt2, tiny_model
 
+REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = ["The neighbour", "My teacher", "That driver", "Our new boss", "The waiter", "His cousin",
             "Hi", "A stranger", "The referee", "Her landlord", "The pilot", "My dentist"]
 # An easy preference: always the polite continuation over the rude one.
@@ -307,6 +310,43 @@ def test_warmup_is_linear_then_constant(llama_dir, tmp_path):
     lr = table.loc[table["split"] == "train", "learning_rate"].tolist()
     # The logged rate is the one the step used: 0, 1/4, 2/4, 3/4 of the peak, then the peak.
     assert lr == pytest.approx([0, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4])
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch(llama_dir, tmp_path):
+    """The command rule train_dpo runs, started twice by `accelerate launch` as on a node with
+    two GPUs (here two CPU processes over gloo: accelerate uses FSDP on GPUs only): the
+    processes form one group, share the effective batch, and process 0 alone writes."""
+    import subprocess
+    import sys
+
+    PAIRS.to_parquet(tmp_path / "pairs.parquet")
+    # The repository's FSDP launch config, on CPUs: torchrun starts the processes, which
+    # accelerate then joins over gloo (it shards with FSDP on GPUs only).
+    launch = yaml.safe_load((REPO / "config" / "accelerate" / "fsdp.yaml").read_text())
+    launch_cfg = tmp_path / "fsdp-cpu.yaml"
+    launch_cfg.write_text(yaml.safe_dump({**launch, "use_cpu": True, "mixed_precision": "no"}))
+    dpo = {**FAST, "batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4,
+           "eval_steps": 2, "save_steps": 2, "kl_weight": 0.1, "precompute_ref_log_probs": True}
+    cfg = {"seed": 0, "models": {"tiny": {"family": "llama"}}, "dpo": dpo}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_cfg),
+           "--num_processes", "2", "-m", "dpotox", "train-dpo", "--model-name", "tiny",
+           "--config-json", json.dumps(cfg), "--base", str(llama_dir),
+           "--pairs", str(tmp_path / "pairs.parquet"), "--out", str(out),
+           "--train-log", str(tmp_path / "log.parquet"), "--checkpoints", str(tmp_path / "ckpt"),
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    # 2 pairs x (2 accumulation steps / 2 processes) x 2 processes: the configured batch of 4
+    assert "effective batch 4 (2 pairs x 1 accumulated x 2 processes)" in log, log[-4000:]
+    assert "reference model freed" in log
+    table = pd.read_parquet(tmp_path / "log.parquet")
+    assert table[table["split"] == "eval"]["step"].tolist() == [2, 4]
+    model, _ = load_prepared(out)
+    assert json.loads((out / "source.json").read_text())["dpo"]["steps"] == 4
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_resume_after_an_interruption(llama_dir, tmp_path):

@@ -705,7 +705,8 @@ def train_dpo(model_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path,
     if missing:
         raise DPOError(f"preference pairs lack column(s) {', '.join(missing)}")
     train, val = split_pairs(pairs, settings.validation_fraction, settings.seed)
-    state = PartialState()
+    # On CPUs the processes of `accelerate launch` form a group only when the state says CPU.
+    state = PartialState(cpu=resolve_device(device) == "cpu")
     if state.is_main_process:
         _claim_checkpoints(checkpoint_dir, _run_fingerprint(model_dir, pairs, settings), logger)
     state.wait_for_everyone()
@@ -716,10 +717,12 @@ def train_dpo(model_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path,
                            device=device, callbacks=callbacks, logger=logger)
     args = trainer.args
     logger.info("DPO on %s: %d train / %d validation pairs, device %s%s, %s lr %.3g, beta %.3g, "
-                "kl_weight %.3g, effective batch %d", model_dir, len(train), len(val), args.device,
+                "kl_weight %.3g, effective batch %d (%d pairs x %d accumulated x %d processes)",
+                model_dir, len(train), len(val), args.device,
                 " (bf16)" if args.bf16 else "", settings.optimizer, settings.learning_rate,
                 settings.beta, settings.kl_weight,
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size)
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+                args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
     if resume_path is not None and _finished(resume_path):
         # The Trainer would take one more step before noticing it is done; restore the best
         # model as its end of training does, and go on to write the outputs.
