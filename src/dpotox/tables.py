@@ -324,9 +324,12 @@ def _claims(rows: list[str], summ: dict[str, dict], eval_dir: Path, boot: dict,
         d = diff("patch-four-groups", "dpo")
         verdict = "not evaluated" if math.isnan(d[0]) else (
             "holds" if d[1] <= 0 else "does not hold")
+        ppl = {c: ("–" if summ[c]["log_ppl"] is None else f"{float(summ[c]['log_ppl']):.2f}")
+               for c in ("patch-four-groups", "dpo")}
         out.append(["the four groups together match or beat DPO", "Table 2",
-                    f"toxicity, patch-four-groups ({summ['patch-four-groups']['toxicity']:.3f}) "
-                    f"minus DPO ({summ['dpo']['toxicity']:.3f})", *d, verdict])
+                    f"toxicity, patch-four-groups ({summ['patch-four-groups']['toxicity']:.3f}, "
+                    f"log-PPL {ppl['patch-four-groups']}) minus DPO ({summ['dpo']['toxicity']:.3f}, "
+                    f"log-PPL {ppl['dpo']})", *d, verdict])
     # 3
     if "dpo" in rows and summ["dpo"]["log_ppl"] is not None:
         limit = float(summ["dpo"]["log_ppl"]) + SIMILAR_LOG_PPL
