@@ -96,3 +96,33 @@ def test_fsdp_launch_config_is_valid_for_accelerate():
     cfg = load_config_from_file(str(path))
     assert cfg.distributed_type == "FSDP" and cfg.mixed_precision == "bf16"
     assert yaml.safe_load(path.read_text())["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_sizes_are_counted_once_and_kept(tmp_path, monkeypatch):
+    """Each cluster job parses the Snakefile: the second count of a model is read back (keyed
+    by family, arch and transformers version), without building the model again."""
+    import json
+
+    from dpotox.resources import _size, size_cache
+
+    monkeypatch.setenv("DPOTOX_CACHE", str(tmp_path))
+    assert size_cache() == tmp_path / "model_sizes.json"
+    arch = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300}
+    _size.cache_clear()
+    try:
+        first = model_size("llama", arch)
+        kept = json.loads(size_cache().read_text())
+        (key,) = kept
+        assert key.startswith("llama ") and "transformers==" in key
+        assert kept[key]["n_params"] == first.n_params
+        kept[key]["n_params"] = 7  # what a later process finds is what it uses
+        size_cache().write_text(json.dumps(kept))
+        _size.cache_clear()
+        assert model_size("llama", arch).n_params == 7
+        size_cache().write_text("{not json")  # a damaged file is counted again and rewritten
+        _size.cache_clear()
+        assert model_size("llama", arch) == first
+        assert json.loads(size_cache().read_text())[key]["n_params"] == first.n_params
+    finally:
+        _size.cache_clear()

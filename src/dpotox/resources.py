@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from dpotox.config import section_settings
@@ -79,8 +83,44 @@ class ModelSize:
     vocab: int
 
 
+def size_cache() -> Path:
+    """Where counted model sizes are kept: ``$DPOTOX_CACHE/model_sizes.json`` (default
+    ``~/.cache/dpotox``). Every cluster job parses the Snakefile, which computes the requests of
+    every model; counting costs seconds of importing transformers, reading costs nothing."""
+    return Path(os.environ.get("DPOTOX_CACHE") or Path.home() / ".cache" / "dpotox") / "model_sizes.json"
+
+
+def _read_sizes(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: count again and rewrite it
+        return {}
+
+
+def _write_sizes(path: Path, sizes: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump(sizes, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:  # a read-only home only costs the next parse the count again
+        pass
+
+
 @lru_cache(maxsize=32)
 def _size(family: str, arch_json: str) -> ModelSize:
+    # The count depends on the transformers version (the classes' layouts), so it is in the key.
+    key = f"{family} {arch_json} transformers=={version('transformers')}"
+    path = size_cache()
+    sizes = _read_sizes(path)
+    if key in sizes:
+        return ModelSize(**sizes[key])
+    size = _count(family, arch_json)
+    _write_sizes(path, {**_read_sizes(path), key: asdict(size)})
+    return size
+
+
+def _count(family: str, arch_json: str) -> ModelSize:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,7 +145,8 @@ def _size(family: str, arch_json: str) -> ModelSize:
 
 def model_size(family: str, arch: Mapping[str, Any]) -> ModelSize:
     """The size of a ``family`` model with the ``config.json`` fields ``arch``, counted on the
-    meta device (exact; nothing is allocated or downloaded)."""
+    meta device (exact; nothing is allocated or downloaded) once per transformers version and
+    kept in :func:`size_cache`."""
     if family not in MODEL_TYPES:
         raise ConfigError(f"unknown model family {family!r}; supported: {', '.join(MODEL_TYPES)}")
     return _size(family, json.dumps(dict(arch), sort_keys=True))
