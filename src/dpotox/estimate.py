@@ -35,7 +35,7 @@ import pandas as pd
 
 from dpotox.conditions import chunks, sweep_conditions
 from dpotox.errors import DpotoxError
-from dpotox.resources import GPU_RULES, gpu_plan, job_flops, rule_work
+from dpotox.resources import GPU_RULES, ClusterConfig, gpu_plan, job_flops, rule_work
 
 
 class EstimateError(DpotoxError, ValueError):
@@ -122,8 +122,6 @@ def estimate(cfg: Mapping[str, Any], jobs: Mapping[tuple[str, str], int],
     :func:`planned_jobs`), ``gpus`` per job, total ``pflop``, ``gpu_hours`` at the measured
     efficiency ``eff`` of the rule (:func:`efficiencies`) times ``cluster.gpu_tflops``, and
     ``roofline_gpu_hours``. Sweep jobs are counted at their mean chunk size."""
-    from dpotox.resources import ClusterConfig
-
     cc = ClusterConfig.from_config(cfg)
     rows = []
     order = {r: i for i, r in enumerate(GPU_RULES)}
