@@ -115,7 +115,7 @@ class DPOSettings:
     #: a multiple of ``eval_steps``, as transformers requires for restoring the best model.
     save_steps: int = 50
     #: Run the reference model once over every pair before training and free it, rather than
-    #: once per micro-batch: a third fewer forward passes and no reference in GPU memory.
+    #: once per micro-batch: one forward pass per step instead of two, no reference in GPU memory.
     precompute_ref_log_probs: bool = False
     seed: int = 0
 
