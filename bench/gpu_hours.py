@@ -27,6 +27,7 @@ import torch
 from dpotox.config import load_config
 from dpotox.estimate import efficiencies, estimate, markdown, measured_jobs, planned_jobs
 from dpotox.flops import gemm_rate
+from dpotox.resources import ClusterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def main() -> None:
         sys.exit(f"planning {args.config} failed:\n{proc.stderr[-3000:]}")
     target = load_config(args.config, check_paths=False)
     table = estimate(target, planned_jobs(proc.stdout + proc.stderr), eff)
-    print(f"\nGPU-hours of {args.config} at {target.get('cluster', {}).get('gpu_tflops', 300)} "
+    print(f"\nGPU-hours of {args.config} at {ClusterConfig.from_config(target).gpu_tflops:g} "
           "TFLOP/s sustained: estimate (roofline) x jobs\n")
     print(markdown(table))
     print(f"\nRESULT gpu_hours={table['gpu_hours'].sum():.1f} "

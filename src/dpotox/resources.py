@@ -227,6 +227,17 @@ class GpuPlan:
     weights_gb: float
     flops: float
     seconds: float  # compute at the sustained rate + decoding at the bandwidth + loading
+    trains: bool  # DPO: the host holds the trained weights beside the reference
+
+
+def _weights_gb(mcfg: Mapping[str, Any]) -> float:
+    """The weights of a model entry with ``arch``, in GB of its dtype."""
+    return model_size(mcfg["family"], mcfg["arch"]).n_params * DTYPE_BYTES[mcfg["dtype"]] / 1e9
+
+
+def _runtime(minutes: float, cc: ClusterConfig) -> int:
+    """A wall-time request: rounded up to 10 minutes, within the cluster's bounds."""
+    return min(max(_round_up(minutes, 10), cc.min_runtime), cc.max_runtime)
 
 
 def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
@@ -239,7 +250,7 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
     mcfg = cfg["models"][model]
     cc = ClusterConfig.from_config(cfg)
     size = model_size(mcfg["family"], mcfg["arch"])
-    weights_gb = size.n_params * DTYPE_BYTES[mcfg["dtype"]] / 1e9
+    weights_gb = _weights_gb(mcfg)
     work = rule_work(rule, cfg)
     per_token_kv = 2 * size.n_layers * size.kv_width * DTYPE_BYTES[mcfg["dtype"]]
     logits_gb = work.rows * size.vocab * 4 * 2 / 1e9  # float32 logits and their softmax
@@ -264,7 +275,8 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
     seconds = (flops / (gpus * cc.gpu_tflops * 1e12)
                + work.decode_steps * weights_gb / cc.gpu_bandwidth_gbs
                + weights_gb / cc.load_gbs)
-    return GpuPlan(gpus, need[GPU_COUNTS.index(gpus)], weights_gb, flops, seconds)
+    return GpuPlan(gpus, need[GPU_COUNTS.index(gpus)], weights_gb, flops, seconds,
+                   trains=work.train_tokens > 0)
 
 
 def requests(rule: str, model: str, cfg: Mapping[str, Any]) -> dict[str, int]:
@@ -277,21 +289,16 @@ def requests(rule: str, model: str, cfg: Mapping[str, Any]) -> dict[str, int]:
     if not mcfg.get("arch"):
         return {**FALLBACK, **override}
     cc = ClusterConfig.from_config(cfg)
-    size = model_size(mcfg["family"], mcfg["arch"])
-    weights_gb = size.n_params * DTYPE_BYTES[mcfg["dtype"]] / 1e9
     on_gpu = mcfg["device"] != "cpu" and rule in GPU_RULES
     if not on_gpu:
-        loads = CPU_LOADS.get(rule, 1)
-        minutes = cc.safety * loads * weights_gb / cc.load_gbs / 60 + 10
+        loads, weights_gb = CPU_LOADS.get(rule, 1), _weights_gb(mcfg)
         out = {"gpu": 0, "gpu_mem_mb": 0,
                "mem_mb": _round_up(loads * weights_gb * 1000 + HOST_OVERHEAD_MB, 1000),
-               "runtime": min(max(_round_up(minutes, 10), cc.min_runtime), cc.max_runtime)}
+               "runtime": _runtime(cc.safety * loads * weights_gb / cc.load_gbs / 60 + 10, cc)}
         return {**out, **override}
     plan = gpu_plan(rule, model, cfg)
-    minutes = cc.safety * plan.seconds / 60 + 10
-    trains = rule_work(rule, cfg).train_tokens > 0
     out = {"gpu": plan.gpus, "gpu_mem_mb": _round_up(plan.gb_per_gpu * 1000, 1000),
-           "mem_mb": _round_up(plan.weights_gb * 1000 * (2 if trains else 1)
+           "mem_mb": _round_up(plan.weights_gb * 1000 * (2 if plan.trains else 1)
                                + HOST_OVERHEAD_MB * plan.gpus, 1000),
-           "runtime": min(max(_round_up(minutes, 10), cc.min_runtime), cc.max_runtime)}
+           "runtime": _runtime(cc.safety * plan.seconds / 60 + 10, cc)}
     return {**out, **override}
