@@ -21,13 +21,27 @@ _SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, _SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
 
-from dpotox.config import missing_paths, validate_config  # noqa: E402
+from dpotox.plan.config import missing_paths, validate_config  # noqa: E402
 from dpotox.errors import ConfigError  # noqa: E402
-from dpotox.figures import ALL_MODELS, FIGURES, figure_files, figure_inputs  # noqa: E402
-from dpotox.neuron_stats import table_files  # noqa: E402
-from dpotox.resources import requests  # noqa: E402
-from dpotox.conditions import chunks, spec_conditions, sweep_conditions  # noqa: E402
-from dpotox.tables import table_files as sweep_table_files  # noqa: E402
+from dpotox.plan.resources import requests  # noqa: E402
+from dpotox.plan.conditions import (  # noqa: E402
+    Ablation,
+    chunks,
+    parse as parse_condition,
+    spec_conditions,
+    sweep_conditions,
+    toxic_ablation,
+    try_parse,
+)
+from dpotox.plan.params import rule_params  # noqa: E402
+from dpotox.plan.outputs import (  # noqa: E402
+    ALL_MODELS,
+    FIGURES,
+    figure_files,
+    figure_inputs,
+    neuron_stats_files,
+    result_table_files,
+)
 
 # The embedded default applies only when no --configfile is given: Snakemake merges config
 # files, and the paper's models must not be run next to the default's.

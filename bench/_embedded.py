@@ -14,8 +14,8 @@ PROMPTS = REPO / "resources/data/prompts.parquet"
 
 def embedded_prompts(model_dir: Path, n: int, prompt_tokens: int = 32):
     """``(adapter, tokenizer, token ids, prompt ids)`` of the first ``n`` prompts on the model."""
-    from dpotox.arch import Adapter
-    from dpotox.generate import encode_prompts, flush_denormals
+    from dpotox.engine.arch import Adapter
+    from dpotox.engine.generate import encode_prompts, flush_denormals
     from dpotox.sources import load_prepared
 
     for path in (model_dir, PROMPTS):

@@ -25,7 +25,7 @@ from _embedded import MODEL_DIR, embedded_prompts  # noqa: E402
 
 
 def child(n: int, batch_size: int, model_dir: Path) -> None:
-    from dpotox.activations import cache_generation
+    from dpotox.stages.activations import cache_generation
 
     adapter, tok, prompts, ids = embedded_prompts(model_dir, n)
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,8 +3,8 @@
     python bench/cache_overhead.py [--prompts 256] [--batch-size 128] [--repeats 1]
 
 On the embedded model, generates 20 greedy tokens for the first ``--prompts`` prompts twice per
-repeat, alternating: plain (``dpotox.generate.greedy``), and with every layer's activations
-cached to Parquet (``dpotox.activations.cache_generation``, including the writing). Checks the
+repeat, alternating: plain (``dpotox.engine.generate.greedy``), and with every layer's activations
+cached to Parquet (``dpotox.stages.activations.cache_generation``, including the writing). Checks the
 tokens are the same and prints both times (the best of the repeats) and their ratio.
 Target: at most 1.2. The last line is ``RESULT plain_s=<a> cache_s=<b> ratio=<b/a>``.
 """
@@ -24,8 +24,8 @@ from _embedded import MODEL_DIR, embedded_prompts  # noqa: E402
 
 
 def main() -> None:
-    from dpotox.activations import cache_generation
-    from dpotox.generate import greedy
+    from dpotox.stages.activations import cache_generation
+    from dpotox.engine.generate import greedy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)

@@ -9,10 +9,10 @@ one, on the embedded model (prepared under resources/models/smollm2-135m/base by
 (a) reference: Hugging Face ``generate`` in batches of the prompts in their given order, with a
     forward pre-hook registered for the condition that patches the last position of every
     call, and the toxicity scorer called on one text at a time;
-(b) engine: ``dpotox.generate.greedy`` under the spec, and the scorer called in batches.
+(b) engine: ``dpotox.engine.generate.greedy`` under the spec, and the scorer called in batches.
 
 It checks the continuations are identical, prints tokens per second for both and their ratio,
-and the engine's model FLOP rate (``dpotox.flops``; lm_head included, padding not) as a
+and the engine's model FLOP rate (``dpotox.engine.flops``; lm_head included, padding not) as a
 fraction of this machine's fp32 GEMM rate measured in the same run, for generation and for
 perplexity. The GEMM rate is the sustained one (a 3 s loop of 2048^3 GEMMs, before and after,
 averaged): a job of minutes gets that, not the peak of one GEMM, which is printed beside it.
@@ -29,11 +29,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dpotox.arch import Adapter
-from dpotox.flops import forward_flops, gemm_rate, generation_contexts
-from dpotox.generate import encode_prompts, flush_denormals, greedy
-from dpotox.interventions import Intervention, SetNeurons
-from dpotox.metrics import log_perplexity, windows
+from dpotox.engine.arch import Adapter
+from dpotox.engine.flops import forward_flops, gemm_rate, generation_contexts
+from dpotox.engine.generate import encode_prompts, flush_denormals, greedy
+from dpotox.engine.spec import Intervention, SetNeurons
+from dpotox.engine.metrics import log_perplexity, windows
 from dpotox.scoring import load_scorer
 from dpotox.sources import load_prepared
 

@@ -8,7 +8,7 @@ Reads the ``benchmarks/`` of a finished run of ``--measured-config`` (``make run
 the embedded model), measures this machine's sustained GEMM rate (or takes ``--gemm-tflops``),
 plans ``--config`` with ``snakemake -n`` for its job counts, and prints each GPU rule's
 measured efficiency and a Markdown table of GPU-hours per stage and model (see
-``dpotox.estimate``). On a GPU machine, run the measured config there with ``device: cuda``
+``dpotox.plan.estimate``). On a GPU machine, run the measured config there with ``device: cuda``
 and pass ``--device cuda`` so the GEMM rate is the GPU's. The last line is
 ``RESULT gpu_hours=<total> roofline_gpu_hours=<roofline>``.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from dpotox.config import load_config
-from dpotox.estimate import efficiencies, estimate, markdown, measured_jobs, planned_jobs
-from dpotox.flops import gemm_rate
-from dpotox.resources import ClusterConfig
+from dpotox.plan.config import load_config
+from dpotox.plan.estimate import efficiencies, estimate, markdown, measured_jobs, planned_jobs
+from dpotox.engine.flops import gemm_rate
+from dpotox.plan.resources import ClusterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ On the embedded model, generates the evaluation's greedy continuations (20 token
 ``--prompts`` prompts, cut to 32 tokens) under ``--conditions`` intervention specs of the kinds
 a sweep runs at the generation positions (ablations, patches, per-prompt patches, activation
 edits, built from random neuron sets, since they cost the same as the real ones). First each
-condition alone (``dpotox.generate.greedy``, as a job per condition does), then all of them in
-one call (``dpotox.generate.generate_many``, as a sweep job does). Checks that every condition's
+condition alone (``dpotox.engine.generate.greedy``, as a job per condition does), then all of them in
+one call (``dpotox.engine.generate.generate_many``, as a sweep job does). Checks that every condition's
 tokens are the same both ways and prints both times and their ratio. Target: at least 2. The
 last line is ``RESULT alone_s=<a> shared_s=<b> ratio=<a/b>``.
 """
@@ -27,7 +27,7 @@ from _embedded import MODEL_DIR, embedded_prompts  # noqa: E402
 
 def conditions(adapter, ids: list[str], n: int, seed: int = 0) -> list:
     """``n`` specs cycling through the sweep's generation-position kinds."""
-    from dpotox.interventions import Intervention, ScaleNeurons, SetNeurons
+    from dpotox.engine.spec import Intervention, ScaleNeurons, SetNeurons
 
     g = torch.Generator().manual_seed(seed)
     specs = []
@@ -52,7 +52,7 @@ def conditions(adapter, ids: list[str], n: int, seed: int = 0) -> list:
 
 
 def main() -> None:
-    from dpotox.generate import generate_many, greedy
+    from dpotox.engine.generate import generate_many, greedy
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=160)

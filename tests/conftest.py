@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-# Counted model sizes (dpotox.resources.size_cache) go to a folder of this run, not ~/.cache;
+# Counted model sizes (dpotox.plan.resources.size_cache) go to a folder of this run, not ~/.cache;
 # the workflow runs the tests start inherit it.
 os.environ["DPOTOX_CACHE"] = tempfile.mkdtemp(prefix="dpotox-cache-")
 

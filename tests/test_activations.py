@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dpotox.activations import (META, ActivationsError, cache_generation, mean_activations,
+from dpotox.stages.activations import (META, ActivationsError, cache_generation, mean_activations,
                                 prompt_means, read_meta)
-from dpotox.arch import Adapter
-from dpotox.generate import greedy
-from dpotox.interventions import Intervention, ablate
+from dpotox.engine.arch import Adapter
+from dpotox.engine.generate import greedy
+from dpotox.engine.spec import Intervention, ablate
 from tiny_models import D_MLP, N_LAYERS, VOCAB, TokenIdTokenizer, tiny_model
 
 

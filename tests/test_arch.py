@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dpotox.arch import SUPPORTED, Adapter, family_of
+from dpotox.engine.arch import SUPPORTED, Adapter, family_of
 from dpotox.errors import UnsupportedModelError
 from tiny_models import D_MLP, D_MODEL, N_LAYERS
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpotox.config import load_config, load_schema, model_setting, validate_config
+from dpotox.plan.config import load_config, load_schema, model_setting, validate_config
 from dpotox.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""DPO training (dpotox.dpo) on tiny random-weight models: a GPT-2 with the real GPT-2
+"""DPO training (dpotox.stages.dpo) on tiny random-weight models: a GPT-2 with the real GPT-2
 tokenizer and a Llama with a small byte-level BPE tokenizer trained here."""
 
 import json
@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from dpotox.dpo import DPOError, DPOSettings, checkpoints, k3_kl, make_trainer, split_pairs, train_dpo
+from dpotox.stages.dpo import DPOError, DPOSettings, checkpoints, split_pairs, train_dpo
+from dpotox.stages.dpo.trainer import k3_kl, make_trainer
 from dpotox.errors import ConfigError
 from dpotox.sources import prepare_model
 from dpotox.sources.models import load_prepared
@@ -138,7 +139,7 @@ def test_config_errors_name_per_model_and_unknown_keys():
 
 
 def test_effective_batch_is_the_same_on_any_number_of_gpus():
-    from dpotox.dpo import accumulation_per_process
+    from dpotox.stages.dpo import accumulation_per_process
 
     settings = DPOSettings(batch_size=4, gradient_accumulation_steps=4)
     assert [accumulation_per_process(settings, n) for n in (1, 2, 4)] == [4, 2, 1]

@@ -1,14 +1,14 @@
-"""GPU-hours from measured benchmarks and a dry run's job counts (dpotox.estimate)."""
+"""GPU-hours from measured benchmarks and a dry run's job counts (dpotox.plan.estimate)."""
 
 from pathlib import Path
 
 import pytest
 
-from dpotox.conditions import chunks, sweep_conditions
-from dpotox.config import load_config
-from dpotox.estimate import (EstimateError, efficiencies, estimate, markdown, measured_jobs,
+from dpotox.plan.conditions import chunks, sweep_conditions
+from dpotox.plan.config import load_config
+from dpotox.plan.estimate import (EstimateError, efficiencies, estimate, markdown, measured_jobs,
                              planned_jobs)
-from dpotox.resources import GPU_RULES, gpu_plan, job_flops, rule_work
+from dpotox.plan.resources import GPU_RULES, gpu_plan, job_flops, rule_work
 
 REPO = Path(__file__).resolve().parents[1]
 N_PARAMS = 134_515_008  # the embedded model

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dpotox.errors import DpotoxError
-from dpotox.evaluate import evaluate
-from dpotox.generate import PromptError
-from dpotox.interventions import AddResidual, Intervention, InterventionError, SetNeurons, ablate
+from dpotox.stages.evaluate import evaluate
+from dpotox.engine.generate import PromptError
+from dpotox.engine.spec import AddResidual, Intervention, InterventionError, SetNeurons, ablate
 from tiny_models import D_MODEL, prepared_gpt2
 
 PROMPTS = ["You are such a", "The weather today is", "I can't believe that you",

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dpotox.arch import Adapter
-from dpotox.figures import (FIGURES, TABLE_SOURCES, FigureError, figure_files, figure_inputs,
-                            render_figure)
-from dpotox.figures.style import GROUP_COLORS, GROUP_LABELS, GROUPS, OKABE_ITO, figure_pixels
-from dpotox.neuron_stats import write_stats
-from dpotox.neurons import layer_frame, neuron_frame, value_geometry
-from dpotox.tables import build_tables
+from dpotox.engine.arch import Adapter
+from dpotox.outputs.figures import FigureError, render_figure
+from dpotox.plan.outputs import FIGURES, TABLE_SOURCES, figure_files, figure_inputs
+from dpotox.outputs.figures.style import GROUP_COLORS, GROUP_LABELS, GROUPS, OKABE_ITO, figure_pixels
+from dpotox.outputs.neuron_stats import write_stats
+from dpotox.stages.neurons import layer_frame, neuron_frame, value_geometry
+from dpotox.outputs.tables import build_tables
 from test_tables import write_eval
 from tiny_models import D_MLP, D_MODEL, N_LAYERS, dpo_like, tiny_model
 

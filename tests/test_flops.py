@@ -2,8 +2,8 @@
 
 import pytest
 
-from dpotox.arch import Adapter
-from dpotox.flops import decoder_weights, forward_flops, generation_contexts
+from dpotox.engine.arch import Adapter
+from dpotox.engine.flops import decoder_weights, forward_flops, generation_contexts
 from tiny_models import D_MLP, D_MODEL, N_LAYERS, VOCAB, tiny_model
 
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from dpotox.arch import Adapter
-from dpotox.generate import PromptError, encode_prompts, generate, generate_many, greedy
-from dpotox.interventions import (AddResidual, Intervention, ScaleKeys, ScaleNeurons,
-                                  SetNeurons)
+from dpotox.engine.arch import Adapter
+from dpotox.engine.generate import PromptError, encode_prompts, generate, generate_many, greedy
+from dpotox.engine.spec import AddResidual, Intervention, ScaleKeys, ScaleNeurons, SetNeurons
 from dpotox.sources import assets
 from tiny_models import D_MODEL, VOCAB, TokenIdTokenizer
 

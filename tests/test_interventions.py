@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from dpotox.arch import Adapter
-from dpotox.interventions import (AddResidual, Intervention, InterventionError, ScaleKeys,
-                                  ScaleNeurons, SetNeurons, ablate, applied, sidecar_path)
+from dpotox.engine.arch import Adapter
+from dpotox.engine.spec import AddResidual, Intervention, InterventionError, ScaleKeys, ScaleNeurons, SetNeurons, ablate, sidecar_path
+from dpotox.engine.hooks import applied
 from tiny_models import D_MLP, D_MODEL, N_LAYERS
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7], [8, 1, 250, 33, 2, 9]])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpotox.arch import Adapter
-from dpotox.interventions import Intervention, ablate
-from dpotox.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows, words
+from dpotox.engine.arch import Adapter
+from dpotox.engine.spec import Intervention, ablate
+from dpotox.engine.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows, words
 from dpotox.sources import assets
 from tiny_models import VOCAB
 

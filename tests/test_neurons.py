@@ -6,14 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
-from dpotox.activations import cache_generation, mean_activations
-from dpotox.arch import Adapter
-from dpotox.neuron_stats import (TABLES, activation_signs, cumulative_reduction, group_shares,
+from dpotox.stages.activations import cache_generation, mean_activations
+from dpotox.engine.arch import Adapter
+from dpotox.outputs.neuron_stats import (activation_signs, cumulative_reduction, group_shares,
                                  group_shares_by_rank, layer_group_reduction, layer_projections,
                                  projection_change, shift_correlations, to_markdown, write_stats)
-from dpotox.neurons import (GROUPS, INCREASED, NeuronsError, layer_frame, neuron_frame,
+from dpotox.stages.neurons import (GROUPS, INCREASED, NeuronsError, layer_frame, neuron_frame,
                             sign_groups, top_cosine_neurons, toxic_ablation, value_cosines,
                             value_geometry)
+from dpotox.plan.outputs import NEURON_STATS as TABLES
 from tiny_models import D_MLP, D_MODEL, N_LAYERS, VOCAB, TokenIdTokenizer, dpo_like, tiny_model
 
 
@@ -119,7 +120,7 @@ def _known_table() -> pd.DataFrame:
         (1, -0.5, 1.0, 0.5, -1.0),  # increased: -1 -> -0.5, delta -0.5
     ]
     arr = np.array([r[1:] for r in rows]).reshape(2, 4, 4)
-    from dpotox.neurons import ValueGeometry
+    from dpotox.stages.neurons import ValueGeometry
 
     geo = ValueGeometry(arr[..., 3], np.ones((2, 4)), arr[..., 0], np.array([0.25, 0.0]))
     neurons = neuron_frame(geo, geo, np.ones((2, 4)), arr[..., 1], arr[..., 2])

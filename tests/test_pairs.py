@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from dpotox.arch import Adapter
+from dpotox.engine.arch import Adapter
 from dpotox.errors import PairsError, SourceError
-from dpotox.evaluate import EvalConfig, split_wiki
-from dpotox.generate import generate, greedy
-from dpotox.metrics import f1_items
-from dpotox.pairs import make_pairs, read_pairs, rtp_pair_prompts
-from dpotox.probe import ProbeError, save_probe
+from dpotox.stages.evaluate import EvalConfig, split_wiki
+from dpotox.engine.generate import generate, greedy
+from dpotox.engine.metrics import f1_items
+from dpotox.stages.pairs import make_pairs, read_pairs, rtp_pair_prompts
+from dpotox.stages.probe import ProbeError, save_probe
 from dpotox.sources import prepare_table
 from dpotox.sources.tables import check_pairs
 from tiny_models import D_MODEL, TokenIdTokenizer, prepared_gpt2

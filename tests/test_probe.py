@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dpotox.arch import Adapter
-from dpotox.probe import (ProbeConfig, ProbeError, balanced_sample, fit_probe, label_texts,
+from dpotox.engine.arch import Adapter
+from dpotox.stages.probe import (ProbeConfig, ProbeError, balanced_sample, fit_probe, label_texts,
                           load_probe, pooled_features, save_probe, train_probe)
 from tiny_models import D_MODEL, prepared_gpt2
 
@@ -189,7 +189,7 @@ def test_a_jigsaw_csv_gives_its_own_labels(tmp_path):
 
 
 def test_metrics_json_has_no_nan():
-    from dpotox.probe import _json_safe
+    from dpotox.stages.probe import _json_safe
 
     safe = _json_safe({"a": float("nan"), "b": [1.0, float("nan")], "c": {"d": 0.5}})
     assert json.dumps(safe, allow_nan=False) == '{"a": null, "b": [1.0, null], "c": {"d": 0.5}}'

@@ -1,4 +1,4 @@
-"""Cluster requests computed from model sizes (dpotox.resources): exact parameter counts on the
+"""Cluster requests computed from model sizes (dpotox.plan.resources): exact parameter counts on the
 meta device, GPU counts that follow memory, overrides, and errors that name the fix."""
 
 import copy
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpotox.config import load_config
+from dpotox.plan.config import load_config
 from dpotox.errors import ConfigError
-from dpotox.resources import FALLBACK, model_size, requests, rule_work
+from dpotox.plan.resources import FALLBACK, model_size, requests, rule_work
 from tiny_models import FAMILIES, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_sizes_are_counted_once_and_kept(tmp_path, monkeypatch):
     by family, arch and transformers version), without building the model again."""
     import json
 
-    from dpotox.resources import _size, size_cache
+    from dpotox.plan.resources import _size, size_cache
 
     monkeypatch.setenv("DPOTOX_CACHE", str(tmp_path))
     assert size_cache() == tmp_path / "model_sizes.json"

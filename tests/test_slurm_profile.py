@@ -320,10 +320,10 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
     set_resources = load_profile().get("set-resources", {})
     if not any("slurm_partition" in res for res in set_resources.values()):
         pytest.skip("the profile sends every rule to one partition")
-    from dpotox.resources import GPU_RULES
+    from dpotox.plan.resources import GPU_RULES
 
     # A rule may get a GPU when it requests gpu=... itself or takes the computed requests of
-    # a rule that runs its model on the GPU (dpotox.resources.GPU_RULES).
+    # a rule that runs its model on the GPU (dpotox.plan.resources.GPU_RULES).
     def may_use_gpu(body):
         computed = re.findall(r'(?:model_resources|requests)\("(\w+)"', body)
         return (re.search(r"(?<![\w.])gpu\s*=(?!=)", body) is not None
@@ -402,10 +402,10 @@ def paper_cluster_run(tmp_path_factory):
 
 
 def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
-    """Every job was submitted with the requests dpotox.resources computes for the paper's
+    """Every job was submitted with the requests dpotox.plan.resources computes for the paper's
     model, GPU jobs to the GPU partition, and really ran."""
-    from dpotox.config import load_config
-    from dpotox.resources import requests
+    from dpotox.plan.config import load_config
+    from dpotox.plan.resources import requests
 
     cfg = load_config(paper_cluster_run["config"])
     models, root = paper_cluster_run["models"], paper_cluster_run["root"]

@@ -8,14 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
-from dpotox.activations import cache_generation, mean_activations, prompt_means
-from dpotox.arch import Adapter
-from dpotox.config import validate_config
-from dpotox.generate import greedy
-from dpotox.interventions import AddResidual, ScaleKeys, ScaleNeurons, SetNeurons, applied
-from dpotox.neurons import neuron_frame, value_cosines, value_geometry
-from dpotox.conditions import SweepError, SweepsConfig, chunks, spec_conditions, sweep_conditions
-from dpotox.sweeps import (edit_selection, interpretable_toxic, make_spec, patch_set,
+from dpotox.stages.activations import cache_generation, mean_activations, prompt_means
+from dpotox.engine.arch import Adapter
+from dpotox.plan.config import validate_config
+from dpotox.engine.generate import greedy
+from dpotox.engine.spec import AddResidual, ScaleKeys, ScaleNeurons, SetNeurons
+from dpotox.engine.hooks import applied
+from dpotox.stages.neurons import neuron_frame, value_cosines, value_geometry
+from dpotox.plan.conditions import SweepError, SweepsConfig, chunks, spec_conditions, sweep_conditions
+from dpotox.stages.sweeps import (edit_selection, interpretable_toxic, make_spec, patch_set,
                            positive_toxic, word_contrast)
 from tiny_models import D_MODEL, VOCAB, TokenIdTokenizer, tiny_model
 
@@ -41,7 +42,9 @@ def test_condition_names_follow_the_grids():
     with pytest.raises(SweepError, match="sweeps.per_prompt.*'tp-an'.*toxic-8"):
         sweep_conditions(_cfg(patch_toxic=[8], patch_sets=["tp"], per_prompt=["tp-an"]), "m")
     # Conditions on the DPO model get jobs of their own.
-    assert chunks(["a", "dpo-x", "b", "c", "dpo-y"], 2) == [["a", "b"], ["c"], ["dpo-x", "dpo-y"]]
+    a, b, c = "patch-tp", "patch-all", "steer-probe-a1"
+    x, y = "dpo-scale-keys-top7-x2", "dpo-scale-keys-top7-x5"
+    assert chunks([a, x, b, c, y], 2) == [[a, b], [c], [x, y]]
 
 
 def _table() -> pd.DataFrame:

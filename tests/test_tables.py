@@ -9,8 +9,11 @@ import pandas as pd
 import pytest
 
 from dpotox.errors import DpotoxError
-from dpotox.tables import (PUBLISHED_COLUMNS, TABLES, TablesError, build_tables, label,
-                           load_published, paired_bootstrap, select_rows, table_files)
+from dpotox.outputs.evals import paired_bootstrap
+from dpotox.outputs.tables import (PUBLISHED_COLUMNS, TablesError, build_tables, label,
+                           load_published, select_rows)
+from dpotox.plan.outputs import RESULT_TABLES as TABLES
+from dpotox.plan.outputs import result_table_files as table_files
 
 IDS = [f"p{i}" for i in range(8)]
 

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dpotox.config import load_config
-from dpotox.estimate import planned_jobs as estimate_jobs
-from dpotox.figures import FIGURES
-from dpotox.resources import requests
+from dpotox.plan.config import load_config
+from dpotox.plan.estimate import planned_jobs as estimate_jobs
+from dpotox.plan.outputs import FIGURES
+from dpotox.plan.resources import requests
 from dpotox.sources import load_prepared
-from dpotox.conditions import chunks, sweep_conditions
+from dpotox.plan.conditions import chunks, sweep_conditions, toxic_ablation
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ def test_one_model_target_plans_only_that_model(tmp_path):
             "results/gemma3-270m/activations_positions/dpo") in proc.stdout + proc.stderr
     cfg = load_config(*DEFAULT_CONFIG, extra, check_paths=False)
     conds = sweep_conditions(cfg, "gemma3-270m")
-    n_ablate = sum(bool(re.fullmatch(r"ablate-toxic-\d+", c)) for c in conds)
+    n_ablate = sum(map(toxic_ablation, conds))
     assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "train_probe": 1,
                                   "make_pairs": 1, "train_dpo": 1, "evaluate": 2,
                                   "toxic_ablation_spec": n_ablate, "cache_activations": 3,
@@ -183,9 +183,9 @@ def test_base_evaluation_of_the_embedded_model(run_dir):
 
 
 def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
-    from dpotox.arch import Adapter
-    from dpotox.generate import encode_prompts, greedy
-    from dpotox.interventions import Intervention, SetNeurons
+    from dpotox.engine.arch import Adapter
+    from dpotox.engine.generate import encode_prompts, greedy
+    from dpotox.engine.spec import Intervention, SetNeurons
 
     model, tok = load_prepared(run_dir / "resources" / "models" / "smollm2-135m" / "base")
     adapter = Adapter(model)
@@ -237,8 +237,8 @@ def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
 
 
 def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
-    from dpotox.activations import mean_activations, prompt_means, read_meta
-    from dpotox.neuron_stats import TABLES
+    from dpotox.stages.activations import mean_activations, prompt_means, read_meta
+    from dpotox.plan.outputs import NEURON_STATS as TABLES
 
     res = run_dir / "results" / "smollm2-135m"
     for variant in ("base", "dpo"):
@@ -342,8 +342,8 @@ def test_paper_dag_plans_on_slurm(tmp_path):
 def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     """Every sweep condition of the e2e grid is evaluated by the sweep jobs, the tables hold
     them, and a condition evaluated alone gives the continuations its sweep job gave."""
-    from dpotox.evaluate import evaluate
-    from dpotox.tables import TABLES
+    from dpotox.stages.evaluate import evaluate
+    from dpotox.plan.outputs import RESULT_TABLES as TABLES
 
     cfg = load_config(*E2E_CONFIG, check_paths=False)
     res = run_dir / "results" / "smollm2-135m"
@@ -386,9 +386,9 @@ def test_figures_and_report_of_the_embedded_model(run_dir):
     run counts the jobs); the report holds every figure and table with its caption."""
     from PIL import Image
 
-    from dpotox.figures.style import figure_pixels
-    from dpotox.neuron_stats import TABLES as STATS
-    from dpotox.tables import TABLES
+    from dpotox.outputs.figures.style import figure_pixels
+    from dpotox.plan.outputs import NEURON_STATS as STATS
+    from dpotox.plan.outputs import RESULT_TABLES as TABLES
 
     figures = run_dir / "results" / "figures" / "smollm2-135m"
     for name, spec in FIGURES.items():

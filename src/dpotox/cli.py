@@ -21,7 +21,7 @@ from dpotox.errors import DpotoxError
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from dpotox.config import load_config
+    from dpotox.plan.config import load_config
 
     cfg = load_config(*args.files)
     if args.quiet:
@@ -47,9 +47,9 @@ def _assets(args: argparse.Namespace) -> int:
 
 
 def _train_dpo(args: argparse.Namespace) -> int:
-    from dpotox.dpo import DPOSettings, train_dpo
+    from dpotox.stages.dpo import DPOSettings, train_dpo
     from dpotox.logs import rule_log
-    from dpotox.pairs import read_pairs
+    from dpotox.stages.pairs import read_pairs
 
     job = SimpleNamespace(rule="train_dpo", wildcards={"model": args.model_name},
                           log=[args.log] if args.log else [])
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_check_config)
     p = sub.add_parser("assets", help="verify the embedded PyPI assets (sha256)")
     p.set_defaults(func=_assets)
-    p = sub.add_parser("train-dpo", help="DPO fine-tuning (rule train_dpo; see dpotox.dpo)")
+    p = sub.add_parser("train-dpo", help="DPO fine-tuning (rule train_dpo; see dpotox.stages.dpo)")
     p.add_argument("--model-name", required=True, help="the model's key under models:")
     p.add_argument("--config-json", required=True,
                    help="the config as JSON (at least seed, dpo, models)")

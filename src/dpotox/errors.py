@@ -27,3 +27,7 @@ class DPOError(DpotoxError, ValueError):
 
 class NeuronsError(DpotoxError, ValueError):
     """Inputs of the neuron table that do not fit together; the message names them."""
+
+
+class TablesError(DpotoxError, ValueError):
+    """Evaluation outputs or a published-numbers file that the tables cannot be built from."""

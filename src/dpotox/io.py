@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -35,6 +38,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path, *, staging: str | Path | None = None,
+               publish: bool = True) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; when the block succeeds, make its files
+    shared and rename it to ``path`` (replacing an older one); on error, remove it.
+
+    ``staging`` names the folder (default: a fresh hidden name), for writers in several
+    processes that must agree on it; a process with ``publish=False`` only gets the name and
+    leaves creating, renaming and removing to the one process that publishes.
+    """
+    path = Path(path)
+    if not publish:
+        yield Path(staging) if staging is not None else path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if staging is None:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    else:
+        tmp = Path(staging)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        # Temporary folders, and some writers, make their files private.
+        for f in [tmp, *tmp.rglob("*")]:
+            share(f)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(data: Any, path: str | Path, *, indent: int = 1, allow_nan: bool = True) -> Path:
+    """Write ``data`` as JSON (``indent`` spaces, a final newline), atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, allow_nan=allow_nan) + "\n")
+    return Path(path)
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:

@@ -29,7 +29,7 @@ def rule_safe(name):
 def sweep_spec_path(model, condition):
     """Where a sweep condition's spec is: ablate-toxic-N from toxic_ablation_spec, the others
     from sweep_specs."""
-    if re.fullmatch(r"ablate-toxic-[0-9]+", condition):
+    if toxic_ablation(condition):
         return f"results/{model}/specs/{condition}.json"
     return f"results/{model}/sweep/specs/{condition}.json"
 
@@ -51,8 +51,8 @@ def model_targets(model):
         f"results/{model}/eval/dpo.json",
         *expand("results/{model}/activations/{variant}", model=model, variant=["base", "dpo"]),
         f"results/{model}/neurons.parquet",
-        *table_files("results/tables", model),
-        *sweep_table_files("results/tables", model),
+        *neuron_stats_files("results/tables", model),
+        *result_table_files("results/tables", model),
         *figure_files("results/figures", model),
     ]
 
@@ -99,7 +99,7 @@ def reported_tables(paths, rule):
 def model_resources(rule):
     """A rule's cluster requests for the job's model (gpu, gpu_mem_mb, mem_mb, runtime, and
     any other key of models.<model>.resources): computed from the model's size
-    (dpotox.resources), each key of models.<model>.resources replacing its computed value."""
+    (dpotox.plan.resources), each key of models.<model>.resources replacing its computed value."""
 
     # A key that one model overrides and another does not is unset (None) for the other.
     def request(name):
@@ -114,10 +114,10 @@ MODEL_CONDITIONS = {"base": "resources/models/{model}/base", "dpo": "results/{mo
 
 
 def condition_model(wildcards):
-    """The model a condition runs: the DPO model for "dpo" and "dpo-*" (a spec on the DPO
-    model), else the base model."""
-    c = wildcards.condition
-    key = "dpo" if c == "dpo" or c.startswith("dpo-") else "base"
+    """The model a condition runs: the DPO model for "dpo" and a spec on the DPO model
+    (dpotox.plan.conditions), else the base model (also for a hand-written spec)."""
+    c = try_parse(wildcards.condition)
+    key = "dpo" if c is not None and c.on_dpo_model else "base"
     return MODEL_CONDITIONS[key].format(model=wildcards.model)
 
 
@@ -129,7 +129,7 @@ def condition_spec(wildcards):
 
 
 def pairs_inputs(wildcards):
-    """What make_pairs reads depends on dpo.pairs.method (see dpotox.pairs)."""
+    """What make_pairs reads depends on dpo.pairs.method (see dpotox.stages.pairs)."""
     method = config["dpo"]["pairs"]["method"]
     inputs = {"prompts": "resources/data/prompts.parquet"}
     if method in ("best-of-n", "steered"):
@@ -153,7 +153,7 @@ def dpo_launcher(wildcards):
     gpus = requests("train_dpo", wildcards.model, config)["gpu"]
     if gpus > 1:
         # FSDP shards the weights, gradients and optimizer state over the GPUs (the requests
-        # count on it: dpotox.resources).
+        # count on it: dpotox.plan.resources).
         fsdp = Path(workflow.basedir) / "config" / "accelerate" / "fsdp.yaml"
         return (f"{python} -m accelerate.commands.launch --config_file {shlex.quote(str(fsdp))}"
                 f" --num_processes {gpus} -m dpotox")

@@ -10,7 +10,7 @@ rule make_pairs:
         report="results/{model}/dpo/pairs.json",
         samples="results/{model}/dpo/samples.parquet",
     params:
-        cfg=lambda wildcards: {k: config[k] for k in ("seed", "dpo", "evaluation", "toxicity")},
+        cfg=lambda wildcards: rule_params(config, "make_pairs", wildcards.model),
         device=lambda wildcards: config["models"][wildcards.model]["device"],
     log:
         "logs/make_pairs/{model}.log",
@@ -38,7 +38,7 @@ rule train_dpo:
         model=directory("results/{model}/dpo/model"),
         log="results/{model}/dpo/train_log.parquet",
     params:
-        cfg=lambda wildcards: json.dumps({k: config[k] for k in ("seed", "dpo", "models")}),
+        cfg=lambda wildcards: json.dumps(rule_params(config, "train_dpo", wildcards.model)),
         device=lambda wildcards: config["models"][wildcards.model]["device"],
         launcher=dpo_launcher,
         # Kept outside the output folder, which Snakemake deletes before a job: an

@@ -13,7 +13,7 @@ rule evaluate:
         table="results/{model}/eval/{condition}.parquet",
         summary="results/{model}/eval/{condition}.json",
     params:
-        cfg=lambda wildcards: {k: config[k] for k in ("seed", "evaluation", "toxicity")},
+        cfg=lambda wildcards: rule_params(config, "evaluate", wildcards.model),
         device=lambda wildcards: config["models"][wildcards.model]["device"],
     wildcard_constraints:
         # The sweep conditions' files come from the sweep jobs (workflow/rules/sweeps.smk).

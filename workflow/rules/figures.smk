@@ -1,4 +1,4 @@
-# Stage: the papers' figures (dpotox.figures), one rule per figure, named as the figure. A
+# Stage: the papers' figures (dpotox.outputs.figures), one rule per figure, named as the figure. A
 # figure reads only the CSV and Parquet tables of earlier stages, so
 #   snakemake results/figures/<model>/fig1a_layer_projections.png --forcerun fig1a_layer_projections
 # redraws that figure in seconds and recomputes nothing upstream. {scope} is a model, or
@@ -24,7 +24,7 @@ for _fig in FIGURES.values():
         params:
             figure=_fig.name,
             tables=figure_table_paths(_fig.name),
-            cfg={"figures": config["figures"]},
+            cfg=rule_params(config, "figure"),
         wildcard_constraints:
             scope="|".join(re.escape(s) for s in FIGURE_SCOPES),
         log:

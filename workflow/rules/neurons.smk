@@ -36,7 +36,7 @@ rule cache_activations:
             else {}
         ),
     params:
-        cfg=lambda wildcards: {k: config[k] for k in ("seed", "evaluation", "activations")},
+        cfg=lambda wildcards: rule_params(config, "cache_activations", wildcards.model),
         device=lambda wildcards: config["models"][wildcards.model]["device"],
     log:
         "logs/cache_activations/{model}/{condition}.log",
@@ -65,7 +65,7 @@ rule neuron_table:
         layers="results/{model}/layers.parquet",
         tokens="results/{model}/value_vector_tokens.parquet",
     params:
-        cfg=lambda wildcards: {k: config[k] for k in ("seed", "neurons")},
+        cfg=lambda wildcards: rule_params(config, "neuron_table", wildcards.model),
     log:
         "logs/neuron_table/{model}.log",
     benchmark:
@@ -86,11 +86,11 @@ rule neuron_stats:
         neurons="results/{model}/neurons.parquet",
         layers="results/{model}/layers.parquet",
         tokens="results/{model}/value_vector_tokens.parquet",
-        ablated=f"results/{{model}}/activations/ablate-toxic-{config['neurons']['ablate_top_n']}",
+        ablated=f"results/{{model}}/activations/{Ablation(config['neurons']['ablate_top_n'])}",
     output:
-        reported_tables(table_files("results/tables", "{model}"), "neuron_stats"),
+        reported_tables(neuron_stats_files("results/tables", "{model}"), "neuron_stats"),
     params:
-        cfg=lambda wildcards: {k: config[k] for k in ("seed", "neurons")},
+        cfg=lambda wildcards: rule_params(config, "neuron_stats", wildcards.model),
     log:
         "logs/neuron_stats/{model}.log",
     benchmark:

@@ -6,7 +6,9 @@ rule prepare_model:
     output:
         directory("resources/models/{model}/base"),
     params:
-        spec=lambda wildcards: config["models"][wildcards.model],
+        spec=lambda wildcards: rule_params(config, "prepare_model", wildcards.model)["models"][
+            wildcards.model
+        ],
     log:
         "logs/prepare_model/{model}.log",
     benchmark:

@@ -12,7 +12,7 @@ rule train_probe:
         data="results/{model}/probe/data.parquet",
         top_tokens="results/{model}/probe/top_tokens.csv",
     params:
-        cfg=lambda wildcards: {k: config[k] for k in ("seed", "probe", "toxicity")},
+        cfg=lambda wildcards: rule_params(config, "train_probe", wildcards.model),
         device=lambda wildcards: config["models"][wildcards.model]["device"],
     log:
         "logs/train_probe/{model}.log",

@@ -1,7 +1,7 @@
-# Stage: the papers' intervention sweeps (DESIGN section 1; dpotox.sweeps) and their tables.
+# Stage: the papers' intervention sweeps (DESIGN section 1; dpotox.stages.sweeps) and their tables.
 # Conditions come from the config's grids. The evaluation jobs are made here, one per chunk of
 # `sweeps.conditions_per_job` conditions of one model: a chunk loads the model once and shares
-# the prompts' prefix between its conditions (dpotox.generate.generate_many). With 1 condition
+# the prompts' prefix between its conditions (dpotox.engine.generate.generate_many). With 1 condition
 # per job a cluster spreads them all.
 
 
@@ -16,7 +16,7 @@ rule sweep_specs:
     output:
         specs=directory("results/{model}/sweep/specs"),
     params:
-        cfg=lambda wildcards: {k: config[k] for k in ("seed", "sweeps", "toxicity")},
+        cfg=lambda wildcards: rule_params(config, "sweep_specs", wildcards.model),
         conditions=lambda wildcards: spec_conditions(config, wildcards.model),
     log:
         "logs/sweep_specs/{model}.log",
@@ -49,7 +49,7 @@ for _model in MODELS:
             name:
                 f"sweep_{rule_safe(_model)}_{_k:02d}"
             input:
-                model=("results/{m}/dpo/model" if _conds[0].startswith("dpo-")
+                model=("results/{m}/dpo/model" if parse_condition(_conds[0]).on_dpo_model
                        else "resources/models/{m}/base").format(m=_model),
                 prompts="resources/data/prompts.parquet",
                 wiki="resources/data/wiki.parquet",
@@ -61,7 +61,7 @@ for _model in MODELS:
             params:
                 conditions=_conds,
                 spec_paths=_specs,
-                cfg={k: config[k] for k in ("seed", "evaluation", "toxicity")},
+                cfg=rule_params(config, "sweep", _model),
                 device=config["models"][_model]["device"],
             log:
                 f"logs/sweep/{_model}/part-{_k:02d}.log",
@@ -87,7 +87,7 @@ rule tables:
         tables=lambda wildcards: expand("results/{model}/eval/{c}.parquet", model=wildcards.model,
                                         c=table_conditions(wildcards.model)),
     output:
-        reported_tables(sweep_table_files("results/tables", "{model}"), "tables"),
+        reported_tables(result_table_files("results/tables", "{model}"), "tables"),
     params:
         conditions=lambda wildcards: table_conditions(wildcards.model),
     log:

@@ -1,6 +1,6 @@
-"""Snakemake script of rule cache_activations: see dpotox.activations.cache_activations."""
+"""Snakemake script of rule cache_activations: see dpotox.stages.activations.cache_activations."""
 
-from dpotox.activations import cache_activations
+from dpotox.stages.activations import cache_activations
 from dpotox.logs import rule_log
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)

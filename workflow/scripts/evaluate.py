@@ -1,6 +1,6 @@
-"""Snakemake script of rule evaluate: see dpotox.evaluate.evaluate."""
+"""Snakemake script of rule evaluate: see dpotox.stages.evaluate.evaluate."""
 
-from dpotox.evaluate import evaluate
+from dpotox.stages.evaluate import evaluate
 from dpotox.logs import rule_log
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)

@@ -1,6 +1,6 @@
-"""Snakemake script of the sweep jobs: see dpotox.evaluate.evaluate_conditions."""
+"""Snakemake script of the sweep jobs: see dpotox.stages.evaluate.evaluate_conditions."""
 
-from dpotox.evaluate import Condition, evaluate_conditions
+from dpotox.stages.evaluate import Condition, evaluate_conditions
 from dpotox.logs import rule_log
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)

@@ -1,6 +1,6 @@
-"""Snakemake script of the figure rules: see dpotox.figures.render_figure."""
+"""Snakemake script of the figure rules: see dpotox.outputs.figures.render_figure."""
 
-from dpotox.figures import render_figure
+from dpotox.outputs.figures import render_figure
 from dpotox.logs import rule_log
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)

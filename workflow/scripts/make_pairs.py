@@ -1,7 +1,7 @@
-"""Snakemake script of rule make_pairs: see dpotox.pairs.make_pairs."""
+"""Snakemake script of rule make_pairs: see dpotox.stages.pairs.make_pairs."""
 
 from dpotox.logs import rule_log
-from dpotox.pairs import make_pairs
+from dpotox.stages.pairs import make_pairs
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     smk = snakemake  # noqa: F821

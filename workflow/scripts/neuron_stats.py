@@ -1,9 +1,9 @@
-"""Snakemake script of rule neuron_stats: see dpotox.neuron_stats.write_stats."""
+"""Snakemake script of rule neuron_stats: see dpotox.outputs.neuron_stats.write_stats."""
 
 from pathlib import Path
 
 from dpotox.logs import rule_log
-from dpotox.neuron_stats import write_stats
+from dpotox.outputs.neuron_stats import write_stats
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     smk = snakemake  # noqa: F821

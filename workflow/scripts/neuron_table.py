@@ -1,7 +1,7 @@
-"""Snakemake script of rule neuron_table: see dpotox.neurons.build_neuron_table."""
+"""Snakemake script of rule neuron_table: see dpotox.stages.neurons.build_neuron_table."""
 
 from dpotox.logs import rule_log
-from dpotox.neurons import build_neuron_table
+from dpotox.stages.neurons import build_neuron_table
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     smk = snakemake  # noqa: F821

@@ -1,9 +1,9 @@
-"""Snakemake script of rule sweep_specs: see dpotox.sweeps.build_specs."""
+"""Snakemake script of rule sweep_specs: see dpotox.stages.sweeps.build_specs."""
 
 from pathlib import Path
 
 from dpotox.logs import rule_log
-from dpotox.sweeps import build_specs
+from dpotox.stages.sweeps import build_specs
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     smk = snakemake  # noqa: F821

@@ -1,11 +1,11 @@
-"""Snakemake script of rule tables: see dpotox.tables.build_tables."""
+"""Snakemake script of rule tables: see dpotox.outputs.tables.build_tables."""
 
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from dpotox.logs import rule_log
-from dpotox.tables import build_tables
+from dpotox.outputs.tables import build_tables
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     smk = snakemake  # noqa: F821

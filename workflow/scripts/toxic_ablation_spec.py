@@ -1,7 +1,7 @@
-"""Snakemake script of rule toxic_ablation_spec: see dpotox.neurons.write_toxic_ablation."""
+"""Snakemake script of rule toxic_ablation_spec: see dpotox.stages.neurons.write_toxic_ablation."""
 
 from dpotox.logs import rule_log
-from dpotox.neurons import write_toxic_ablation
+from dpotox.stages.neurons import write_toxic_ablation
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     smk = snakemake  # noqa: F821

@@ -1,9 +1,9 @@
-"""Snakemake script of rule train_probe: see dpotox.probe.train_probe."""
+"""Snakemake script of rule train_probe: see dpotox.stages.probe.train_probe."""
 
 from pathlib import Path
 
 from dpotox.logs import rule_log
-from dpotox.probe import train_probe
+from dpotox.stages.probe import train_probe
 
 with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
     smk = snakemake  # noqa: F821

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -22,9 +21,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpotox.arch import Adapter
+from dpotox.engine.arch import Adapter
 from dpotox.errors import SourceError
-from dpotox.io import share
+from dpotox.io import atomic_dir, write_json
 from dpotox.sources import assets
 
 log = logging.getLogger(__name__)
@@ -90,12 +89,12 @@ def _check_arch(name: str, spec: Mapping[str, Any], n_parameters: int) -> None:
     describe the model that was read: the requests would be sized for another model."""
     if not spec.get("arch"):
         return
-    from dpotox.resources import model_size
+    from dpotox.plan.resources import model_size
 
     declared = model_size(spec["family"], spec["arch"]).n_params
     if declared != n_parameters:
         log.warning("models.%s.arch describes a model of %d parameters, but the source has %d: "
-                    "the cluster requests (dpotox.resources) are sized from arch; copy the size "
+                    "the cluster requests (dpotox.plan.resources) are sized from arch; copy the size "
                     "fields of this model's config.json into arch", name, declared, n_parameters)
 
 
@@ -114,7 +113,9 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
     dtype = DTYPES[spec.get("dtype", "float32")]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+    # tmp holds what loading needs on the side (a dequantised GGUF); staging is the folder.
+    with (tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp,
+          atomic_dir(out_dir) as staging):
         tmp = Path(tmp)
         if src["kind"] == "hub":
             model, tok = _hub_load(src, key, dtype)
@@ -130,7 +131,6 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
         if tok.pad_token is None:
             # Batched generation pads on the left; the EOS token is the usual stand-in.
             tok.pad_token = tok.eos_token
-        staging = tmp / "model"
         model.save_pretrained(staging, safe_serialization=True)
         tok.save_pretrained(staging)
         provenance = {
@@ -152,12 +152,7 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
             asset = assets.ASSETS[assets.GGUF_FILES[(src["package"], src["file"])]]
             provenance["files"] = [{"dist": f.dist, "path": f.path, "sha256": f.sha256}
                                    for f in asset.files]
-        (staging / "source.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        for f in [staging, *staging.iterdir()]:  # temp dirs and some writers make files private
-            share(f)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        write_json(provenance, staging / "source.json", indent=2)
     return out_dir
 
 

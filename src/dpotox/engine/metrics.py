@@ -1,0 +1,156 @@
+"""The three numbers of every condition: toxicity (with a bootstrap CI), log-perplexity, F1.
+
+- **Toxicity**: the mean scorer probability over the continuations, with a seeded
+  percentile-bootstrap confidence interval over prompts.
+- **Log-perplexity**: mean negative log-likelihood (nats per token) of Wikipedia text under the
+  intervention. Each text is tokenised on its own (with the tokenizer's special tokens) and,
+  if longer than ``window`` tokens, cut into consecutive non-overlapping windows of ``window``
+  tokens; every token of a window but its first is predicted from the window's earlier tokens.
+  The mean runs over all predicted tokens of all windows. By default the intervention acts at
+  every position; ``positions="first"`` reproduces the reference code, which patched position 0
+  only (and so left perplexity almost unchanged in the papers' Table 2).
+- **F1**: bag-of-tokens F1 (as in SQuAD) between the greedy continuation of a Wikipedia prompt
+  and the text's real continuation, on words after lower-casing and removing punctuation and
+  the articles a/an/the. Prompts and gold continuations are built by :func:`f1_items`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from dpotox.engine.arch import Adapter
+from dpotox.engine.spec import Intervention
+from dpotox.engine.hooks import applied
+
+
+@dataclass
+class MeanCI:
+    """A mean with its bootstrap confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    level: float
+
+
+def bootstrap_ci(values: Sequence[float], *, samples: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> MeanCI:
+    """Mean of ``values`` with a percentile-bootstrap interval (resampling the values, seeded)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(samples, x.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return MeanCI(float(x.mean()), float(low), float(high), level)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def words(text: str) -> list[str]:
+    """SQuAD normalisation: lower-case, drop punctuation and articles, split on whitespace."""
+    return _ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split()
+
+
+def f1(prediction: str, gold: str) -> float:
+    """Bag-of-words F1 between two texts (0 when either has no words and they differ)."""
+    p, g = words(prediction), words(gold)
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_items(tok: PreTrainedTokenizerBase, texts: Sequence[str], *, prompt_tokens: int,
+             new_tokens: int, limit: int) -> list[tuple[int, list[int], str]]:
+    """``(text index, prompt token ids, gold continuation)`` for the first ``limit`` usable texts.
+
+    A text is usable if it has at least ``prompt_tokens + new_tokens`` tokens: its first
+    ``prompt_tokens`` tokens are the prompt and the decoded next ``new_tokens`` the gold.
+    """
+    items = []
+    for i, text in enumerate(texts):
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        if len(ids) >= prompt_tokens + new_tokens:
+            gold = tok.decode(ids[prompt_tokens:prompt_tokens + new_tokens], skip_special_tokens=True)
+            items.append((i, ids[:prompt_tokens], gold))
+            if len(items) == limit:
+                break
+    return items
+
+
+def windows(tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequence[str],
+            window: int) -> tuple[list[str], list[list[int]]]:
+    """``(text id per window, token windows)`` for perplexity (see the module docstring).
+
+    A window of one token predicts nothing and is dropped.
+    """
+    out_ids, out = [], []
+    for tid, text in zip(ids, texts, strict=True):
+        tokens = tok(text, add_special_tokens=True)["input_ids"]
+        for s in range(0, len(tokens), window):
+            if len(tokens[s:s + window]) > 1:
+                out_ids.append(tid)
+                out.append(tokens[s:s + window])
+    return out_ids, out
+
+
+@dataclass
+class Perplexity:
+    log_ppl: float  # mean NLL in nats per predicted token
+    n_tokens: int  # predicted tokens
+    n_windows: int
+    seconds: float
+
+
+@torch.inference_mode()
+def log_perplexity(adapter: Adapter, token_windows: Sequence[Sequence[int]],
+                   ids: Sequence[str], *, spec: Intervention | None = None, batch_size: int = 8,
+                   positions: Literal["all", "first"] = "all", pad_id: int = 0) -> Perplexity:
+    """Mean NLL of ``token_windows`` under ``spec`` (see the module docstring).
+
+    ``ids`` names each window's text, for per-prompt edits.
+    """
+    model = adapter.model
+    device = next(model.parameters()).device
+    order = sorted(range(len(token_windows)), key=lambda i: -len(token_windows[i]))
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    with applied(adapter, spec, prompt_ids=list(ids)) as ctx:
+        ctx.phase = positions
+        for start in range(0, len(order), batch_size):
+            rows = [token_windows[i] for i in order[start:start + batch_size]]
+            ctx.prompt_ids = [ids[i] for i in order[start:start + batch_size]]
+            width = max(map(len, rows))
+            # Right padding: real tokens start at position 0 in every row, so "position 0"
+            # means the same token everywhere and default position ids are right.
+            batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, w in enumerate(rows):
+                batch[r, :len(w)] = torch.as_tensor(w)
+                mask[r, :len(w)] = 1
+            batch, mask = batch.to(device), mask.to(device)
+            logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                  reduction="none")
+            keep = mask[:, 1:].flatten().bool()
+            total += float(nll[keep].double().sum())
+            count += int(keep.sum())
+    return Perplexity(total / count, count, len(token_windows), time.perf_counter() - t0)

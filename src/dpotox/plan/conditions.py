@@ -1,0 +1,331 @@
+"""Condition names: one typed parser and formatter, and the names the config's grids ask for.
+
+A condition is what one evaluation runs: a model (``base``, ``dpo``) or an intervention spec
+on one. Its name says what it does, and :func:`parse` turns a name into a typed
+:class:`Condition` (kind plus parameters); ``str(condition)`` writes the name back. Every
+part of dpotox that reads a name (the specs, the tables, the rule files, the tests) goes
+through these classes, never through its own pattern.
+
+- ``base``, ``dpo``: the models themselves (:class:`ModelRun`).
+- ``ablate-toxic-{n}``: zero the n value vectors most aligned with the probe;
+  ``ablate-toxic-pos-{n}``: the n most aligned among the neurons with a positive mean base
+  activation (Lee et al. 2024 exclude the negative ones, whose ablation raises toxicity)
+  (:class:`Ablation`).
+- ``dpo-scale-keys-top{k}-x{f}``: the DPO model with the key vectors of its k most toxic
+  neurons scaled by f (Lee et al. 2024's reversal) (:class:`KeyScaling`). A name starting
+  with ``dpo`` runs the DPO model.
+- ``patch-{set}``: a neuron set's activations in the base model set to their DPO means; sets
+  ``toxic-{n}`` (top n by cosine), ``toxic-interpretable`` (those of the top n whose value
+  vector unembeds to a toxic token), ``tp``, ``tp-an``, ``tp-an-tn``, ``four-groups``, ``all``,
+  ``increased``. ``patch-{set}-per-prompt``: each prompt's own DPO means instead (beyond the
+  papers, which patched means) (:class:`Patching`).
+- ``steer-probe-a{alpha}``: subtract alpha times the unit probe direction from the last
+  layer's residual output (:class:`Steering`).
+- ``edit-{probe|free}-{cos|act}-b{beta}-a{alpha}``: activation editing (Yang et al. 2025):
+  in each sign group the fraction beta of neurons with the largest |cos| (``cos``) or the
+  smallest |activation| (``act``) is scaled; ``probe`` takes cos against the probe, ``free``
+  against the contrast of toxic and neutral word embeddings (:class:`Editing`).
+
+Numbers are written as ``f"{x:g}"``. The module imports neither torch nor transformers: the
+Snakefile plans the DAG from it, and every cluster job parses the Snakefile. What each
+condition does to a model is built in :mod:`dpotox.stages.sweeps`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dpotox.plan.config import section_settings
+from dpotox.errors import DpotoxError
+
+# The four groups of Yang et al. (sign of cos x sign of the base activation) and the neurons
+# whose projection rose under DPO (dpotox.stages.neurons).
+GROUPS = ("TP", "TN", "AP", "AN")
+INCREASED = "increased"
+
+# Patch sets of the group rows of Table 2 / 19, by condition suffix.
+GROUP_SETS: dict[str, tuple[str, ...]] = {
+    "tp": ("TP",),
+    "tp-an": ("TP", "AN"),
+    "tp-an-tn": ("TP", "AN", "TN"),
+    "four-groups": GROUPS,
+    "increased": (INCREASED,),
+}
+SELECTIONS = ("cos", "act")
+
+
+class SweepError(DpotoxError, ValueError):
+    """A sweep setting or input that cannot make a condition; the message names it."""
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+_NUM = r"\d+(?:\.\d+)?(?:e[-+]?\d+)?"  # a number as _fmt writes it
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A parsed condition name; ``str()`` gives the name back."""
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def on_dpo_model(self) -> bool:
+        """Whether the condition runs the DPO model (else the base model)."""
+        return False
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        """The name's numbers in order: a grid's rows sort by them."""
+        return ()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class ModelRun(Condition):
+    """``base`` or ``dpo``: a model without an intervention."""
+
+    model: Literal["base", "dpo"]
+
+    @property
+    def name(self) -> str:
+        return self.model
+
+    @property
+    def on_dpo_model(self) -> bool:
+        return self.model == "dpo"
+
+
+@dataclass(frozen=True)
+class Ablation(Condition):
+    """``ablate-toxic-{n}`` / ``ablate-toxic-pos-{n}``."""
+
+    n: int
+    positive: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"ablate-toxic-{'pos-' if self.positive else ''}{self.n}"
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return (self.n,)
+
+
+@dataclass(frozen=True)
+class KeyScaling(Condition):
+    """``dpo-scale-keys-top{top}-x{factor}``."""
+
+    top: int
+    factor: float
+
+    @property
+    def name(self) -> str:
+        return f"dpo-scale-keys-top{self.top}-x{_fmt(self.factor)}"
+
+    @property
+    def on_dpo_model(self) -> bool:
+        return True
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return (self.top, self.factor)
+
+
+@dataclass(frozen=True)
+class Patching(Condition):
+    """``patch-{neurons}`` / ``patch-{neurons}-per-prompt``; ``neurons`` is a patch set."""
+
+    neurons: str
+    per_prompt: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"patch-{self.neurons}{PER_PROMPT if self.per_prompt else ''}"
+
+    @property
+    def toxic_top(self) -> int | None:
+        """n of the set ``toxic-{n}``; None for the other sets."""
+        head, _, n = self.neurons.partition("-")
+        return int(n) if head == "toxic" and n.isdigit() else None
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return () if self.toxic_top is None else (self.toxic_top,)
+
+    @property
+    def means(self) -> Patching:
+        """The same set patched with the DPO means (the twin of a per-prompt condition)."""
+        return Patching(self.neurons)
+
+
+@dataclass(frozen=True)
+class Steering(Condition):
+    """``steer-probe-a{alpha}``."""
+
+    alpha: float
+
+    @property
+    def name(self) -> str:
+        return f"steer-probe-a{_fmt(self.alpha)}"
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return (self.alpha,)
+
+
+@dataclass(frozen=True)
+class Editing(Condition):
+    """``edit-{direction}-{selection}-b{beta}-a{alpha}``."""
+
+    direction: Literal["probe", "free"]
+    selection: Literal["cos", "act"]
+    beta: float
+    alpha: float
+
+    @property
+    def name(self) -> str:
+        return f"edit-{self.direction}-{self.selection}-b{_fmt(self.beta)}-a{_fmt(self.alpha)}"
+
+    @property
+    def method(self) -> str:
+        """The name without its grid point: ``edit-{direction}-{selection}``."""
+        return f"edit-{self.direction}-{self.selection}"
+
+    @property
+    def numbers(self) -> tuple[float, ...]:
+        return (self.beta, self.alpha)
+
+
+PER_PROMPT = "-per-prompt"
+_PATCH_SETS = "|".join([r"toxic-\d+", "toxic-interpretable", "all", *map(re.escape, GROUP_SETS)])
+# One pattern per kind, and the only ones: each builds its Condition from the match.
+_GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
+    (re.compile(r"base|dpo"), lambda m: ModelRun(m[0])),
+    (re.compile(r"ablate-toxic-(pos-)?(\d+)"), lambda m: Ablation(int(m[2]), bool(m[1]))),
+    (re.compile(rf"dpo-scale-keys-top(\d+)-x({_NUM})"),
+     lambda m: KeyScaling(int(m[1]), float(m[2]))),
+    (re.compile(rf"patch-({_PATCH_SETS})({PER_PROMPT})?"), lambda m: Patching(m[1], bool(m[2]))),
+    (re.compile(rf"steer-probe-a({_NUM})"), lambda m: Steering(float(m[1]))),
+    (re.compile(rf"edit-(probe|free)-(cos|act)-b({_NUM})-a({_NUM})"),
+     lambda m: Editing(m[1], m[2], float(m[3]), float(m[4]))),
+]
+
+
+def parse(name: str) -> Condition:
+    """The :class:`Condition` a name stands for.
+
+    Raises:
+        SweepError: ``name`` follows none of the forms in this module's docstring.
+    """
+    for pattern, build in _GRAMMAR:
+        if m := pattern.fullmatch(name):
+            return build(m)
+    raise SweepError(f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-N, "
+                     "ablate-toxic-pos-N, dpo-scale-keys-topK-xF, patch-SET[-per-prompt], "
+                     "steer-probe-aALPHA or edit-{probe,free}-{cos,act}-bBETA-aALPHA "
+                     "(see dpotox.plan.conditions)")
+
+
+def try_parse(name: str) -> Condition | None:
+    """:func:`parse`, or None for a name that is not a condition (a hand-written spec's)."""
+    try:
+        return parse(name)
+    except SweepError:
+        return None
+
+
+@dataclass
+class SweepsConfig:
+    """The ``sweeps`` section of the config. Defaults and bounds: the schema (a test keeps the
+    defaults here equal to it)."""
+
+    ablate_toxic: list[int] = field(default_factory=lambda: [100, 200, 1000])
+    ablate_toxic_positive: list[int] = field(default_factory=lambda: [100, 200, 1000, 2000])
+    scale_keys_top: int = 7
+    scale_keys_factors: list[float] = field(default_factory=lambda: [2, 5, 10])
+    patch_toxic: list[int] = field(default_factory=lambda: [256, 128])
+    patch_interpretable: bool = True
+    interpretable_tokens: int = 10
+    interpretable_threshold: float = 0.5
+    patch_sets: list[str] = field(default_factory=lambda: [
+        "tp", "tp-an", "tp-an-tn", "four-groups", "all", "increased"])
+    per_prompt: list[str] = field(default_factory=lambda: ["toxic-256", "tp", "four-groups"])
+    steer_alphas: list[float] = field(default_factory=lambda: [10, 20, 30])
+    edit_probe: list[list[float]] = field(default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]])
+    edit_selections: list[str] = field(default_factory=lambda: ["cos", "act"])
+    edit_free: list[list[float]] = field(default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]])
+    toxic_words: list[str] = field(default_factory=lambda: [
+        "fuck", "shit", "crap", "damn", "asshole"])
+    neutral_words: list[str] = field(default_factory=lambda: [
+        "hello", "thanks", "friend", "peace", "welcome"])
+    conditions_per_job: int = 8
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SweepsConfig:
+        return section_settings(cls, cfg, "sweeps")
+
+    def patch_sets_all(self) -> list[str]:
+        """Every patch set, in table order: toxic sets first, then the groups."""
+        sets = [f"toxic-{n}" for n in self.patch_toxic]
+        if self.patch_interpretable:
+            sets.append("toxic-interpretable")
+        return sets + list(self.patch_sets)
+
+
+def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
+    """Every condition the config's grids ask for ``model``, in table order (``ablate-toxic-*``
+    too). Steering alphas: ``models.<model>.steer_alphas``, else ``sweeps.steer_alphas``."""
+    sc = SweepsConfig.from_config(cfg)
+    alphas = cfg.get("models", {}).get(model, {}).get("steer_alphas")
+    if alphas is not None:
+        sc.steer_alphas = list(alphas)
+    conds: list[Condition] = [Ablation(n) for n in sc.ablate_toxic]
+    conds += [Ablation(n, positive=True) for n in sc.ablate_toxic_positive]
+    conds += [KeyScaling(sc.scale_keys_top, f) for f in sc.scale_keys_factors]
+    sets = sc.patch_sets_all()
+    conds += [Patching(s) for s in sets]
+    unknown = [p for p in sc.per_prompt if p not in sets]
+    if unknown:
+        raise SweepError(f"config key 'sweeps.per_prompt': {unknown[0]!r} is not a patch set of "
+                         f"this config; choose from {', '.join(sets)}")
+    conds += [Patching(s, per_prompt=True) for s in sc.per_prompt]
+    conds += [Steering(a) for a in sc.steer_alphas]
+    for sel in sc.edit_selections:
+        conds += [Editing("probe", sel, b, a) for b, a in sc.edit_probe]
+    conds += [Editing("free", "cos", b, a) for b, a in sc.edit_free]
+    names = [c.name for c in conds]
+    return list(dict.fromkeys(names))
+
+
+def spec_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
+    """The sweep conditions whose specs rule ``sweep_specs`` writes (all but the ablations of
+    ``ablate-toxic-{n}``, which rule ``toxic_ablation_spec`` writes before the neuron table)."""
+    return [c for c in sweep_conditions(cfg, model) if not toxic_ablation(c)]
+
+
+def toxic_ablation(name: str) -> bool:
+    """Whether ``name`` is an ``ablate-toxic-{n}`` condition, whose spec rule
+    ``toxic_ablation_spec`` writes from the probe alone (``results/{model}/specs/``)."""
+    c = try_parse(name)
+    return isinstance(c, Ablation) and not c.positive
+
+
+def chunks(conditions: Sequence[str], size: int) -> list[list[str]]:
+    """``conditions`` in jobs of ``size``; conditions that run the DPO model go in jobs of
+    their own (one job loads one model)."""
+    out: list[list[str]] = []
+    on_dpo = {c: parse(c).on_dpo_model for c in conditions}
+    for model_conds in ([c for c in conditions if not on_dpo[c]],
+                        [c for c in conditions if on_dpo[c]]):
+        out += [list(model_conds[i:i + size]) for i in range(0, len(model_conds), size)]
+    return out

@@ -1,0 +1,49 @@
+"""DPO fine-tuning of a prepared model on preference pairs (Yang et al. 2025, App. C).
+
+Three modules, one concern each: :mod:`.settings` (the ``dpo`` config section, checked),
+:mod:`.trainer` (TRL's trainer with what the papers need added; it imports TRL, so it is
+imported only when training starts) and :mod:`.run` (the stage: claim or resume the
+checkpoints, train, publish the model folder and the log).
+
+TRL's ``DPOTrainer`` (1.16) does the work; :class:`DPOSettings` carries the papers'
+hyper-parameters and :func:`train_dpo` adds what a pipeline stage needs around it: a seeded
+train/validation split, a frozen reference copy of the base model, early stopping on the
+validation loss with the best checkpoint restored at the end, resumable checkpoints, an
+atomic output folder that :func:`dpotox.sources.models.load_prepared` reads, and a Parquet
+log of every logged step.
+
+Two things TRL 1.16 does not do are added by subclassing its trainer:
+
+* **Separate prompt and completion budgets.** ``DPOConfig`` only has ``max_length`` (cut from
+  the end of prompt+completion). Prompts are cut to their last ``max_prompt_length`` tokens
+  (a leading BOS is kept) and completions to their first ``max_completion_length`` tokens,
+  right after TRL tokenises them. TRL also appends EOS to every completion; pair texts here
+  are continuations cut at a token budget, not finished texts, so that EOS is removed again
+  (a completion whose text already ends with the EOS string keeps it).
+* **A KL penalty** ``kl_weight * KL`` added to the DPO loss (the papers' "KL weight"). KL is
+  the non-negative k3 estimate of KL(policy || reference) per completion token,
+  ``mean(exp(r) - r - 1)`` with ``r = log p_ref(token) - log p_policy(token)``, averaged over
+  the completion tokens (chosen and rejected; prompt and padding masked) of a micro-batch.
+  It reuses the per-token log-probs of TRL's own policy and reference forwards, so it costs
+  no extra forward pass. It is logged as ``kl`` (train) and ``eval_kl`` (validation), the
+  plain DPO loss as ``dpo_loss``; ``loss`` is the sum the optimiser and early stopping see.
+
+Launching
+---------
+One process (CPU, or one GPU): call :func:`train_dpo`; the Snakemake script
+``workflow/scripts/train_dpo.py`` does. Several GPUs: run the same call in every process of
+``accelerate launch --num_processes N <script>`` (or ``torchrun``), with identical arguments.
+The Trainer then runs DDP (or FSDP/DeepSpeed from the accelerate config); ``batch_size`` is
+per device and each process accumulates ``gradient_accumulation_steps / N`` micro-batches, so
+the effective batch is ``batch_size * gradient_accumulation_steps`` whatever N is (the
+papers' batch on any GPU count; N must divide ``gradient_accumulation_steps``).
+Every process must see the same ``checkpoint_dir`` (shared file system); process 0 alone
+writes the run marker, the final model folder and the log.
+"""
+
+from dpotox.errors import DPOError
+from dpotox.stages.dpo.run import RUN_MARKER, checkpoints, log_table, split_pairs, train_dpo
+from dpotox.stages.dpo.settings import DPOSettings, accumulation_per_process
+
+__all__ = ["RUN_MARKER", "DPOError", "DPOSettings", "accumulation_per_process", "checkpoints",
+           "log_table", "split_pairs", "train_dpo"]

@@ -1,0 +1,162 @@
+"""The ``dpo`` section of the config for one model, checked: :class:`DPOSettings`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+
+from dpotox.errors import ConfigError, DPOError
+from dpotox.plan.config import model_setting
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """The ``dpo`` section of the config (without ``dpo.pairs``), for one model.
+
+    Defaults follow Yang et al. 2025, App. C; the schema holds the same defaults and bounds.
+    Construction checks the bounds and the relations the schema cannot express.
+    """
+
+    beta: float = 0.1
+    #: Weight of the per-token KL(policy || reference) penalty added to the DPO loss; 0 = plain DPO.
+    kl_weight: float = 0.05
+    #: Peak learning rate, reached linearly after ``warmup_steps`` and then held constant.
+    learning_rate: float = 1.0e-6
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
+    #: Optimizer steps of linear warmup from 0 to ``learning_rate``.
+    warmup_steps: int = 150
+    #: Pairs per device per micro-batch.
+    batch_size: int = 4
+    #: Micro-batches per optimizer step.
+    gradient_accumulation_steps: int = 4
+    eval_batch_size: int = 8
+    #: Prompts longer than this many tokens lose their beginning.
+    max_prompt_length: int = 64
+    #: Completions longer than this many tokens lose their end.
+    max_completion_length: int = 64
+    #: Bound on prompt + completion tokens; must hold max_prompt_length + max_completion_length.
+    max_length: int = 256
+    #: Gradient clipping (global L2 norm).
+    max_grad_norm: float = 10.0
+    epochs: int = 5
+    #: Stop after this many optimizer steps; -1 runs all ``epochs``.
+    max_steps: int = -1
+    #: Validate every this many optimizer steps (and once at the end).
+    eval_steps: int = 50
+    #: Stop after this many validations in a row without a lower validation loss.
+    early_stopping_patience: int = 30
+    #: Share of the pairs held out for validation (at least one pair).
+    validation_fraction: float = 0.1
+    #: Checkpoint every this many optimizer steps (and whenever the validation loss improves);
+    #: a multiple of ``eval_steps``, as transformers requires for restoring the best model.
+    save_steps: int = 50
+    #: Run the reference model once over every pair before training and free it, rather than
+    #: once per micro-batch: one forward pass per step instead of two, no reference in GPU memory.
+    precompute_ref_log_probs: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = self._problems()
+        if problems:
+            raise ConfigError("invalid DPO settings:\n  - " + "\n  - ".join(problems))
+
+    def _problems(self) -> list[str]:
+        out: list[str] = []
+
+        def bad(name: str, rule: str) -> None:
+            out.append(f"config key 'dpo.{name}': got {getattr(self, name)!r}, expected {rule}")
+
+        for name in ("beta", "learning_rate", "max_grad_norm"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                bad(name, "a number > 0")
+        if not _is_number(self.kl_weight) or self.kl_weight < 0:
+            bad("kl_weight", "a number >= 0")
+        if not _is_number(self.validation_fraction) or not 0 < self.validation_fraction < 1:
+            bad("validation_fraction", "a number in (0, 1)")
+        if self.optimizer not in ("rmsprop", "adamw"):
+            bad("optimizer", "one of 'rmsprop', 'adamw'")
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size",
+                     "max_prompt_length", "max_completion_length", "epochs", "eval_steps",
+                     "early_stopping_patience", "save_steps"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        for name, low in (("warmup_steps", 0), ("seed", 0), ("max_length", 2)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
+                bad(name, f"an integer >= {low}")
+        if not _is_int(self.max_steps) or not (self.max_steps == -1 or self.max_steps >= 1):
+            bad("max_steps", "-1 (run all epochs) or an integer >= 1")
+        if not isinstance(self.precompute_ref_log_probs, bool):
+            bad("precompute_ref_log_probs", "true or false")
+        if out:  # the relations below need valid numbers
+            return out
+        if self.max_prompt_length + self.max_completion_length > self.max_length:
+            out.append(
+                f"config keys 'dpo.max_prompt_length' ({self.max_prompt_length}) + "
+                f"'dpo.max_completion_length' ({self.max_completion_length}) exceed "
+                f"'dpo.max_length' ({self.max_length}); raise dpo.max_length or shorten the others")
+        if self.save_steps % self.eval_steps:
+            out.append(
+                f"config key 'dpo.save_steps' ({self.save_steps}) must be a multiple of "
+                f"'dpo.eval_steps' ({self.eval_steps}): the best model is restored from a "
+                "checkpoint taken at a validation step")
+        return out
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], model: str) -> DPOSettings:
+        """Settings for ``model``: ``dpo.*`` with ``models.<model>.dpo.kl_weight/learning_rate``
+        overriding, and the top-level ``seed``. Keys missing from ``dpo`` take the defaults.
+
+        Raises:
+            ConfigError: an unknown key, or a value out of range (the message names the key).
+        """
+        if model not in config.get("models", {}):
+            raise ConfigError(f"no model {model!r} under 'models'; known: "
+                              f"{', '.join(config.get('models', {})) or 'none'}")
+        defaults = {f.name: f.default for f in fields(cls)}
+        section = {k: v for k, v in (config.get("dpo") or {}).items() if k != "pairs"}
+        unknown = sorted(set(section) - set(defaults) - {"seed"})
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))} under 'dpo'; "
+                              f"allowed: {', '.join(sorted(set(defaults) - {'seed'}))}, pairs")
+        section = {**{k: v for k, v in defaults.items() if k != "seed"}, **section}
+        per_model = config["models"][model].get("dpo") or {}
+        merged = {"models": config["models"], "dpo": section}
+        for key, rule, ok in (("kl_weight", "a number >= 0", lambda v: v >= 0),
+                              ("learning_rate", "a number > 0", lambda v: v > 0)):
+            if key in per_model and not (_is_number(per_model[key]) and ok(per_model[key])):
+                raise ConfigError(f"config key 'models.{model}.dpo.{key}': got "
+                                  f"{per_model[key]!r}, expected {rule}")
+            section[key] = model_setting(merged, model, "dpo", key)
+        return cls(**section, seed=config.get("seed", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def accumulation_per_process(settings: DPOSettings, n_processes: int) -> int:
+    """The gradient accumulation steps of each of ``n_processes`` processes that keep the
+    effective batch at ``batch_size * gradient_accumulation_steps``.
+
+    Raises:
+        DPOError: ``n_processes`` does not divide ``dpo.gradient_accumulation_steps``.
+    """
+    steps = settings.gradient_accumulation_steps
+    if steps % n_processes:
+        raise DPOError(f"config key 'dpo.gradient_accumulation_steps' is {steps}, which {n_processes} "
+                       f"GPUs cannot share: the effective batch (batch_size x "
+                       f"gradient_accumulation_steps) is split over the GPUs; make it a multiple "
+                       f"of {n_processes}, or set models.<model>.resources.gpu")
+    return steps // n_processes
+
+

@@ -1,0 +1,258 @@
+"""The neuron table: each MLP neuron's geometry against the probe and its projection before and
+after DPO (DESIGN section 1, Eq. 1/2 of the papers).
+
+For neuron ``i`` of layer ``l`` with value vector ``v_i``, mean activation ``mbar_i`` (from the
+activation caches) and the unit probe direction ``u = w / |w|``:
+
+- ``cos = cos(v_i^base, w)``: toxic-aligned (T) if > 0, anti-toxic-aligned (A) otherwise;
+- ``proj = mbar_i * (v_i . u)`` for the base and the DPO model;
+- ``delta = proj_base - proj_dpo``: the reduction of the neuron's write along the probe;
+- ``edit_group``: sign(cos) x sign(mbar^base) (P if >= 0, else N): TP, TN, AP, AN, the groups
+  activation editing uses (no DPO needed);
+- ``group``: the DPO-informed group: the edit group where ``delta > 0``, ``increased`` where
+  the neuron's projection did not fall. The five labels partition all neurons.
+
+Summed over a layer, ``sum_i proj_i + b . u`` (``b`` the output bias, GPT-2 only) is the
+layer's mean MLP output projected on ``u``, because the MLP output is linear in ``m``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dpotox.stages.activations import mean_activations, read_meta
+from dpotox.engine.arch import Adapter
+from dpotox.plan.conditions import GROUPS, INCREASED, Ablation  # noqa: F401 (re-exported)
+from dpotox.plan.config import section_settings
+from dpotox.errors import NeuronsError  # noqa: F401 (re-exported)
+from dpotox.engine.spec import Intervention, ablate
+from dpotox.io import write_parquet
+from dpotox.stages.probe import load_probe, top_tokens_batch
+
+log = logging.getLogger("dpotox")
+
+
+@dataclass
+class NeuronsConfig:
+    """The ``neurons`` section of the config (defaults and bounds: the schema)."""
+
+    top_k_tokens: int = 20
+    n_tokens: int = 10
+    ablate_top_n: int = 200
+    rank_top: int = 10000
+    rank_bin: int = 500
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> NeuronsConfig:
+        return section_settings(cls, cfg, "neurons")
+
+
+@dataclass
+class ValueGeometry:
+    """Per-neuron geometry of one model's value vectors against a probe (float64, ``[L, d_mlp]``)."""
+
+    along: np.ndarray  # v_i . u: what a unit activation writes along the probe direction
+    norm: np.ndarray  # |v_i|
+    cos: np.ndarray  # cos(v_i, w)
+    bias_along: np.ndarray  # [L]: b . u, the output bias's write along u (0 without a bias)
+
+
+def unit(w: torch.Tensor) -> torch.Tensor:
+    """``w / |w|`` in float64."""
+    w = w.detach().double().cpu()
+    return w / w.norm()
+
+
+def value_geometry(adapter: Adapter, w: torch.Tensor) -> ValueGeometry:
+    """The value vectors' projections, norms and cosines against probe weight ``w``."""
+    u = unit(w)
+    along, norm, cos, bias = [], [], [], []
+    for layer in range(adapter.n_layers):
+        v = adapter.value_vectors(layer).detach().double().cpu()
+        a = v @ u
+        n = v.norm(dim=1)
+        along.append(a)
+        norm.append(n)
+        cos.append(a / n.clamp_min(torch.finfo(torch.float64).tiny))
+        b = adapter.out_bias(layer)
+        bias.append(float(b.detach().double().cpu() @ u) if b is not None else 0.0)
+    return ValueGeometry(torch.stack(along).numpy(), torch.stack(norm).numpy(),
+                         torch.stack(cos).numpy(), np.asarray(bias))
+
+
+def value_cosines(base: Adapter, dpo: Adapter) -> np.ndarray:
+    """``[L, d_mlp]``: cos(v_i^base, v_i^dpo), neuron by neuron."""
+    out = []
+    for layer in range(base.n_layers):
+        a = base.value_vectors(layer).detach().double().cpu()
+        b = dpo.value_vectors(layer).detach().double().cpu()
+        out.append(torch.nn.functional.cosine_similarity(a, b, dim=1))
+    return torch.stack(out).numpy()
+
+
+def sign_groups(cos: np.ndarray, act: np.ndarray) -> np.ndarray:
+    """TP/TN/AP/AN by sign(cos) (T if > 0) and sign of the base activation (P if >= 0)."""
+    return np.char.add(np.where(cos > 0, "T", "A"), np.where(act >= 0, "P", "N")).astype(object)
+
+
+def neuron_frame(base: ValueGeometry, dpo: ValueGeometry, cos_base_dpo: np.ndarray,
+                 mbar_base: np.ndarray, mbar_dpo: np.ndarray) -> pd.DataFrame:
+    """One row per neuron (layer-major): the columns of ``neurons.parquet`` (see module doc)."""
+    shape = base.along.shape
+    for name, arr in (("DPO value vectors", dpo.along), ("base mean activations", mbar_base),
+                      ("DPO mean activations", mbar_dpo), ("cos(v_base, v_dpo)", cos_base_dpo)):
+        if arr.shape != shape:
+            raise NeuronsError(f"{name} have shape {arr.shape}, but the base model's value "
+                               f"vectors {shape} (layers x neurons): the inputs are of different models")
+    n_layers, d_mlp = shape
+    proj_base = mbar_base * base.along
+    proj_dpo = mbar_dpo * dpo.along
+    delta = proj_base - proj_dpo
+    edit = sign_groups(base.cos, mbar_base)
+    df = pd.DataFrame({
+        "layer": np.repeat(np.arange(n_layers, dtype=np.int32), d_mlp),
+        "neuron": np.tile(np.arange(d_mlp, dtype=np.int32), n_layers),
+        "cos": base.cos.ravel(),
+        "cos_dpo": dpo.cos.ravel(),
+        "norm_base": base.norm.ravel(),
+        "norm_dpo": dpo.norm.ravel(),
+        "cos_base_dpo": cos_base_dpo.ravel(),
+        "along_base": base.along.ravel(),
+        "along_dpo": dpo.along.ravel(),
+        "mbar_base": mbar_base.ravel(),
+        "mbar_dpo": mbar_dpo.ravel(),
+        "shift": (mbar_dpo - mbar_base).ravel(),
+        "proj_base": proj_base.ravel(),
+        "proj_dpo": proj_dpo.ravel(),
+        "delta": delta.ravel(),
+        "group": np.where(delta.ravel() > 0, edit.ravel(), INCREASED),
+        "edit_group": edit.ravel(),
+    })
+    # Rank 1 is the largest reduction / the most toxic-aligned value vector; ties keep the
+    # (layer, neuron) order, so ranks are a permutation.
+    df["rank_delta"] = df["delta"].rank(ascending=False, method="first").astype(np.int64)
+    df["rank_cos"] = df["cos"].rank(ascending=False, method="first").astype(np.int64)
+    return df
+
+
+def layer_frame(base: ValueGeometry, dpo: ValueGeometry, neurons: pd.DataFrame) -> pd.DataFrame:
+    """One row per layer: the bias terms and the mean MLP output projected on ``u`` (base, DPO),
+    and the layer's reduction split into the neurons that reduced and those that increased."""
+    by = neurons.groupby("layer")
+    pos = neurons["delta"].where(neurons["delta"] > 0, 0.0).groupby(neurons["layer"]).sum()
+    neg = neurons["delta"].where(neurons["delta"] <= 0, 0.0).groupby(neurons["layer"]).sum()
+    return pd.DataFrame({
+        "layer": np.arange(len(base.bias_along), dtype=np.int32),
+        "bias_along_base": base.bias_along,
+        "bias_along_dpo": dpo.bias_along,
+        "mlp_proj_base": by["proj_base"].sum().to_numpy() + base.bias_along,
+        "mlp_proj_dpo": by["proj_dpo"].sum().to_numpy() + dpo.bias_along,
+        "reduction": by["delta"].sum().to_numpy() + base.bias_along - dpo.bias_along,
+        "reduction_by_reducing": pos.to_numpy(),
+        "increase_by_increasing": -neg.to_numpy(),
+    })
+
+
+def top_cosine_neurons(cos: np.ndarray, n: int, *, anti: bool = False) -> list[tuple[int, int]]:
+    """The ``n`` (layer, neuron) pairs with the largest cosine (smallest with ``anti``), best first."""
+    flat = cos.ravel() if not anti else -cos.ravel()
+    n = min(n, flat.size)
+    # A stable sort keeps (layer, neuron) order among ties, as the table's ranks do.
+    idx = np.argsort(-flat, kind="stable")[:n]
+    d = cos.shape[1]
+    return [(int(i // d), int(i % d)) for i in idx]
+
+
+def toxic_ablation(cos: np.ndarray, n: int) -> Intervention:
+    """Zero the ``n`` most toxic-aligned neurons (by cosine) at the generation positions."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, neuron in top_cosine_neurons(cos, n):
+        by_layer.setdefault(layer, []).append(neuron)
+    return Intervention(Ablation(n).name, [ablate(layer, sorted(ns))
+                                              for layer, ns in sorted(by_layer.items())],
+                        f"the {n} value vectors most aligned with the probe, activations set to 0")
+
+
+def logit_lens(adapter: Adapter, tok: PreTrainedTokenizerBase, cos: np.ndarray, *,
+               k: int, n_tokens: int) -> pd.DataFrame:
+    """The top tokens of the ``k`` most toxic-aligned value vectors and of the ``k`` most
+    anti-toxic ones, negated (the papers' Tables 14 and 15): the tokens whose unembedding has
+    the largest dot product with the vector. ``cos``: ``[L, d_mlp]`` cos(v_i, w) of the
+    adapter's value vectors (:class:`ValueGeometry`)."""
+    rows = []
+    for kind, anti in (("toxic", False), ("anti-toxic", True)):
+        chosen = top_cosine_neurons(cos, k, anti=anti)
+        vectors = torch.stack([adapter.value_vectors(layer)[i] for layer, i in chosen])
+        lists = top_tokens_batch(adapter, tok, -vectors if anti else vectors, n_tokens)
+        for rank, ((layer, i), toks) in enumerate(zip(chosen, lists, strict=True), start=1):
+            rows.append({"kind": kind, "rank": rank, "layer": layer, "neuron": i,
+                         "cos": float(cos[layer, i]), "negated": anti,
+                         "top_tokens": [t for t, _ in toks]})
+    return pd.DataFrame(rows)
+
+
+def build_neuron_table(*, base_model: str | Path, dpo_model: str | Path, probe_path: str | Path,
+                       base_acts: str | Path, dpo_acts: str | Path, cfg: Mapping[str, Any],
+                       out_neurons: str | Path, out_layers: str | Path,
+                       out_tokens: str | Path) -> dict[str, Any]:
+    """Rule ``neuron_table``: write ``neurons.parquet``, ``layers.parquet`` and the logit-lens
+    tokens (Parquet); returns a short summary for the log."""
+    from dpotox.sources.models import load_prepared
+
+    nc = NeuronsConfig.from_config(cfg)
+    t0 = time.perf_counter()
+    meta = {v: read_meta(p) for v, p in (("base", base_acts), ("dpo", dpo_acts))}
+    if meta["base"]["n_prompts"] != meta["dpo"]["n_prompts"]:
+        raise NeuronsError(f"the base cache {base_acts} holds {meta['base']['n_prompts']} prompts "
+                           f"but the DPO cache {dpo_acts} {meta['dpo']['n_prompts']}; cache both "
+                           "with the same evaluation settings")
+    base, tok = load_prepared(base_model, device="cpu")
+    dpo, _ = load_prepared(dpo_model, device="cpu")
+    a_base, a_dpo = Adapter(base), Adapter(dpo)
+    w, _ = load_probe(probe_path, a_base.d_model)
+    g_base, g_dpo = value_geometry(a_base, w), value_geometry(a_dpo, w)
+    neurons = neuron_frame(g_base, g_dpo, value_cosines(a_base, a_dpo),
+                           mean_activations(base_acts), mean_activations(dpo_acts))
+    tokens = logit_lens(a_base, tok, g_base.cos, k=nc.top_k_tokens, n_tokens=nc.n_tokens)
+    layers = layer_frame(g_base, g_dpo, neurons)
+    common = {"dpotox.stages.probe": str(probe_path), "dpotox.base_model": str(base_model),
+              "dpotox.dpo_model": str(dpo_model), "dpotox.n_prompts": str(meta["base"]["n_prompts"])}
+    write_parquet(neurons, out_neurons, metadata={
+        "dpotox.table": "neurons", **common,
+        "dpotox.description": "One row per MLP neuron; columns in README.md (neurons.parquet)."})
+    write_parquet(layers, out_layers, metadata={
+        "dpotox.table": "layers", **common,
+        "dpotox.description": "One row per layer: bias terms and mean MLP output projected on "
+                              "the unit probe direction, base and DPO."})
+    write_parquet(tokens, out_tokens, metadata={"dpotox.table": "value_vector_tokens", **common})
+    reducing = neurons["delta"] > 0
+    return {"n_neurons": len(neurons), "n_reducing": int(reducing.sum()),
+            "net_reduction": float(neurons["delta"].sum()),
+            "seconds": time.perf_counter() - t0}
+
+
+def write_toxic_ablation(*, model_dir: str | Path, probe_path: str | Path, n: int,
+                         out: str | Path) -> Intervention:
+    """Rule ``toxic_ablation_spec``: write :func:`toxic_ablation` of the base model as a spec."""
+    from dpotox.sources.models import load_prepared
+
+    model, _ = load_prepared(model_dir, device="cpu")
+    adapter = Adapter(model)
+    total = adapter.n_layers * adapter.d_mlp
+    if not 1 <= n <= total:
+        raise NeuronsError(f"cannot ablate {n} neurons: the model has {total} "
+                           f"({adapter.n_layers} layers x {adapter.d_mlp}); lower neurons.ablate_top_n")
+    w, _ = load_probe(probe_path, adapter.d_model)
+    spec = toxic_ablation(value_geometry(adapter, w).cos, n)
+    spec.save(out)
+    return spec

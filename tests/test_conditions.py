@@ -1,0 +1,81 @@
+"""Condition names: the one parser and formatter (dpotox.plan.conditions)."""
+
+from pathlib import Path
+
+import pytest
+
+from dpotox.plan.conditions import (
+    Ablation,
+    Editing,
+    KeyScaling,
+    ModelRun,
+    Patching,
+    Steering,
+    SweepError,
+    chunks,
+    parse,
+    spec_conditions,
+    sweep_conditions,
+    toxic_ablation,
+    try_parse,
+)
+from dpotox.plan.config import load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "config"
+NAMES = {
+    "base": ModelRun("base"),
+    "dpo": ModelRun("dpo"),
+    "ablate-toxic-200": Ablation(200),
+    "ablate-toxic-pos-1000": Ablation(1000, positive=True),
+    "dpo-scale-keys-top7-x2.5": KeyScaling(7, 2.5),
+    "patch-toxic-256": Patching("toxic-256"),
+    "patch-toxic-interpretable": Patching("toxic-interpretable"),
+    "patch-tp-an-tn": Patching("tp-an-tn"),
+    "patch-four-groups-per-prompt": Patching("four-groups", per_prompt=True),
+    "patch-all": Patching("all"),
+    "steer-probe-a120": Steering(120),
+    "steer-probe-a0.5": Steering(0.5),
+    "edit-probe-act-b0.8-a0.2": Editing("probe", "act", 0.8, 0.2),
+    "edit-free-cos-b1e-05-a3": Editing("free", "cos", 1e-5, 3),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parse_and_format_round_trip(name):
+    assert parse(name) == NAMES[name]
+    assert str(NAMES[name]) == NAMES[name].name == name
+
+
+@pytest.mark.parametrize("name", ["", "ablate-toxic-", "ablate-toxic-1.5", "patch-toxic-",
+                                  "patch-nonsense", "steer-probe-a", "edit-probe-abs-b0.5-a1",
+                                  "edit-probe-cos-b0.5", "dpo-scale-keys-x2", "base-per-prompt",
+                                  "my-own-spec"])
+def test_unknown_names_are_refused_with_the_grammar(name):
+    with pytest.raises(SweepError, match="unknown condition.*ablate-toxic-N"):
+        parse(name)
+    assert try_parse(name) is None
+
+
+def test_model_and_parameters():
+    assert [parse(n).on_dpo_model for n in ("dpo", "dpo-scale-keys-top7-x2", "base",
+                                            "patch-tp")] == [True, True, False, False]
+    assert Patching("toxic-128").toxic_top == 128 and Patching("tp").toxic_top is None
+    assert Patching("tp", per_prompt=True).means == Patching("tp")
+    assert Editing("probe", "cos", 0.5, 2).method == "edit-probe-cos"
+    assert parse("edit-probe-cos-b0.5-a2").numbers == (0.5, 2.0)
+    assert toxic_ablation("ablate-toxic-100") and not toxic_ablation("ablate-toxic-pos-100")
+    assert not toxic_ablation("whatever")
+
+
+@pytest.mark.parametrize("configs", [("config.yaml",), ("paper.yaml",),
+                                     ("config.yaml", "two-models.yaml")])
+def test_every_configured_condition_parses_back_to_its_name(configs):
+    cfg = load_config(*(CONFIG / c for c in configs), check_paths=False)
+    for model in cfg["models"]:
+        names = sweep_conditions(cfg, model)
+        assert names and all(parse(n).name == n for n in names)
+        assert set(spec_conditions(cfg, model)) == {n for n in names if not toxic_ablation(n)}
+        jobs = chunks(names, 5)
+        assert sorted(c for job in jobs for c in job) == sorted(names)
+        # one job runs one model
+        assert all(len({parse(c).on_dpo_model for c in job}) == 1 for job in jobs)
