@@ -1,6 +1,8 @@
 # dpotox: how DPO reduces toxicity, neuron by neuron.
-#   snakemake --profile profiles/local --configfile config/config.yaml      (this machine)
-#   snakemake --profile profiles/slurm --configfile config/paper.yaml       (a SLURM cluster)
+#   snakemake --profile local --configfile config/config.yaml      (this machine)
+#   snakemake --profile slurm --configfile config/paper.yaml       (a SLURM cluster)
+# The names are profiles/local and profiles/slurm, which `make setup` links into
+# ~/.config/snakemake (`dpotox profiles link`); the paths work without it.
 # Rules are thin: each calls one function of the dpotox package (src/dpotox) through a
 # script in workflow/scripts/. See README.md for rerunning one rule or one model.
 

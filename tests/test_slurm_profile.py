@@ -6,6 +6,10 @@ mock sacct/squeue report the job states in the format the plugin parses. The tin
 in tests/mock_slurm/workflow/ is a CPU -> GPU -> CPU chain. Expected partitions, account,
 memory and wall time are read from profiles/slurm/config.yaml itself, so editing the
 placeholders there (as a user must) keeps these tests green.
+
+The first run, the dry runs at the end and the lookup test give the profiles by name
+(`--profile slurm`, `--profile local`) as users type them, after `dpotox profiles link` (what
+`make setup` runs) linked them in a temporary home; the other runs give them by path.
 """
 
 import json
@@ -156,12 +160,35 @@ def check(proc: subprocess.CompletedProcess):
     )
 
 
+def home_env(home: Path, env: dict) -> dict:
+    """env with HOME at home and no XDG_CONFIG_HOME: Snakemake looks a profile name up in
+    the current folder, then home/.config/snakemake (then /etc/xdg/snakemake)."""
+    env = dict(env, HOME=str(home))
+    env.pop("XDG_CONFIG_HOME", None)
+    return env
+
+
 @pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory):
-    """One full run of the tiny workflow with profiles/slurm against the mock cluster."""
+def profile_home(tmp_path_factory):
+    """A temporary home in which `dpotox profiles link` (what `make setup` runs) linked the
+    repository's profiles; the test machine's own ~/.config is untouched."""
+    home = tmp_path_factory.mktemp("home")
+    proc = subprocess.run([sys.executable, "-m", "dpotox", "profiles", "link"], cwd=REPO,
+                          env=home_env(home, clean_env()), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1 and "linked local, slurm" in proc.stdout, proc.stdout
+    return home
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory, profile_home):
+    """One full run of the tiny workflow with profiles/slurm against the mock cluster, given
+    by name (`--profile slurm`, linked in a temporary home) as a user types it; the other
+    runs give the profile by path."""
     root = tmp_path_factory.mktemp("mock_cluster")
-    env = make_cluster(root)
-    proc = snakemake(["--profile", str(SLURM_PROFILE), *FAST_STATUS], root / "wf", env)
+    env = home_env(profile_home, make_cluster(root))
+    proc = snakemake(["--profile", "slurm", *FAST_STATUS], root / "wf", env)
     check(proc)
     calls = read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"]))
     return {"root": root, "env": env, "proc": proc, "calls": calls}
@@ -436,3 +463,64 @@ def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
         # the stand-in is not the model arch describes, and the log says so
         log = (root / "logs" / "prepare_model" / f"{m}.log").read_text()
         assert f"models.{m}.arch describes a model of" in log
+
+
+# --- the profiles by name (`snakemake --profile slurm`), as `make setup` links them ---------
+# (cluster_run above runs the tiny workflow by name, too)
+
+def test_profile_names_resolve_to_the_repository(profile_home):
+    for name, profile in (("local", LOCAL_PROFILE), ("slurm", SLURM_PROFILE)):
+        link = profile_home / ".config" / "snakemake" / name
+        assert link.is_symlink() and link.resolve() == profile.resolve()
+    # Snakemake's own lookup of the bare names, from the repository root
+    code = ("from snakemake.cli import get_profile_dir\n"
+            "for name in ('local', 'slurm'): print(get_profile_dir(name)[0].resolve())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, env=home_env(profile_home, clean_env()), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(LOCAL_PROFILE.resolve()), str(SLURM_PROFILE.resolve())]
+
+
+def test_local_profile_by_name_dry_run(profile_home, tmp_path):
+    """`snakemake --profile local -n --configfile config/config.yaml` (`make run`'s command)
+    from the repository root. Planned in tmp_path, so that the checkout's own results/ neither
+    change the plan nor get locked."""
+    proc = snakemake(["--profile", "local", "-n", "--configfile", "config/config.yaml",
+                      "--directory", str(tmp_path)], REPO, home_env(profile_home, clean_env()))
+    check(proc)
+    out = proc.stdout + proc.stderr
+    assert "Using profile local for setting default command line arguments" in out
+    assert re.search(r"^train_dpo\s+1\s*$", out, re.M) and "This was a dry-run" in out
+
+
+def test_slurm_profile_by_name_plans_paper_dag(profile_home, tmp_path):
+    """`snakemake --profile slurm -n --configfile config/paper.yaml` from the repository root
+    plans the paper's DAG with the profile's partitions and account (in tmp_path, as above)."""
+    proc = snakemake(["--profile", "slurm", "-n", "--configfile", "config/paper.yaml",
+                      "--directory", str(tmp_path)], REPO, home_env(profile_home, clean_env()))
+    check(proc)
+    out = proc.stdout + proc.stderr
+    assert "Using profile slurm for setting default command line arguments" in out
+    models = yaml.safe_load(PAPER_CONFIG.read_text())["models"]
+    assert re.search(rf"^train_dpo\s+{len(models)}\s*$", out, re.M), out[-3000:]
+    planned = _planned_resources(out)
+    profile = load_profile()
+    for rule in ("prepare_data", "train_probe", "train_dpo", "evaluate"):
+        partition = profile.get("set-resources", {}).get(rule, {}).get(
+            "slurm_partition", profile["default-resources"]["slurm_partition"])
+        assert planned[rule]["slurm_partition"] == str(partition), (rule, planned[rule])
+        assert planned[rule]["slurm_account"] == profile_account()
+
+
+def test_slurm_profile_by_name_submits_through_plugin(cluster_run):
+    """The full run above was `snakemake --profile slurm` by name from another folder: every
+    job went through snakemake-executor-plugin-slurm (an sbatch call running the job step)
+    with the profile's account and partitions."""
+    assert "Using profile slurm for setting default command line arguments" in (
+        cluster_run["proc"].stderr)
+    by_rule = calls_by_rule(cluster_run["calls"])
+    assert sorted(by_rule) == sorted(TINY_RULES), by_rule.keys()
+    for rule, (argv,) in by_rule.items():
+        assert "--executor slurm-jobstep" in option(argv, "--wrap"), argv
+        assert option(argv, "-A") == profile_account()
+        assert option(argv, "-p") == expected(rule, "slurm_partition")

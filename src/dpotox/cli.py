@@ -4,6 +4,7 @@ once per GPU.
 
     dpotox check-config config/config.yaml [more.yaml ...]   # validate; print with defaults
     dpotox assets                                            # verify every embedded file
+    dpotox profiles link|unlink [--repo DIR] [--warn-only]   # `--profile local|slurm` by name
     dpotox train-dpo --model-name M --config-json '{...}' --base DIR --pairs FILE \
         --out DIR --train-log FILE --checkpoints DIR [--device auto] [--log FILE]
 """
@@ -66,6 +67,12 @@ def _train_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profiles(args: argparse.Namespace) -> int:
+    from dpotox.profiles import main as profiles_main
+
+    return profiles_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dpotox`` command."""
     parser = argparse.ArgumentParser(prog="dpotox", description=__doc__,
@@ -77,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_check_config)
     p = sub.add_parser("assets", help="verify the embedded PyPI assets (sha256)")
     p.set_defaults(func=_assets)
+    p = sub.add_parser("profiles", help="link profiles/local and profiles/slurm where Snakemake "
+                       "looks up profile names (make setup), or remove those links")
+    p.add_argument("action", choices=["link", "unlink"])
+    p.add_argument("--repo", help="the repository root (default: the current folder)")
+    p.add_argument("--config-dir", help="Snakemake's profile folder (default: its user config "
+                   "folder, $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)")
+    p.add_argument("--warn-only", action="store_true",
+                   help="link: report a name that cannot be linked as a warning and exit 0")
+    p.set_defaults(func=_profiles)
     p = sub.add_parser("train-dpo", help="DPO fine-tuning (rule train_dpo; see dpotox.stages.dpo)")
     p.add_argument("--model-name", required=True, help="the model's key under models:")
     p.add_argument("--config-json", required=True,
