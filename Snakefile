@@ -21,12 +21,13 @@ min_version("9.0")
 # inherit the environment, also inside conda envs and SLURM jobs), installed or not.
 _SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, _SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p)
+# (update(): an assignment by key reads to snakemake --lint as a variable the workflow needs.)
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
-from dpotox.plan.config import missing_paths, validate_config  # noqa: E402
-from dpotox.errors import ConfigError  # noqa: E402
-from dpotox.plan.resources import requests  # noqa: E402
-from dpotox.plan.conditions import (  # noqa: E402
+from dpotox.plan.config import missing_paths, validate_config
+from dpotox.errors import ConfigError
+from dpotox.plan.resources import requests
+from dpotox.plan.conditions import (
     Ablation,
     chunks,
     parse as parse_condition,
@@ -35,8 +36,8 @@ from dpotox.plan.conditions import (  # noqa: E402
     toxic_ablation,
     try_parse,
 )
-from dpotox.plan.params import rule_params  # noqa: E402
-from dpotox.plan.outputs import (  # noqa: E402
+from dpotox.plan.params import rule_params
+from dpotox.plan.outputs import (
     ALL_MODELS,
     FIGURES,
     figure_files,
@@ -71,6 +72,7 @@ onstart:
 
 report: "workflow/report/workflow.rst"
 
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"
 include: "workflow/rules/probe.smk"
@@ -89,7 +91,7 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         expand("results/{model}/MANIFEST.tsv", model=MODELS),
         [f for s in FIGURE_SCOPES if s == ALL_MODELS for f in figure_files("results/figures", s)],
-    default_target: True

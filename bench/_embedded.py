@@ -20,8 +20,10 @@ def embedded_prompts(model_dir: Path, n: int, prompt_tokens: int = 32):
 
     for path in (model_dir, PROMPTS):
         if not path.exists():
-            sys.exit(f"{path} is missing: run `make run` (or `snakemake --profile profiles/local "
-                     f"resources/models/smollm2-135m/base resources/data/prompts.parquet`) first")
+            sys.exit(
+                f"{path} is missing: run `make run` (or `snakemake --profile profiles/local "
+                f"resources/models/smollm2-135m/base resources/data/prompts.parquet`) first"
+            )
     table = pd.read_parquet(PROMPTS)
     if len(table) < n:
         sys.exit(f"{PROMPTS} has {len(table)} prompts, fewer than the {n} asked for")
@@ -29,5 +31,9 @@ def embedded_prompts(model_dir: Path, n: int, prompt_tokens: int = 32):
     flush_denormals()
     model, tok = load_prepared(model_dir)
     ids = table["id"].astype(str).tolist()
-    return Adapter(model), tok, encode_prompts(tok, table["text"].tolist(), ids,
-                                               max_tokens=prompt_tokens), ids
+    return (
+        Adapter(model),
+        tok,
+        encode_prompts(tok, table["text"].tolist(), ids, max_tokens=prompt_tokens),
+        ids,
+    )

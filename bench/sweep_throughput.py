@@ -6,8 +6,9 @@ On the embedded model, generates the evaluation's greedy continuations (20 token
 ``--prompts`` prompts, cut to 32 tokens) under ``--conditions`` intervention specs of the kinds
 a sweep runs at the generation positions (ablations, patches, per-prompt patches, activation
 edits, built from random neuron sets, since they cost the same as the real ones). First each
-condition alone (``dpotox.engine.generate.greedy``, as a job per condition does), then all of them in
-one call (``dpotox.engine.generate.generate_many``, as a sweep job does). Checks that every condition's
+condition alone (``dpotox.engine.generate.greedy``, as a job per condition does), then all of
+them in one call (``dpotox.engine.generate.generate_many``, as a sweep job does). Checks that
+every condition's
 tokens are the same both ways and prints both times and their ratio. Target: at least 2. The
 last line is ``RESULT alone_s=<a> shared_s=<b> ratio=<a/b>``.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _embedded import MODEL_DIR, embedded_prompts  # noqa: E402
+from _embedded import MODEL_DIR, embedded_prompts
 
 
 def conditions(adapter, ids: list[str], n: int, seed: int = 0) -> list:
@@ -42,8 +43,11 @@ def conditions(adapter, ids: list[str], n: int, seed: int = 0) -> list:
             elif kind == "patch":
                 edits.append(SetNeurons(layer, idx, 0.1 * torch.randn(k, generator=g)))
             elif kind == "per-prompt":
-                edits.append(SetNeurons(layer, idx, 0.1 * torch.randn(len(ids), k, generator=g),
-                                        prompt_ids=ids))
+                edits.append(
+                    SetNeurons(
+                        layer, idx, 0.1 * torch.randn(len(ids), k, generator=g), prompt_ids=ids
+                    )
+                )
             else:
                 factors = 1 + 0.2 * torch.sign(torch.randn(k, generator=g))
                 edits.append(ScaleNeurons(layer, idx, factors))
@@ -62,22 +66,31 @@ def main() -> None:
     args = ap.parse_args()
     adapter, tok, prompts, ids = embedded_prompts(args.model_dir, args.prompts)
     specs = conditions(adapter, ids, args.conditions)
-    print(f"{len(prompts)} prompts (mean {sum(map(len, prompts)) / len(prompts):.1f} tokens), "
-          f"20 new tokens, batch {args.batch_size}, {len(specs)} conditions, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{len(prompts)} prompts (mean {sum(map(len, prompts)) / len(prompts):.1f} tokens), "
+        f"20 new tokens, batch {args.batch_size}, {len(specs)} conditions, "
+        f"{torch.get_num_threads()} threads"
+    )
     greedy(adapter, tok, prompts[:8], ids[:8], new_tokens=4)  # warm up kernels and allocator
     t0 = time.perf_counter()
-    alone = [greedy(adapter, tok, prompts, ids, spec=s, new_tokens=20,
-                    batch_size=args.batch_size).new_tokens for s in specs]
+    alone = [
+        greedy(
+            adapter, tok, prompts, ids, spec=s, new_tokens=20, batch_size=args.batch_size
+        ).new_tokens
+        for s in specs
+    ]
     alone_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    shared = generate_many(adapter, tok, prompts, ids, specs, new_tokens=20,
-                           batch_size=args.batch_size)
+    shared = generate_many(
+        adapter, tok, prompts, ids, specs, new_tokens=20, batch_size=args.batch_size
+    )
     shared_s = time.perf_counter() - t0
     same = [g.new_tokens == a for g, a in zip(shared, alone, strict=True)]
-    print(f"alone: {alone_s:.1f} s ({alone_s / len(specs):.2f} s per condition); "
-          f"shared: {shared_s:.1f} s ({shared_s / len(specs):.2f} s per condition); "
-          f"identical tokens: {sum(same)}/{len(same)} conditions")
+    print(
+        f"alone: {alone_s:.1f} s ({alone_s / len(specs):.2f} s per condition); "
+        f"shared: {shared_s:.1f} s ({shared_s / len(specs):.2f} s per condition); "
+        f"identical tokens: {sum(same)}/{len(same)} conditions"
+    )
     if not all(same):
         sys.exit("the shared evaluation gave other tokens than evaluating alone")
     print(f"RESULT alone_s={alone_s:.2f} shared_s={shared_s:.2f} ratio={alone_s / shared_s:.3f}")

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # the workflow runs the tests start inherit it.
 os.environ["DPOTOX_CACHE"] = tempfile.mkdtemp(prefix="dpotox-cache-")
 
-from tiny_models import FAMILIES, tiny_model  # noqa: E402
+from tiny_models import FAMILIES, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

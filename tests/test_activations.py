@@ -8,13 +8,19 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny_models import D_MLP, N_LAYERS, VOCAB, TokenIdTokenizer, tiny_model
 
-from dpotox.stages.activations import (META, ActivationsError, cache_generation, mean_activations,
-                                prompt_means, read_meta)
 from dpotox.engine.arch import Adapter
 from dpotox.engine.generate import greedy
 from dpotox.engine.spec import Intervention, ablate
-from tiny_models import D_MLP, N_LAYERS, VOCAB, TokenIdTokenizer, tiny_model
+from dpotox.stages.activations import (
+    META,
+    ActivationsError,
+    cache_generation,
+    mean_activations,
+    prompt_means,
+    read_meta,
+)
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -28,9 +34,12 @@ def _recompute(model, prompt: list[int], new: list[int]) -> list[torch.Tensor]:
     unpadded teacher-forced pass over prompt + continuation (no cache, no batching)."""
     adapter = Adapter(model)
     seen: dict[int, torch.Tensor] = {}
-    hooks = [adapter.out_proj(layer).register_forward_pre_hook(
-        lambda mod, args, layer=layer: seen.__setitem__(layer, args[0][0].detach().clone()))
-        for layer in range(adapter.n_layers)]
+    hooks = [
+        adapter.out_proj(layer).register_forward_pre_hook(
+            lambda mod, args, layer=layer: seen.__setitem__(layer, args[0][0].detach().clone())
+        )
+        for layer in range(adapter.n_layers)
+    ]
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([prompt + new]))
@@ -38,17 +47,27 @@ def _recompute(model, prompt: list[int], new: list[int]) -> list[torch.Tensor]:
         for h in hooks:
             h.remove()
     first = len(prompt) - 1
-    return [seen[layer][first:first + len(new)].double() for layer in range(adapter.n_layers)]
+    return [seen[layer][first : first + len(new)].double() for layer in range(adapter.n_layers)]
 
 
 def test_cached_means_equal_a_direct_recomputation(model, tmp_path):
     adapter, tok = Adapter(model), TokenIdTokenizer(model)
     prompts, ids = _prompts(7), [f"p{i}" for i in range(7)]
-    gen, meta = cache_generation(adapter, tok, prompts, ids, tmp_path / "base", new_tokens=6,
-                                 batch_size=3, positions_dir=tmp_path / "pos")
+    gen, meta = cache_generation(
+        adapter,
+        tok,
+        prompts,
+        ids,
+        tmp_path / "base",
+        new_tokens=6,
+        batch_size=3,
+        positions_dir=tmp_path / "pos",
+    )
     assert meta["n_prompts"] == 7 and meta["n_layers"] == N_LAYERS and meta["d_mlp"] == D_MLP
     # The cache rides on the same generation: its tokens are plain greedy's.
-    assert gen.new_tokens == greedy(adapter, tok, prompts, ids, new_tokens=6, batch_size=3).new_tokens
+    assert (
+        gen.new_tokens == greedy(adapter, tok, prompts, ids, new_tokens=6, batch_size=3).new_tokens
+    )
     every = {layer: [] for layer in range(N_LAYERS)}
     for layer in range(N_LAYERS):
         cached_ids, means, counts = prompt_means(tmp_path / "base", layer)
@@ -60,15 +79,17 @@ def test_cached_means_equal_a_direct_recomputation(model, tmp_path):
             every[layer].append(ref)
             assert counts[row] == len(gen.new_tokens[i])
             np.testing.assert_allclose(means[row], ref.mean(0).numpy(), rtol=1e-4, atol=1e-5)
-            mine = per_pos[per_pos["prompt_id"] == pid].pivot(index="position", columns="neuron",
-                                                              values="activation")
+            mine = per_pos[per_pos["prompt_id"] == pid].pivot(
+                index="position", columns="neuron", values="activation"
+            )
             assert mine.index.tolist() == list(range(len(gen.new_tokens[i])))
             np.testing.assert_allclose(mine.to_numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
     # The overall mean weighs every position equally, over all prompts.
     overall = mean_activations(tmp_path / "base")
     for layer in range(N_LAYERS):
-        np.testing.assert_allclose(overall[layer], torch.cat(every[layer]).mean(0).numpy(),
-                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            overall[layer], torch.cat(every[layer]).mean(0).numpy(), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_a_finished_row_stops_counting(tmp_path):
@@ -79,7 +100,9 @@ def test_a_finished_row_stops_counting(tmp_path):
     # Make the third token of prompt 0 the end-of-sequence token: that row stops after it.
     stop = free.new_tokens[0][2]
     model.generation_config.eos_token_id = stop
-    gen, _ = cache_generation(adapter, tok, prompts, ids, tmp_path / "c", new_tokens=8, batch_size=5)
+    gen, _ = cache_generation(
+        adapter, tok, prompts, ids, tmp_path / "c", new_tokens=8, batch_size=5
+    )
     lengths = {pid: len(t) for pid, t in zip(ids, gen.new_tokens)}
     assert lengths["p0"] == 3 and max(lengths.values()) == 8
     for layer in range(N_LAYERS):
@@ -94,8 +117,16 @@ def test_cache_under_a_spec_sees_the_edited_activations(tmp_path):
     model = tiny_model("gemma2")
     adapter, tok = Adapter(model), TokenIdTokenizer(model)
     spec = Intervention("ablate", [ablate(1, [3, 7, 11])])
-    cache_generation(adapter, tok, _prompts(4), ["a", "b", "c", "d"], tmp_path / "c",
-                     spec=spec, new_tokens=5, batch_size=2)
+    cache_generation(
+        adapter,
+        tok,
+        _prompts(4),
+        ["a", "b", "c", "d"],
+        tmp_path / "c",
+        spec=spec,
+        new_tokens=5,
+        batch_size=2,
+    )
     means = mean_activations(tmp_path / "c")
     assert (means[1, [3, 7, 11]] == 0).all() and (means[1] != 0).sum() == D_MLP - 3
     assert read_meta(tmp_path / "c")["spec"] == "ablate"
@@ -122,10 +153,12 @@ def test_plain_parquet_for_pandas_pyarrow_and_duckdb(tmp_path):
     rows = duckdb.sql(
         f"SELECT layer, neuron, sum(activation * n_positions) / sum(n_positions) AS mbar "
         f"FROM read_parquet('{root}/layer=*/*.parquet', hive_partitioning = true) "
-        "GROUP BY layer, neuron ORDER BY layer, neuron").fetchall()
+        "GROUP BY layer, neuron ORDER BY layer, neuron"
+    ).fetchall()
     assert len(rows) == N_LAYERS * D_MLP
-    np.testing.assert_allclose(np.array([r[2] for r in rows]).reshape(N_LAYERS, D_MLP), means,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array([r[2] for r in rows]).reshape(N_LAYERS, D_MLP), means, rtol=1e-6
+    )
     assert json.loads((root / META).read_text())["columns"]["activation"].startswith("mean")
 
 
@@ -144,8 +177,16 @@ def test_an_interrupted_run_leaves_no_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(adapter.model, "forward", dies_in_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
-        cache_generation(adapter, tok, _prompts(6), [str(i) for i in range(6)], target,
-                         new_tokens=5, batch_size=3, positions_dir=tmp_path / "acts" / "pos")
+        cache_generation(
+            adapter,
+            tok,
+            _prompts(6),
+            [str(i) for i in range(6)],
+            target,
+            new_tokens=5,
+            batch_size=3,
+            positions_dir=tmp_path / "acts" / "pos",
+        )
     assert calls["n"] == 8
     assert not target.exists() and list((tmp_path / "acts").iterdir()) == []
     # The recorder's hooks went with the exception.
@@ -162,8 +203,15 @@ def test_an_interrupted_run_leaves_no_cache(tmp_path, monkeypatch):
 def test_a_rerun_replaces_the_cache_whole(tmp_path):
     model = tiny_model("gemma3")
     adapter, tok = Adapter(model), TokenIdTokenizer(model)
-    cache_generation(adapter, tok, _prompts(6), [str(i) for i in range(6)], tmp_path / "c",
-                     new_tokens=3, batch_size=6)
+    cache_generation(
+        adapter,
+        tok,
+        _prompts(6),
+        [str(i) for i in range(6)],
+        tmp_path / "c",
+        new_tokens=3,
+        batch_size=6,
+    )
     cache_generation(adapter, tok, _prompts(2), ["x", "y"], tmp_path / "c", new_tokens=3)
     assert read_meta(tmp_path / "c")["n_prompts"] == 2
     assert prompt_means(tmp_path / "c", 0)[1].shape == (2, D_MLP)

@@ -2,20 +2,26 @@
 
 import pytest
 import torch
+from tiny_models import D_MLP, D_MODEL, N_LAYERS
 from torch import nn
 
 from dpotox.engine.arch import SUPPORTED, Adapter, family_of
 from dpotox.errors import UnsupportedModelError
-from tiny_models import D_MLP, D_MODEL, N_LAYERS
 
 
 def _capture(adapter: Adapter, layer: int, ids: torch.Tensor):
     """Run the model; return the MLP input, the out-projection input (m) and the MLP output."""
     seen = {}
     hooks = [
-        adapter.mlp(layer).register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0])),
-        adapter.out_proj(layer).register_forward_pre_hook(lambda mod, args: seen.__setitem__("m", args[0])),
-        adapter.mlp(layer).register_forward_hook(lambda mod, args, out: seen.__setitem__("out", out)),
+        adapter.mlp(layer).register_forward_pre_hook(
+            lambda mod, args: seen.__setitem__("x", args[0])
+        ),
+        adapter.out_proj(layer).register_forward_pre_hook(
+            lambda mod, args: seen.__setitem__("m", args[0])
+        ),
+        adapter.mlp(layer).register_forward_hook(
+            lambda mod, args, out: seen.__setitem__("out", out)
+        ),
     ]
     try:
         with torch.no_grad():
@@ -72,7 +78,10 @@ def test_value_vectors_are_views(model, family):
     a = Adapter(model, family)
     assert a.value_vectors(0).data_ptr() == a.out_proj(0).weight.data_ptr()
     assert a.key_vectors(0).data_ptr() == (
-        a.mlp(0).c_fc.weight.data_ptr() if family == "gpt2" else a.mlp(0).gate_proj.weight.data_ptr())
+        a.mlp(0).c_fc.weight.data_ptr()
+        if family == "gpt2"
+        else a.mlp(0).gate_proj.weight.data_ptr()
+    )
 
 
 def test_unsupported_family_lists_supported():

@@ -46,10 +46,22 @@ def test_parse_and_format_round_trip(name):
     assert str(NAMES[name]) == NAMES[name].name == name
 
 
-@pytest.mark.parametrize("name", ["", "ablate-toxic-", "ablate-toxic-1.5", "patch-toxic-",
-                                  "patch-nonsense", "steer-probe-a", "edit-probe-abs-b0.5-a1",
-                                  "edit-probe-cos-b0.5", "dpo-scale-keys-x2", "base-per-prompt",
-                                  "my-own-spec"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "ablate-toxic-",
+        "ablate-toxic-1.5",
+        "patch-toxic-",
+        "patch-nonsense",
+        "steer-probe-a",
+        "edit-probe-abs-b0.5-a1",
+        "edit-probe-cos-b0.5",
+        "dpo-scale-keys-x2",
+        "base-per-prompt",
+        "my-own-spec",
+    ],
+)
 def test_unknown_names_are_refused_with_the_grammar(name):
     with pytest.raises(SweepError, match="unknown condition.*ablate-toxic-N"):
         parse(name)
@@ -57,8 +69,9 @@ def test_unknown_names_are_refused_with_the_grammar(name):
 
 
 def test_model_and_parameters():
-    assert [parse(n).on_dpo_model for n in ("dpo", "dpo-scale-keys-top7-x2", "base",
-                                            "patch-tp")] == [True, True, False, False]
+    assert [
+        parse(n).on_dpo_model for n in ("dpo", "dpo-scale-keys-top7-x2", "base", "patch-tp")
+    ] == [True, True, False, False]
     assert Patching("toxic-128").toxic_top == 128 and Patching("tp").toxic_top is None
     assert Patching("tp", per_prompt=True).means == Patching("tp")
     assert Editing("probe", "cos", 0.5, 2).method == "edit-probe-cos"
@@ -67,8 +80,9 @@ def test_model_and_parameters():
     assert not toxic_ablation("whatever")
 
 
-@pytest.mark.parametrize("configs", [("config.yaml",), ("paper.yaml",),
-                                     ("config.yaml", "two-models.yaml")])
+@pytest.mark.parametrize(
+    "configs", [("config.yaml",), ("paper.yaml",), ("config.yaml", "two-models.yaml")]
+)
 def test_every_configured_condition_parses_back_to_its_name(configs):
     cfg = load_config(*(CONFIG / c for c in configs), check_paths=False)
     for model in cfg["models"]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpotox.plan.config import load_config, load_schema, model_setting, validate_config
 from dpotox.errors import ConfigError
+from dpotox.plan.config import load_config, load_schema, model_setting, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -37,8 +37,9 @@ def test_default_config_is_valid_and_filled():
 
 
 def test_minimal_config_gets_every_default():
-    cfg = validate_config({"models": {"m": {"source": {"kind": "hub", "id": "gpt2"},
-                                            "family": "gpt2"}}})
+    cfg = validate_config(
+        {"models": {"m": {"source": {"kind": "hub", "id": "gpt2"}, "family": "gpt2"}}}
+    )
     assert cfg["seed"] == 0
     assert cfg["models"]["m"]["source"]["revision"] == "main"
     assert {"prompts", "wiki", "probe_texts", "pairs"} <= set(cfg["data"])
@@ -46,8 +47,17 @@ def test_minimal_config_gets_every_default():
 
 
 def test_per_model_override():
-    cfg = validate_config(_cfg(models={"a": {"source": {"kind": "hub", "id": "gpt2"},
-                                             "family": "gpt2", "dpo": {"kl_weight": 0.02}}}))
+    cfg = validate_config(
+        _cfg(
+            models={
+                "a": {
+                    "source": {"kind": "hub", "id": "gpt2"},
+                    "family": "gpt2",
+                    "dpo": {"kl_weight": 0.02},
+                }
+            }
+        )
+    )
     assert model_setting(cfg, "a", "dpo", "kl_weight") == 0.02
     assert model_setting(cfg, "a", "dpo", "beta") == 0.1
 
@@ -63,29 +73,45 @@ BAD = [
     ({"sweeps__patch_sets": ["tq"]}, ["sweeps.patch_sets[0]", "'tq'", "four-groups"]),
     ({"probe__learning_rat": 0.1}, ["unknown key", "'learning_rat'", "probe", "l2"]),
     ({"colour": "blue"}, ["unknown key", "'colour'"]),
-    ({"models__smollm2-135m__family": "falcon"},
-     ["models.smollm2-135m.family", "unknown model family", "'falcon'", "gpt2", "gemma3"]),
-    ({"models__smollm2-135m__source": {"kind": "ftp", "url": "x"}},
-     ["models.smollm2-135m.source.kind", "unknown source kind", "'ftp'", "gguf-package"]),
-    ({"data__prompts": [{"kind": "s3", "path": "x"}]},
-     ["data.prompts[0].kind", "unknown source kind", "'s3'", "jsonl"]),
-    ({"data__prompts": [{"kind": "jsonl", "path": "/nonexistent/prompts.jsonl"}]},
-     ["data.prompts[0].path", "/nonexistent/prompts.jsonl", "does not exist"]),
-    ({"models__smollm2-135m__source": {"kind": "local", "path": "no/such/model"}},
-     ["models.smollm2-135m.source.path", "no/such/model", "does not exist"]),
+    (
+        {"models__smollm2-135m__family": "falcon"},
+        ["models.smollm2-135m.family", "unknown model family", "'falcon'", "gpt2", "gemma3"],
+    ),
+    (
+        {"models__smollm2-135m__source": {"kind": "ftp", "url": "x"}},
+        ["models.smollm2-135m.source.kind", "unknown source kind", "'ftp'", "gguf-package"],
+    ),
+    (
+        {"data__prompts": [{"kind": "s3", "path": "x"}]},
+        ["data.prompts[0].kind", "unknown source kind", "'s3'", "jsonl"],
+    ),
+    (
+        {"data__prompts": [{"kind": "jsonl", "path": "/nonexistent/prompts.jsonl"}]},
+        ["data.prompts[0].path", "/nonexistent/prompts.jsonl", "does not exist"],
+    ),
+    (
+        {"models__smollm2-135m__source": {"kind": "local", "path": "no/such/model"}},
+        ["models.smollm2-135m.source.path", "no/such/model", "does not exist"],
+    ),
     ({"models__smollm2-135m__source": {"kind": "hub"}}, ["models.smollm2-135m.source", "'id'"]),
     ({"models__smollm2-135m__dtype": "int4"}, ["dtype", "'int4'", "bfloat16"]),
     ({"models": {}}, ["models", "at least 1"]),
-    ({"models": {"all-models": {"source": {"kind": "hub", "id": "gpt2"}, "family": "gpt2"}}},
-     ["models", "'all-models' is not allowed", "reserved", "rename the model"]),
+    (
+        {"models": {"all-models": {"source": {"kind": "hub", "id": "gpt2"}, "family": "gpt2"}}},
+        ["models", "'all-models' is not allowed", "reserved", "rename the model"],
+    ),
     ({"figures__dpi": 10}, ["figures.dpi", "10", "[50, 600]"]),
     ({"toxicity__scorer": "perspective"}, ["toxicity.scorer", "'perspective'", "jigsaw-bilstm"]),
     ({"toxicity__checkpoint": "/no/such.ckpt"}, ["toxicity.checkpoint", "/no/such.ckpt"]),
     ({"dpo__batch_size": 2.5}, ["dpo.batch_size", "2.5", "integer"]),
-    ({"data__wiki": {"kind": "embedded", "asset": "enwiki-full"}},
-     ["data.wiki.asset", "'enwiki-full'", "ovos-wiki-summaries"]),
-    ({"data__prompts": [{"kind": "hub", "id": "x", "columns": {"txt": "a"}}]},
-     ["data.prompts[0].columns", "txt"]),
+    (
+        {"data__wiki": {"kind": "embedded", "asset": "enwiki-full"}},
+        ["data.wiki.asset", "'enwiki-full'", "ovos-wiki-summaries"],
+    ),
+    (
+        {"data__prompts": [{"kind": "hub", "id": "x", "columns": {"txt": "a"}}]},
+        ["data.prompts[0].columns", "txt"],
+    ),
 ]
 
 
@@ -113,8 +139,9 @@ def test_existing_local_paths_pass(tmp_path):
 def test_schema_defaults_obey_their_own_bounds():
     """Every default in the schema passes validation (the minimal config used them all)."""
     schema = load_schema()
-    cfg = validate_config({"models": {"m": {"source": {"kind": "hub", "id": "gpt2"},
-                                            "family": "gpt2"}}}, schema)
+    cfg = validate_config(
+        {"models": {"m": {"source": {"kind": "hub", "id": "gpt2"}, "family": "gpt2"}}}, schema
+    )
     validate_config(copy.deepcopy(cfg), schema)
 
 
@@ -128,10 +155,25 @@ def test_snakemake_stops_before_any_job(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("probe:\n  test_fraction: 2\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile",
-         str(REPO / "config" / "config.yaml"), str(bad), "--directory", str(tmp_path),
-         "--snakefile", str(REPO / "Snakefile")],
-        capture_output=True, text=True, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "--cores",
+            "1",
+            "--configfile",
+            str(REPO / "config" / "config.yaml"),
+            str(bad),
+            "--directory",
+            str(tmp_path),
+            "--snakefile",
+            str(REPO / "Snakefile"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "probe.test_fraction" in out and "(0, 1)" in out

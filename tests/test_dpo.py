@@ -10,30 +10,55 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import prepared_gpt2, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
-from dpotox.stages.dpo import DPOError, DPOSettings, checkpoints, split_pairs, train_dpo
-from dpotox.stages.dpo.trainer import k3_kl, make_trainer
 from dpotox.errors import ConfigError
 from dpotox.sources import prepare_model
 from dpotox.sources.models import load_prepared
-from tiny_models import prepared_gpt2, tiny_model
+from dpotox.stages.dpo import DPOError, DPOSettings, checkpoints, split_pairs, train_dpo
+from dpotox.stages.dpo.trainer import k3_kl, make_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-SUBJECTS = ["The neighbour", "My teacher", "That driver", "Our new boss", "The waiter", "His cousin",
-            "Hi", "A stranger", "The referee", "Her landlord", "The pilot", "My dentist"]
+SUBJECTS = [
+    "The neighbour",
+    "My teacher",
+    "That driver",
+    "Our new boss",
+    "The waiter",
+    "His cousin",
+    "Hi",
+    "A stranger",
+    "The referee",
+    "Her landlord",
+    "The pilot",
+    "My dentist",
+]
 # An easy preference: always the polite continuation over the rude one.
-PAIRS = pd.DataFrame({
-    "prompt": [f"{s} said that you are" for s in SUBJECTS] * 2,
-    "chosen": [" kind and helpful today", " a good friend to all"] * len(SUBJECTS),
-    "rejected": [" a stupid ugly idiot", " rude and nasty trash"] * len(SUBJECTS),
-    "source": "test",
-})
+PAIRS = pd.DataFrame(
+    {
+        "prompt": [f"{s} said that you are" for s in SUBJECTS] * 2,
+        "chosen": [" kind and helpful today", " a good friend to all"] * len(SUBJECTS),
+        "rejected": [" a stupid ugly idiot", " rude and nasty trash"] * len(SUBJECTS),
+        "source": "test",
+    }
+)
 # Fast defaults for the tests; each test changes what it exercises.
-FAST = dict(learning_rate=3e-3, optimizer="adamw", warmup_steps=0, batch_size=4,
-            gradient_accumulation_steps=1, eval_batch_size=8, max_steps=6, eval_steps=3,
-            save_steps=3, early_stopping_patience=10, validation_fraction=0.25, kl_weight=0.0)
+FAST = dict(
+    learning_rate=3e-3,
+    optimizer="adamw",
+    warmup_steps=0,
+    batch_size=4,
+    gradient_accumulation_steps=1,
+    eval_batch_size=8,
+    max_steps=6,
+    eval_steps=3,
+    save_steps=3,
+    early_stopping_patience=10,
+    validation_fraction=0.25,
+    kl_weight=0.0,
+)
 
 
 def small_tokenizer() -> PreTrainedTokenizerFast:
@@ -43,11 +68,17 @@ def small_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         list(PAIRS["prompt"]) + list(PAIRS["chosen"]) + list(PAIRS["rejected"]),
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +92,15 @@ def llama_dir(tmp_path_factory):
     tok = small_tokenizer()
     tiny_model("llama", vocab=len(tok)).save_pretrained(root / "src")
     tok.save_pretrained(root / "src")
-    return prepare_model("tiny-llama", {"source": {"kind": "local", "path": str(root / "src")},
-                                        "family": "llama", "dtype": "float32"}, root / "base")
+    return prepare_model(
+        "tiny-llama",
+        {
+            "source": {"kind": "local", "path": str(root / "src")},
+            "family": "llama",
+            "dtype": "float32",
+        },
+        root / "base",
+    )
 
 
 def reversed_validation(pairs=PAIRS, fraction=FAST["validation_fraction"], seed=0):
@@ -79,9 +117,21 @@ def run(model_dir, tmp_path, name="run", pairs=PAIRS, **changes):
     """train_dpo with FAST settings; returns (summary, log table, paths)."""
     extra = {k: changes.pop(k) for k in ("callbacks", "keep_checkpoints") if k in changes}
     settings = DPOSettings(**{**FAST, **changes})
-    out, log_path, ckpt = tmp_path / name / "dpo", tmp_path / name / "log.parquet", tmp_path / name / "ckpt"
-    summary = train_dpo(model_dir, pairs, out, settings, checkpoint_dir=ckpt, log_path=log_path,
-                        device="cpu", **extra)
+    out, log_path, ckpt = (
+        tmp_path / name / "dpo",
+        tmp_path / name / "log.parquet",
+        tmp_path / name / "ckpt",
+    )
+    summary = train_dpo(
+        model_dir,
+        pairs,
+        out,
+        settings,
+        checkpoint_dir=ckpt,
+        log_path=log_path,
+        device="cpu",
+        **extra,
+    )
     return summary, pd.read_parquet(log_path), (out, log_path, ckpt)
 
 
@@ -98,30 +148,64 @@ class Interrupt(TrainerCallback):
 
 # ---- settings -------------------------------------------------------------------------------
 
+
 def test_settings_from_config_with_model_overrides():
-    cfg = {"seed": 7, "models": {"gpt2": {"dpo": {"kl_weight": 0.02}},
-                                 "llama": {"dpo": {"kl_weight": 0.1, "learning_rate": 2e-6}},
-                                 "plain": {}},
-           "dpo": {"beta": 0.2, "kl_weight": 0.05, "learning_rate": 1e-6, "max_steps": 100,
-                   "pairs": {"method": "best-of-n", "n_prompts": 4}}}
+    cfg = {
+        "seed": 7,
+        "models": {
+            "gpt2": {"dpo": {"kl_weight": 0.02}},
+            "llama": {"dpo": {"kl_weight": 0.1, "learning_rate": 2e-6}},
+            "plain": {},
+        },
+        "dpo": {
+            "beta": 0.2,
+            "kl_weight": 0.05,
+            "learning_rate": 1e-6,
+            "max_steps": 100,
+            "pairs": {"method": "best-of-n", "n_prompts": 4},
+        },
+    }
     gpt2 = DPOSettings.from_config(cfg, "gpt2")
-    assert (gpt2.kl_weight, gpt2.learning_rate, gpt2.beta, gpt2.seed, gpt2.max_steps) == (0.02, 1e-6, 0.2, 7, 100)
+    assert (gpt2.kl_weight, gpt2.learning_rate, gpt2.beta, gpt2.seed, gpt2.max_steps) == (
+        0.02,
+        1e-6,
+        0.2,
+        7,
+        100,
+    )
     llama = DPOSettings.from_config(cfg, "llama")
     assert (llama.kl_weight, llama.learning_rate) == (0.1, 2e-6)
     plain = DPOSettings.from_config(cfg, "plain")
-    assert (plain.kl_weight, plain.optimizer, plain.warmup_steps, plain.save_steps) == (0.05, "rmsprop", 150, 50)
+    assert (plain.kl_weight, plain.optimizer, plain.warmup_steps, plain.save_steps) == (
+        0.05,
+        "rmsprop",
+        150,
+        50,
+    )
     assert DPOSettings.from_config({"models": {"m": {}}}, "m") == DPOSettings()
 
 
-@pytest.mark.parametrize("changes, keys", [
-    ({"max_prompt_length": 200, "max_completion_length": 100},
-     ["'dpo.max_prompt_length' (200)", "'dpo.max_completion_length' (100)", "'dpo.max_length' (256)"]),
-    ({"save_steps": 30, "eval_steps": 20}, ["'dpo.save_steps' (30)", "'dpo.eval_steps' (20)"]),
-    ({"optimizer": "sgd"}, ["'dpo.optimizer': got 'sgd'"]),
-    ({"max_steps": 0, "batch_size": 0}, ["'dpo.max_steps': got 0", "'dpo.batch_size': got 0"]),
-    ({"validation_fraction": 1.0}, ["'dpo.validation_fraction': got 1.0, expected a number in (0, 1)"]),
-    ({"epochs": 2.5}, ["'dpo.epochs': got 2.5, expected an integer >= 1"]),
-])
+@pytest.mark.parametrize(
+    "changes, keys",
+    [
+        (
+            {"max_prompt_length": 200, "max_completion_length": 100},
+            [
+                "'dpo.max_prompt_length' (200)",
+                "'dpo.max_completion_length' (100)",
+                "'dpo.max_length' (256)",
+            ],
+        ),
+        ({"save_steps": 30, "eval_steps": 20}, ["'dpo.save_steps' (30)", "'dpo.eval_steps' (20)"]),
+        ({"optimizer": "sgd"}, ["'dpo.optimizer': got 'sgd'"]),
+        ({"max_steps": 0, "batch_size": 0}, ["'dpo.max_steps': got 0", "'dpo.batch_size': got 0"]),
+        (
+            {"validation_fraction": 1.0},
+            ["'dpo.validation_fraction': got 1.0, expected a number in (0, 1)"],
+        ),
+        ({"epochs": 2.5}, ["'dpo.epochs': got 2.5, expected an integer >= 1"]),
+    ],
+)
 def test_settings_errors_name_the_keys(changes, keys):
     with pytest.raises(ConfigError) as err:
         DPOSettings(**changes)
@@ -162,12 +246,18 @@ def test_split_pairs_is_seeded_disjoint_and_keeps_one_of_each():
 
 # ---- the loss and the data ------------------------------------------------------------------
 
+
 def reference_kl(trainer, batch):
     """k3 KL per completion token, from full logits (independent of TRL's fused head)."""
+
     def logps(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.log_softmax(logits[:, :-1].float(), -1).gather(
-            -1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (
+            torch.log_softmax(logits[:, :-1].float(), -1)
+            .gather(-1, batch["input_ids"][:, 1:, None])
+            .squeeze(-1)
+        )
+
     with torch.no_grad():
         r = logps(trainer.ref_model) - logps(trainer.model)
     mask = batch["completion_mask"][:, 1:].float()
@@ -203,7 +293,8 @@ def test_kl_term_on_top_of_trl_loss(gpt2_dir, tmp_path):
 
     trainer.kl_weight = 0.0  # plain DPO: exactly TRL's loss
     assert float(trainer._compute_loss(trainer.model, batch, False)) == float(
-        DPOTrainer._compute_loss(trainer, trainer.model, batch, False))
+        DPOTrainer._compute_loss(trainer, trainer.model, batch, False)
+    )
 
 
 def test_k3_is_non_negative_and_masked():
@@ -217,9 +308,13 @@ def test_k3_is_non_negative_and_masked():
 def test_prompt_and_completion_budgets(llama_dir, tmp_path):
     tok = load_prepared(llama_dir)[1]
     long_prompt = "Our new boss said that you are a good friend to all and kind and helpful"
-    pairs = pd.DataFrame({"prompt": [long_prompt, "Hi"],
-                          "chosen": [" kind and helpful today", " a" + tok.eos_token],
-                          "rejected": [" a stupid ugly idiot", " rude"]})
+    pairs = pd.DataFrame(
+        {
+            "prompt": [long_prompt, "Hi"],
+            "chosen": [" kind and helpful today", " a" + tok.eos_token],
+            "rejected": [" a stupid ugly idiot", " rude"],
+        }
+    )
     settings = DPOSettings(**{**FAST, "max_prompt_length": 5, "max_completion_length": 3})
     trainer = make_trainer(llama_dir, pairs, pairs, settings, checkpoint_dir=tmp_path, device="cpu")
     long, short = trainer.train_dataset[0], trainer.train_dataset[1]
@@ -227,20 +322,27 @@ def test_prompt_and_completion_budgets(llama_dir, tmp_path):
     assert len(short_full) <= 5
     assert full[0] == tok.bos_token_id and len(full) > 5
     assert long["prompt_ids"] == [tok.bos_token_id] + full[-4:]  # BOS kept, the rest from the end
-    assert long["chosen_ids"] == tok(long_prompt + " kind and helpful today")["input_ids"][len(full):][:3]
+    assert (
+        long["chosen_ids"]
+        == tok(long_prompt + " kind and helpful today")["input_ids"][len(full) :][:3]
+    )
     assert tok.eos_token_id not in long["rejected_ids"]  # TRL's appended EOS is taken off again
     assert short["prompt_ids"] == short_full
-    assert short["chosen_ids"] == tok("Hi a" + tok.eos_token)["input_ids"][len(short_full):]
+    assert short["chosen_ids"] == tok("Hi a" + tok.eos_token)["input_ids"][len(short_full) :]
     assert short["chosen_ids"][-1] == tok.eos_token_id  # an EOS in the text itself stays
     assert tok.eos_token_id not in short["rejected_ids"]
 
 
 # ---- training -------------------------------------------------------------------------------
 
+
 def test_gpt2_training_writes_a_loadable_model_and_the_log(gpt2_dir, tmp_path):
-    summary, table, (out, log_path, ckpt) = run(gpt2_dir, tmp_path, max_steps=2, eval_steps=2,
-                                                save_steps=2, kl_weight=0.1)
-    assert summary["steps"] == 2 and summary["resumed_from_step"] == 0 and not summary["stopped_early"]
+    summary, table, (out, log_path, ckpt) = run(
+        gpt2_dir, tmp_path, max_steps=2, eval_steps=2, save_steps=2, kl_weight=0.1
+    )
+    assert (
+        summary["steps"] == 2 and summary["resumed_from_step"] == 0 and not summary["stopped_early"]
+    )
     assert (summary["n_train"], summary["n_val"]) == (18, 6)
     assert summary["best_step"] == 2 and summary["best_eval_loss"] is not None
     model, tok = load_prepared(out)
@@ -248,10 +350,23 @@ def test_gpt2_training_writes_a_loadable_model_and_the_log(gpt2_dir, tmp_path):
     assert meta["name"] == "tiny-gpt2" and meta["family"] == "gpt2" and meta["dtype"] == "float32"
     assert meta["dpo"]["steps"] == 2 and meta["dpo"]["settings"]["kl_weight"] == 0.1
     base = load_prepared(gpt2_dir)[0]
-    assert not torch.equal(model.transformer.h[0].mlp.c_proj.weight, base.transformer.h[0].mlp.c_proj.weight)
-    assert list(table.columns[:12]) == ["step", "epoch", "split", "loss", "dpo_loss", "kl",
-                                        "rewards/margins", "rewards/accuracies", "rewards/chosen",
-                                        "rewards/rejected", "learning_rate", "grad_norm"]
+    assert not torch.equal(
+        model.transformer.h[0].mlp.c_proj.weight, base.transformer.h[0].mlp.c_proj.weight
+    )
+    assert list(table.columns[:12]) == [
+        "step",
+        "epoch",
+        "split",
+        "loss",
+        "dpo_loss",
+        "kl",
+        "rewards/margins",
+        "rewards/accuracies",
+        "rewards/chosen",
+        "rewards/rejected",
+        "learning_rate",
+        "grad_norm",
+    ]
     assert table["split"].tolist() == ["train"] * 2 + ["eval"]
     assert table["kl"].iloc[0] == pytest.approx(0, abs=1e-7) and table["kl"].iloc[1] > 0
     train = table[table["split"] == "train"]
@@ -261,14 +376,17 @@ def test_gpt2_training_writes_a_loadable_model_and_the_log(gpt2_dir, tmp_path):
 
 
 def test_llama_learns_easy_pairs(llama_dir, tmp_path):
-    summary, table, _ = run(llama_dir, tmp_path, max_steps=12, eval_steps=4, save_steps=4,
-                            kl_weight=0.05)
+    summary, table, _ = run(
+        llama_dir, tmp_path, max_steps=12, eval_steps=4, save_steps=4, kl_weight=0.05
+    )
     evals = table[table["split"] == "eval"]
     assert evals["step"].tolist() == [4, 8, 12]
     assert evals["loss"].iloc[-1] < evals["loss"].iloc[0] < 0.69
     assert evals["rewards/accuracies"].iloc[-1] == 1.0
     assert evals["rewards/margins"].is_monotonic_increasing
-    assert summary["eval_reward_accuracy"] == 1.0 and summary["best_eval_loss"] == evals["loss"].min()
+    assert (
+        summary["eval_reward_accuracy"] == 1.0 and summary["best_eval_loss"] == evals["loss"].min()
+    )
     train = table[table["split"] == "train"]
     assert train["kl"].iloc[0] == pytest.approx(0, abs=1e-7) and (train["kl"].iloc[3:] > 1e-4).all()
     assert table["learning_rate"].dropna().eq(3e-3).all()  # no warmup asked, constant after it
@@ -279,7 +397,9 @@ def test_precomputed_reference_trains_as_the_live_reference(llama_dir, tmp_path)
     and weights of a reference forward at every step."""
     kw = dict(max_steps=6, eval_steps=3, save_steps=3, kl_weight=0.5)
     live, live_table, (live_out, _, _) = run(llama_dir, tmp_path, "live", **kw)
-    pre, pre_table, (pre_out, _, _) = run(llama_dir, tmp_path, "pre", precompute_ref_log_probs=True, **kw)
+    pre, pre_table, (pre_out, _, _) = run(
+        llama_dir, tmp_path, "pre", precompute_ref_log_probs=True, **kw
+    )
     cols = ["loss", "dpo_loss", "kl", "rewards/margins"]
     assert pre_table["kl"].iloc[-1] > 1e-4  # the KL term is exercised
     pd.testing.assert_frame_equal(pre_table[["step", "split"]], live_table[["step", "split"]])
@@ -306,8 +426,16 @@ def test_precompute_frees_the_reference(llama_dir, tmp_path):
 
 
 def test_warmup_is_linear_then_constant(llama_dir, tmp_path):
-    _, table, _ = run(llama_dir, tmp_path, max_steps=6, eval_steps=6, save_steps=6, warmup_steps=4,
-                      optimizer="rmsprop", learning_rate=1e-4)
+    _, table, _ = run(
+        llama_dir,
+        tmp_path,
+        max_steps=6,
+        eval_steps=6,
+        save_steps=6,
+        warmup_steps=4,
+        optimizer="rmsprop",
+        learning_rate=1e-4,
+    )
     lr = table.loc[table["split"] == "train", "learning_rate"].tolist()
     # The logged rate is the one the step used: 0, 1/4, 2/4, 3/4 of the peak, then the peak.
     assert lr == pytest.approx([0, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4])
@@ -327,16 +455,46 @@ def test_two_processes_under_accelerate_launch(llama_dir, tmp_path):
     launch = yaml.safe_load((REPO / "config" / "accelerate" / "fsdp.yaml").read_text())
     launch_cfg = tmp_path / "fsdp-cpu.yaml"
     launch_cfg.write_text(yaml.safe_dump({**launch, "use_cpu": True, "mixed_precision": "no"}))
-    dpo = {**FAST, "batch_size": 2, "gradient_accumulation_steps": 2, "max_steps": 4,
-           "eval_steps": 2, "save_steps": 2, "kl_weight": 0.1, "precompute_ref_log_probs": True}
+    dpo = {
+        **FAST,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_steps": 4,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "kl_weight": 0.1,
+        "precompute_ref_log_probs": True,
+    }
     cfg = {"seed": 0, "models": {"tiny": {"family": "llama"}}, "dpo": dpo}
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_cfg),
-           "--num_processes", "2", "-m", "dpotox", "train-dpo", "--model-name", "tiny",
-           "--config-json", json.dumps(cfg), "--base", str(llama_dir),
-           "--pairs", str(tmp_path / "pairs.parquet"), "--out", str(out),
-           "--train-log", str(tmp_path / "log.parquet"), "--checkpoints", str(tmp_path / "ckpt"),
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(launch_cfg),
+        "--num_processes",
+        "2",
+        "-m",
+        "dpotox",
+        "train-dpo",
+        "--model-name",
+        "tiny",
+        "--config-json",
+        json.dumps(cfg),
+        "--base",
+        str(llama_dir),
+        "--pairs",
+        str(tmp_path / "pairs.parquet"),
+        "--out",
+        str(out),
+        "--train-log",
+        str(tmp_path / "log.parquet"),
+        "--checkpoints",
+        str(tmp_path / "ckpt"),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -381,9 +539,16 @@ def test_checkpoints_of_another_run_are_not_resumed(llama_dir, tmp_path):
 
 
 def test_early_stopping_keeps_the_best_model(llama_dir, tmp_path):
-    summary, table, (out, _, ckpt) = run(llama_dir, tmp_path, pairs=reversed_validation(),
-                                         max_steps=20, eval_steps=1, save_steps=3,
-                                         early_stopping_patience=2, keep_checkpoints=True)
+    summary, table, (out, _, ckpt) = run(
+        llama_dir,
+        tmp_path,
+        pairs=reversed_validation(),
+        max_steps=20,
+        eval_steps=1,
+        save_steps=3,
+        early_stopping_patience=2,
+        keep_checkpoints=True,
+    )
     evals = table[table["split"] == "eval"].set_index("step")["loss"]
     assert evals.is_monotonic_increasing  # the premise: validation only gets worse
     # Best at the first validation, two more without improvement, stop: step 3 of 20.
@@ -411,7 +576,9 @@ def test_failure_leaves_no_output_and_bad_pairs_are_refused(llama_dir, tmp_path)
 
 def test_a_run_that_died_after_its_last_step_only_writes_the_outputs(llama_dir, tmp_path):
     changes = dict(max_steps=4, eval_steps=2, save_steps=2)
-    first, first_table, (out, log_path, ckpt) = run(llama_dir, tmp_path, keep_checkpoints=True, **changes)
+    first, first_table, (out, log_path, ckpt) = run(
+        llama_dir, tmp_path, keep_checkpoints=True, **changes
+    )
     out_bytes = (out / "model.safetensors").read_bytes()
     shutil.rmtree(out)
     log_path.unlink()
@@ -424,8 +591,13 @@ def test_a_run_that_died_after_its_last_step_only_writes_the_outputs(llama_dir, 
 
 
 def test_an_early_stopped_run_is_not_continued(llama_dir, tmp_path):
-    changes = dict(pairs=reversed_validation(), max_steps=20, eval_steps=1, save_steps=3,
-                   early_stopping_patience=2)
+    changes = dict(
+        pairs=reversed_validation(),
+        max_steps=20,
+        eval_steps=1,
+        save_steps=3,
+        early_stopping_patience=2,
+    )
     first, _, (out, log_path, ckpt) = run(llama_dir, tmp_path, keep_checkpoints=True, **changes)
     assert [s for s, _ in checkpoints(ckpt)] == [1, 3]  # checkpoint-3 was taken as it stopped
     out_bytes = (out / "model.safetensors").read_bytes()

@@ -6,8 +6,14 @@ import pytest
 
 from dpotox.plan.conditions import chunks, sweep_conditions
 from dpotox.plan.config import load_config
-from dpotox.plan.estimate import (EstimateError, efficiencies, estimate, markdown, measured_jobs,
-                             planned_jobs)
+from dpotox.plan.estimate import (
+    EstimateError,
+    efficiencies,
+    estimate,
+    markdown,
+    measured_jobs,
+    planned_jobs,
+)
 from dpotox.plan.resources import GPU_RULES, gpu_plan, job_flops, rule_work
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +45,9 @@ def bench_dir(tmp_path, measured_cfg):
     for cond in ("base", "dpo"):
         _bench(root / "evaluate" / m / f"{cond}.tsv", 10)
         _bench(root / "cache_activations" / m / f"{cond}.tsv", 10)
-    n_parts = len(chunks(sweep_conditions(measured_cfg, m), measured_cfg["sweeps"]["conditions_per_job"]))
+    n_parts = len(
+        chunks(sweep_conditions(measured_cfg, m), measured_cfg["sweeps"]["conditions_per_job"])
+    )
     for i in range(n_parts):
         _bench(root / "sweep" / m / f"part-{i:02d}.tsv", 10)
     _bench(root / "neuron_table" / f"{m}.tsv", 10)  # a CPU rule: not measured
@@ -64,19 +72,25 @@ def test_efficiency_and_hours(bench_dir, measured_cfg, paper_cfg):
     eff = efficiencies(jobs, gemm_flops=1e11)
     (probe,) = [j for j in jobs if j.rule == "train_probe"]
     assert eff["train_probe"] == pytest.approx(probe.flops / 10 / 1e11)
-    planned = {("evaluate", "llama-3.1-8b"): 2, ("train_dpo", "llama-3.1-8b"): 1,
-               ("sweep", "llama-3.1-8b"): 33, ("neuron_table", "llama-3.1-8b"): 1}
+    planned = {
+        ("evaluate", "llama-3.1-8b"): 2,
+        ("train_dpo", "llama-3.1-8b"): 1,
+        ("sweep", "llama-3.1-8b"): 33,
+        ("neuron_table", "llama-3.1-8b"): 1,
+    }
     table = estimate(paper_cfg, planned, eff).set_index("rule")
     assert list(table.index) == ["train_dpo", "evaluate", "sweep"]  # GPU rules, stage order
     plan = gpu_plan("evaluate", "llama-3.1-8b", paper_cfg)
     load_h = plan.weights_gb / 0.5 / 3600
     assert table.at["evaluate", "gpu_hours"] == pytest.approx(
-        2 * (plan.flops / (eff["evaluate"] * 300e12) / 3600 + load_h))
+        2 * (plan.flops / (eff["evaluate"] * 300e12) / 3600 + load_h)
+    )
     assert table.at["train_dpo", "gpus"] == 2
     # twice as efficient on the measured machine: the compute half of the estimate halves
     fast = estimate(paper_cfg, planned, {r: 2 * e for r, e in eff.items()}).set_index("rule")
     assert fast.at["evaluate", "gpu_hours"] == pytest.approx(
-        (table.at["evaluate", "gpu_hours"] - 2 * load_h) / 2 + 2 * load_h)
+        (table.at["evaluate", "gpu_hours"] - 2 * load_h) / 2 + 2 * load_h
+    )
     text = markdown(estimate(paper_cfg, planned, eff))
     assert text.splitlines()[0] == "| stage | llama-3.1-8b | all |" and "**total**" in text
 

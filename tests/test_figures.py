@@ -10,20 +10,32 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-
-from dpotox.engine.arch import Adapter
-from dpotox.outputs.figures import FigureError, render_figure
-from dpotox.plan.outputs import FIGURES, TABLE_SOURCES, figure_files, figure_inputs
-from dpotox.outputs.figures.style import GROUP_COLORS, GROUP_LABELS, GROUPS, OKABE_ITO, figure_pixels
-from dpotox.outputs.neuron_stats import write_stats
-from dpotox.stages.neurons import layer_frame, neuron_frame, value_geometry
-from dpotox.outputs.tables import build_tables
 from test_tables import write_eval
 from tiny_models import D_MLP, D_MODEL, N_LAYERS, dpo_like, tiny_model
 
+from dpotox.engine.arch import Adapter
+from dpotox.outputs.figures import FigureError, render_figure
+from dpotox.outputs.figures.style import (
+    GROUP_COLORS,
+    GROUP_LABELS,
+    GROUPS,
+    OKABE_ITO,
+    figure_pixels,
+)
+from dpotox.outputs.neuron_stats import write_stats
+from dpotox.outputs.tables import build_tables
+from dpotox.plan.outputs import FIGURES, TABLE_SOURCES, figure_files, figure_inputs
+from dpotox.stages.neurons import layer_frame, neuron_frame, value_geometry
+
 MODELS = {"tiny-gpt2": "gpt2", "tiny-gemma2": "gemma2"}
-CONDITIONS = ["base", "dpo", "steer-probe-a8", "edit-probe-cos-b0.5-a0.2",
-              "edit-probe-act-b0.5-a0.2", "edit-free-cos-b0.8-a0.1"]
+CONDITIONS = [
+    "base",
+    "dpo",
+    "steer-probe-a8",
+    "edit-probe-cos-b0.5-a0.2",
+    "edit-probe-act-b0.5-a0.2",
+    "edit-free-cos-b0.8-a0.1",
+]
 CFG = {"figures": {"dpi": 60, "arrows_top": 50, "activations_top": 20, "shift_bins": 10}}
 
 
@@ -35,25 +47,52 @@ def _write_model_tables(model: str, family: str, seed: int) -> None:
     gb, gd = value_geometry(Adapter(base), w), value_geometry(Adapter(dpo), w)
     rng = np.random.default_rng(seed)
     mbar_base = rng.normal(0, 1, (N_LAYERS, D_MLP))
-    neurons = neuron_frame(gb, gd, np.ones((N_LAYERS, D_MLP)), mbar_base,
-                           mbar_base + rng.normal(0, 0.2, (N_LAYERS, D_MLP)))
+    neurons = neuron_frame(
+        gb,
+        gd,
+        np.ones((N_LAYERS, D_MLP)),
+        mbar_base,
+        mbar_base + rng.normal(0, 0.2, (N_LAYERS, D_MLP)),
+    )
     root = f"results/{model}"
     Path(root).mkdir(parents=True)
     neurons.to_parquet(f"{root}/neurons.parquet")
     layer_frame(gb, gd, neurons).to_parquet(f"{root}/layers.parquet")
-    pd.DataFrame([{"kind": "toxic", "rank": 1, "layer": 0, "neuron": 0, "cos": 0.5,
-                   "negated": False, "top_tokens": ["a"]}]).to_parquet(f"{root}/tokens.parquet")
-    write_stats(neurons_path=f"{root}/neurons.parquet", layers_path=f"{root}/layers.parquet",
-                tokens_path=f"{root}/tokens.parquet", ablated_acts=None,
-                cfg={"neurons": {"rank_top": D_MLP, "rank_bin": 16}},
-                out_dir=f"results/tables/{model}", model=model)
+    pd.DataFrame(
+        [
+            {
+                "kind": "toxic",
+                "rank": 1,
+                "layer": 0,
+                "neuron": 0,
+                "cos": 0.5,
+                "negated": False,
+                "top_tokens": ["a"],
+            }
+        ]
+    ).to_parquet(f"{root}/tokens.parquet")
+    write_stats(
+        neurons_path=f"{root}/neurons.parquet",
+        layers_path=f"{root}/layers.parquet",
+        tokens_path=f"{root}/tokens.parquet",
+        ablated_acts=None,
+        cfg={"neurons": {"rank_top": D_MLP, "rank_bin": 16}},
+        out_dir=f"results/tables/{model}",
+        model=model,
+    )
     eval_dir = Path(root) / "eval"
     eval_dir.mkdir()
     for c in CONDITIONS:
-        write_eval(eval_dir, c, rng.uniform(0, 1, 8), log_ppl=float(rng.uniform(2, 4)),
-                   f1=float(rng.uniform(0.1, 0.3)))
-    build_tables(eval_dir, CONDITIONS, model, f"results/tables/{model}",
-                 n_neurons_total=N_LAYERS * D_MLP)
+        write_eval(
+            eval_dir,
+            c,
+            rng.uniform(0, 1, 8),
+            log_ppl=float(rng.uniform(2, 4)),
+            f1=float(rng.uniform(0.1, 0.3)),
+        )
+    build_tables(
+        eval_dir, CONDITIONS, model, f"results/tables/{model}", n_neurons_total=N_LAYERS * D_MLP
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +123,18 @@ def test_every_figure_for_one_model_and_for_all(name, tables_dir, monkeypatch):
         assert size == figure_pixels(len(models), n_cols, 60)
         _check_image(png, pdf, size)
         assert {f"{scope}/{name}.png", f"{scope}/{name}.pdf"} <= {
-            f.removeprefix("results/figures/") for f in figure_files("results/figures", scope)}
+            f.removeprefix("results/figures/") for f in figure_files("results/figures", scope)
+        }
 
 
 def test_editing_grid_table_parses_method_beta_alpha(tables_dir):
     grid = pd.read_csv(tables_dir / "results/tables/tiny-gpt2/table_editing_grid.csv")
     rows = grid.set_index("condition")
     assert rows.loc["edit-free-cos-b0.8-a0.1", ["method", "beta", "alpha"]].tolist() == [
-        "edit-free-cos", 0.8, 0.1]
+        "edit-free-cos",
+        0.8,
+        0.1,
+    ]
     assert rows.loc["edit-probe-act-b0.5-a0.2", "method"] == "edit-probe-act"
     assert rows.loc["steer-probe-a8", "method"] == "steering"
     assert rows.loc["steer-probe-a8", "alpha"] == 8 and np.isnan(rows.loc["steer-probe-a8", "beta"])
@@ -113,8 +156,13 @@ def test_stale_table_names_the_column_and_the_rerun(tables_dir, tmp_path, monkey
     grid = pd.read_csv("results/tables/tiny-gpt2/table_editing_grid.csv").drop(columns="method")
     grid.to_csv(tmp_path / "old.csv", index=False)
     with pytest.raises(FigureError, match=r"lacks column\(s\) method.*--forcerun tables"):
-        render_figure("editing_tradeoff", {"m": {"table_editing_grid": tmp_path / "old.csv"}},
-                      tmp_path / "f.png", tmp_path / "f.pdf", CFG)
+        render_figure(
+            "editing_tradeoff",
+            {"m": {"table_editing_grid": tmp_path / "old.csv"}},
+            tmp_path / "f.png",
+            tmp_path / "f.pdf",
+            CFG,
+        )
     assert not list(tmp_path.glob("f.*"))
 
 
@@ -128,7 +176,10 @@ def test_registry_reads_only_tables_of_earlier_stages():
         assert spec.tables and set(spec.tables) <= set(TABLE_SOURCES)
         for path, rule in (TABLE_SOURCES[t] for t in spec.tables):
             assert path.endswith((".csv", ".parquet")) and rule in (
-                "neuron_table", "neuron_stats", "tables")
+                "neuron_table",
+                "neuron_stats",
+                "tables",
+            )
 
 
 def test_group_styling_is_colour_blind_safe_and_named_as_in_the_papers():

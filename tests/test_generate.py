@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import D_MODEL, VOCAB, TokenIdTokenizer
 
 from dpotox.engine.arch import Adapter
 from dpotox.engine.generate import PromptError, encode_prompts, generate, generate_many, greedy
 from dpotox.engine.spec import AddResidual, Intervention, ScaleKeys, ScaleNeurons, SetNeurons
 from dpotox.sources import assets
-from tiny_models import D_MODEL, VOCAB, TokenIdTokenizer
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -19,10 +19,13 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def _spec() -> Intervention:
     vec = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(5))
-    return Intervention("patch+steer", [
-        SetNeurons(0, [1, 2, 3, 40], torch.tensor([2.0, -2.0, 0.0, 1.5])),
-        AddResidual(1, vec, alpha=-0.5, where="generation"),
-    ])
+    return Intervention(
+        "patch+steer",
+        [
+            SetNeurons(0, [1, 2, 3, 40], torch.tensor([2.0, -2.0, 0.0, 1.5])),
+            AddResidual(1, vec, alpha=-0.5, where="generation"),
+        ],
+    )
 
 
 @pytest.mark.parametrize("with_spec", [False, True])
@@ -32,10 +35,14 @@ def test_batched_equals_one_at_a_time(model, with_spec):
     ids = [f"p{i}" for i in range(len(prompts))]
     spec = _spec() if with_spec else None
     batched = greedy(adapter, tok, prompts, ids, spec=spec, new_tokens=12, batch_size=4)
-    single = [greedy(adapter, tok, [p], [i], spec=spec, new_tokens=12, batch_size=1).new_tokens[0]
-              for p, i in zip(prompts, ids)]
+    single = [
+        greedy(adapter, tok, [p], [i], spec=spec, new_tokens=12, batch_size=1).new_tokens[0]
+        for p, i in zip(prompts, ids)
+    ]
     assert batched.new_tokens == single
-    unsorted = greedy(adapter, tok, prompts, ids, spec=spec, new_tokens=12, batch_size=3, sort=False)
+    unsorted = greedy(
+        adapter, tok, prompts, ids, spec=spec, new_tokens=12, batch_size=3, sort=False
+    )
     assert unsorted.new_tokens == single
     assert all(len(t) <= 12 for t in single) and batched.n_new_tokens == sum(map(len, single))
     assert len(batched.texts) == len(prompts)
@@ -53,27 +60,47 @@ def test_shared_prefix_equals_each_condition_alone(model):
         None,
         _spec(),
         Intervention("steer-all", [AddResidual(1, torch.randn(D_MODEL, generator=g), alpha=-2.0)]),
-        Intervention("per-prompt", [SetNeurons(1, [0, 5, 9], torch.randn(len(ids), 3, generator=g),
-                                               prompt_ids=ids)]),
+        Intervention(
+            "per-prompt",
+            [SetNeurons(1, [0, 5, 9], torch.randn(len(ids), 3, generator=g), prompt_ids=ids)],
+        ),
         Intervention("keys", [ScaleKeys(0, [1, 2, 3], torch.tensor(8.0))]),
         Intervention("edit", [ScaleNeurons(0, list(range(0, 60, 2)), torch.tensor(0.2))]),
     ]
     assert [s.shares_prefix for s in specs[1:]] == [True, False, True, False, True]
-    alone = [greedy(adapter, tok, prompts, ids, spec=s, new_tokens=8, batch_size=4).new_tokens
-             for s in specs]
+    alone = [
+        greedy(adapter, tok, prompts, ids, spec=s, new_tokens=8, batch_size=4).new_tokens
+        for s in specs
+    ]
     together = generate_many(adapter, tok, prompts, ids, specs, new_tokens=8, batch_size=4)
     assert [g.new_tokens for g in together] == alone
     # Reordered, and two conditions per stacked batch (4 prompts x 2 = 8 rows).
-    reordered = generate_many(adapter, tok, prompts, ids, specs[::-1], new_tokens=8, batch_size=4,
-                              stack_rows=8)
+    reordered = generate_many(
+        adapter, tok, prompts, ids, specs[::-1], new_tokens=8, batch_size=4, stack_rows=8
+    )
     assert [g.new_tokens for g in reordered] == alone[::-1]
     # The conditions differ, so sharing did not hand one condition's tokens to another.
     assert len({str(a) for a in alone}) == len(specs)
-    sampled = [generate(adapter, tok, prompts, ids, spec=s, new_tokens=6, batch_size=4,
-                        temperature=1.0, seed=3).new_tokens for s in specs[:2]]
-    assert [g.new_tokens for g in generate_many(adapter, tok, prompts, ids, specs[:2],
-                                                new_tokens=6, batch_size=4, temperature=1.0,
-                                                seed=3)] == sampled
+    sampled = [
+        generate(
+            adapter, tok, prompts, ids, spec=s, new_tokens=6, batch_size=4, temperature=1.0, seed=3
+        ).new_tokens
+        for s in specs[:2]
+    ]
+    assert [
+        g.new_tokens
+        for g in generate_many(
+            adapter,
+            tok,
+            prompts,
+            ids,
+            specs[:2],
+            new_tokens=6,
+            batch_size=4,
+            temperature=1.0,
+            seed=3,
+        )
+    ] == sampled
 
 
 def test_the_spec_changes_the_continuations(model):
@@ -81,8 +108,21 @@ def test_the_spec_changes_the_continuations(model):
     prompts = _prompts(6, seed=1)
     ids = [str(i) for i in range(6)]
     base = greedy(adapter, tok, prompts, ids, new_tokens=10)
-    steered = greedy(adapter, tok, prompts, ids, new_tokens=10,
-                     spec=Intervention("s", [AddResidual(0, torch.randn(D_MODEL, generator=torch.Generator().manual_seed(0)), alpha=10.0)]))
+    steered = greedy(
+        adapter,
+        tok,
+        prompts,
+        ids,
+        new_tokens=10,
+        spec=Intervention(
+            "s",
+            [
+                AddResidual(
+                    0, torch.randn(D_MODEL, generator=torch.Generator().manual_seed(0)), alpha=10.0
+                )
+            ],
+        ),
+    )
     assert base.new_tokens != steered.new_tokens
 
 
@@ -102,15 +142,31 @@ def test_equals_hf_generate_with_a_reference_hook(model):
         width = max(map(len, prompts))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
-                             min_new_tokens=10, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
     finally:
         handle.remove()
-    ours = greedy(adapter, tok, prompts, [str(i) for i in range(8)], new_tokens=10, batch_size=8,
-                  sort=False, spec=Intervention("p", [SetNeurons(0, neurons, values)]))
+    ours = greedy(
+        adapter,
+        tok,
+        prompts,
+        [str(i) for i in range(8)],
+        new_tokens=10,
+        batch_size=8,
+        sort=False,
+        spec=Intervention("p", [SetNeurons(0, neurons, values)]),
+    )
     # min_new_tokens keeps HF from stopping at EOS; compare up to our EOS cut.
-    assert ours.new_tokens == [row[:len(t)] for row, t in zip(out[:, width:].tolist(), ours.new_tokens)]
+    assert ours.new_tokens == [
+        row[: len(t)] for row, t in zip(out[:, width:].tolist(), ours.new_tokens)
+    ]
     assert all(len(t) == 10 or t[-1] == tok.eos_token_id for t in ours.new_tokens)
 
 
@@ -127,7 +183,9 @@ def test_rows_stop_at_eos_and_pad(model):
         cut = before.index(eos) + 1 if eos in before else len(before)
         assert after == before[:cut]
     assert len(gen.new_tokens[0]) <= 4
-    single = [greedy(adapter, tok, [p], [i], new_tokens=10).new_tokens[0] for p, i in zip(prompts, ids)]
+    single = [
+        greedy(adapter, tok, [p], [i], new_tokens=10).new_tokens[0] for p, i in zip(prompts, ids)
+    ]
     assert gen.new_tokens == single
 
 
@@ -136,12 +194,15 @@ def gpt2_tok():
     return assets.gpt2_tokenizer()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "prompt 'q1' is empty"),
-    ("   \n", "prompt 'q1' is empty"),
-    ("bad \udcff byte", "prompt 'q1' is not valid UTF-8"),
-    ("<|endoftext|>", "tokenises to nothing but special tokens"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "prompt 'q1' is empty"),
+        ("   \n", "prompt 'q1' is empty"),
+        ("bad \udcff byte", "prompt 'q1' is not valid UTF-8"),
+        ("<|endoftext|>", "tokenises to nothing but special tokens"),
+    ],
+)
 def test_bad_prompts_name_the_prompt(gpt2_tok, text, message):
     with pytest.raises(PromptError, match=message):
         encode_prompts(gpt2_tok, ["fine prompt", text], ["q0", "q1"], max_tokens=8)

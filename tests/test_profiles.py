@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 
 from dpotox.cli import main
-from dpotox.profiles import (PROFILE_NAMES, ProfileError, link_profiles, snakemake_config_dir,
-                             unlink_profiles)
+from dpotox.profiles import (
+    PROFILE_NAMES,
+    ProfileError,
+    link_profiles,
+    snakemake_config_dir,
+    unlink_profiles,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 OURS = {name: (REPO / "profiles" / name).resolve() for name in PROFILE_NAMES}

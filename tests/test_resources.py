@@ -6,25 +6,32 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from dpotox.plan.config import load_config
-from dpotox.errors import ConfigError
-from dpotox.plan.resources import FALLBACK, model_size, requests, rule_work
 from tiny_models import FAMILIES, tiny_model
+
+from dpotox.errors import ConfigError
+from dpotox.plan.config import load_config
+from dpotox.plan.resources import FALLBACK, model_size, requests, rule_work
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = load_config(REPO / "config" / "paper.yaml", check_paths=False)
 # The published sizes of the papers' models (their model cards).
-PAPER_PARAMS = {"gpt2-medium": 354_823_168, "llama-3.1-8b": 8_030_261_248,
-                "gemma-2-2b": 2_614_341_888, "mistral-7b": 7_241_732_096}
+PAPER_PARAMS = {
+    "gpt2-medium": 354_823_168,
+    "llama-3.1-8b": 8_030_261_248,
+    "gemma-2-2b": 2_614_341_888,
+    "mistral-7b": 7_241_732_096,
+}
 GPU_RULES = ("train_probe", "make_pairs", "train_dpo", "evaluate", "cache_activations", "sweep")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parameter_count_of_every_family_is_exact(family):
     model = tiny_model(family)
-    arch = {k: v for k, v in model.config.to_diff_dict().items()
-            if k not in ("model_type", "transformers_version", "architectures", "dtype")}
+    arch = {
+        k: v
+        for k, v in model.config.to_diff_dict().items()
+        if k not in ("model_type", "transformers_version", "architectures", "dtype")
+    }
     size = model_size(family, arch)
     assert size.n_params == sum(p.numel() for p in model.parameters())
     assert size.n_layers == 2 and size.vocab == model.config.vocab_size
@@ -95,7 +102,9 @@ def test_fsdp_launch_config_is_valid_for_accelerate():
     path = REPO / "config" / "accelerate" / "fsdp.yaml"
     cfg = load_config_from_file(str(path))
     assert cfg.distributed_type == "FSDP" and cfg.mixed_precision == "bf16"
-    assert yaml.safe_load(path.read_text())["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert (
+        yaml.safe_load(path.read_text())["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    )
 
 
 def test_sizes_are_counted_once_and_kept(tmp_path, monkeypatch):
@@ -107,8 +116,14 @@ def test_sizes_are_counted_once_and_kept(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DPOTOX_CACHE", str(tmp_path))
     assert size_cache() == tmp_path / "model_sizes.json"
-    arch = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300}
+    arch = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 300,
+    }
     _size.cache_clear()
     try:
         first = model_size("llama", arch)

@@ -17,19 +17,36 @@ from dpotox.errors import ConfigError, SourceError
 
 # tox-block's README (dist-info METADATA of tox-block 0.1.2): make_predictions(..., rescale=True).
 README = {
-    "Good morning my friend, I hope you're having a fantastic day!":
-        [0.05347811430692673, 0.0006274021579883993, 0.004466842859983444,
-         0.009578478522598743, 0.00757843442261219, 0.002106667961925268],
-    "I will kill you, you fucking idiot!":
-        [0.9998679757118225, 0.7870362997055054, 0.9885633587837219, 0.8483908176422119,
-         0.9883397221565247, 0.171059250831604],
+    "Good morning my friend, I hope you're having a fantastic day!": [
+        0.05347811430692673,
+        0.0006274021579883993,
+        0.004466842859983444,
+        0.009578478522598743,
+        0.00757843442261219,
+        0.002106667961925268,
+    ],
+    "I will kill you, you fucking idiot!": [
+        0.9998679757118225,
+        0.7870362997055054,
+        0.9885633587837219,
+        0.8483908176422119,
+        0.9883397221565247,
+        0.171059250831604,
+    ],
     "I do strongly disagree with the fascist views of this joke that calls itself a political "
-    "party.":
-        [0.026190076023340225, 7.185135473264381e-05, 0.0009493605466559529,
-         0.00012321282702032477, 0.0029190618079155684, 0.0022098885383456945],
+    "party.": [
+        0.026190076023340225,
+        7.185135473264381e-05,
+        0.0009493605466559529,
+        0.00012321282702032477,
+        0.0029190618079155684,
+        0.0022098885383456945,
+    ],
 }
-NEUTRAL = ("the river flows through the old town and past the market where people buy bread "
-           "and fish every morning before work ")
+NEUTRAL = (
+    "the river flows through the old town and past the market where people buy bread "
+    "and fish every morning before work "
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +71,7 @@ def test_sanity_sentences_and_protocol(bilstm):
     assert torch.get_num_threads() == threads  # the one-thread section restored it
     assert s.dtype == np.float64 and s.shape == (2,)
     assert s[0] > 0.9 and s[1] < 0.1
-    np.testing.assert_allclose(s, [0.996, 0.016], atol=1e-3)  # DESIGN.md section 2
+    np.testing.assert_allclose(s, [0.996, 0.016], atol=1e-3)  # docs/design.md, "Offline assets"
     assert isinstance(bilstm, scoring.ToxicityScorer) and bilstm.name == "jigsaw-bilstm"
     # neither TensorFlow nor the tox_block package was imported to get here
     assert not {"tensorflow", "keras", "tox_block"} & set(sys.modules)
@@ -69,8 +86,16 @@ def test_empty_and_wordless_texts(bilstm):
 
 
 def test_batch_equals_single(bilstm):
-    texts = ["idiot", "", "You are an IDIOT!!!", NEUTRAL * 12, "have a nice day",
-             "shut up, " * 60, "I will kill you, you fucking idiot!", NEUTRAL]
+    texts = [
+        "idiot",
+        "",
+        "You are an IDIOT!!!",
+        NEUTRAL * 12,
+        "have a nice day",
+        "shut up, " * 60,
+        "I will kill you, you fucking idiot!",
+        NEUTRAL,
+    ]
     batched = bilstm.score(texts)  # batch_size 4: two batches of mixed lengths
     single = np.array([bilstm.score([t])[0] for t in texts])
     np.testing.assert_allclose(batched, single, atol=1e-6, rtol=0)
@@ -80,8 +105,9 @@ def test_batch_equals_single(bilstm):
 def test_truncation_keeps_the_last_100_words(bilstm):
     long_clean = NEUTRAL * 8  # > 100 known words
     assert len(bilstm.encoder.to_sequence(long_clean)) > 100
-    front, clean, back = bilstm.score(["stupid idiot " + long_clean, long_clean,
-                                       long_clean + " stupid idiot"])
+    front, clean, back = bilstm.score(
+        ["stupid idiot " + long_clean, long_clean, long_clean + " stupid idiot"]
+    )
     assert front == clean  # Keras' truncating='pre' dropped the words at the front
     assert back > clean + 0.1  # ... and kept those at the end
 
@@ -91,9 +117,15 @@ def test_keras_tokenizer_semantics(bilstm):
     ids = [enc.vocab[w] for w in ("you", "are", "a", "idiot")]
     assert enc.to_sequence("You ARE, a... idiot!\n") == ids
     assert list(enc.encode(["You ARE, a... idiot!"])[0, -5:]) == [0] + ids  # pre-padding
-    state = SimpleNamespace(word_index={"<oov>": 1, "a": 2, "b": 3, "c": 4}, num_words=4,
-                            filters="!,", lower=True, split=" ", char_level=False,
-                            oov_token=None)
+    state = SimpleNamespace(
+        word_index={"<oov>": 1, "a": 2, "b": 3, "c": 4},
+        num_words=4,
+        filters="!,",
+        lower=True,
+        split=" ",
+        char_level=False,
+        oov_token=None,
+    )
     assert scoring.KerasTextEncoder(state, 5, None).to_sequence("A, b! c d") == [2, 3]
     state.oov_token = "<oov>"  # out-of-vocabulary and index >= num_words both map to OOV
     assert scoring.KerasTextEncoder(state, 5, None).to_sequence("A, b! c d") == [2, 3, 1, 1]
@@ -127,13 +159,21 @@ def test_detoxify_download_offline(monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    cfg = {"scorer": "detoxify", "detoxify_variant": "unbiased", "checkpoint": None,
-           "batch_size": 8}
+    cfg = {
+        "scorer": "detoxify",
+        "detoxify_variant": "unbiased",
+        "checkpoint": None,
+        "batch_size": 8,
+    }
     with pytest.raises(SourceError) as info:
         scoring.load_scorer(cfg)
     msg = str(info.value)
-    for part in ("could not be downloaded", "toxicity.checkpoint", "toxicity.scorer: jigsaw-bilstm",
-                 "toxic_debiased"):
+    for part in (
+        "could not be downloaded",
+        "toxicity.checkpoint",
+        "toxicity.scorer: jigsaw-bilstm",
+        "toxic_debiased",
+    ):
         assert part in msg
     assert calls and calls[0].get("weights_only") is True
 
@@ -142,12 +182,36 @@ def test_detoxify_download_offline(monkeypatch):
 def tiny_detoxify(tmp_path_factory):
     """A random tiny BERT saved in Detoxify's checkpoint format, with a local tokenizer."""
     folder = tmp_path_factory.mktemp("bert")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "you", "are", "a", "stupid", "idiot",
-             "have", "nice", "day", "the", "river", "!", ",", "."]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "you",
+        "are",
+        "a",
+        "stupid",
+        "idiot",
+        "have",
+        "nice",
+        "day",
+        "the",
+        "river",
+        "!",
+        ",",
+        ".",
+    ]
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=32,
-                                     max_position_embeddings=40, num_labels=6)
+    config = transformers.BertConfig(
+        vocab_size=len(words),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=40,
+        num_labels=6,
+    )
     config.save_pretrained(folder)
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config).eval()
@@ -155,21 +219,45 @@ def tiny_detoxify(tmp_path_factory):
     state["bert.embeddings.position_ids"] = torch.arange(40)[None]  # as older checkpoints held
     classes = ["obscene", "insult", "toxic", "threat", "severe_toxic", "identity_hate"]
     ckpt = folder / "toxic_tiny.ckpt"
-    torch.save({"config": {"arch": {"args": {
-        "model_type": "bert-base-uncased", "model_name": "BertForSequenceClassification",
-        "tokenizer_name": "BertTokenizer", "num_classes": 6}},
-        "dataset": {"args": {"classes": classes}}}, "state_dict": state}, ckpt)
+    torch.save(
+        {
+            "config": {
+                "arch": {
+                    "args": {
+                        "model_type": "bert-base-uncased",
+                        "model_name": "BertForSequenceClassification",
+                        "tokenizer_name": "BertTokenizer",
+                        "num_classes": 6,
+                    }
+                },
+                "dataset": {"args": {"classes": classes}},
+            },
+            "state_dict": state,
+        },
+        ckpt,
+    )
     return SimpleNamespace(folder=folder, ckpt=ckpt, model=model)
 
 
 def test_detoxify_local_checkpoint(tiny_detoxify):
-    cfg = {"scorer": "detoxify", "detoxify_variant": "original",
-           "checkpoint": str(tiny_detoxify.ckpt), "tokenizer": str(tiny_detoxify.folder),
-           "batch_size": 3}
+    cfg = {
+        "scorer": "detoxify",
+        "detoxify_variant": "original",
+        "checkpoint": str(tiny_detoxify.ckpt),
+        "tokenizer": str(tiny_detoxify.folder),
+        "batch_size": 3,
+    }
     scorer = scoring.load_scorer(cfg)
     assert isinstance(scorer, scoring.ToxicityScorer) and scorer.name == "detoxify-original"
-    texts = ["you are a stupid idiot", "have a nice day", "", "the river " * 30, "idiot !",
-             "you", "a nice river , the day ."]
+    texts = [
+        "you are a stupid idiot",
+        "have a nice day",
+        "",
+        "the river " * 30,
+        "idiot !",
+        "you",
+        "a nice river , the day .",
+    ]
     batched = scorer.score(texts)
     assert batched.dtype == np.float64 and batched.shape == (7,)
     assert np.all((batched >= 0) & (batched <= 1))
@@ -184,8 +272,13 @@ def test_detoxify_local_checkpoint(tiny_detoxify):
 
 
 def test_detoxify_missing_or_unsafe_checkpoint(tmp_path, tiny_detoxify):
-    cfg = {"scorer": "detoxify", "detoxify_variant": "original", "batch_size": 2,
-           "checkpoint": str(tmp_path / "nope.ckpt"), "tokenizer": str(tiny_detoxify.folder)}
+    cfg = {
+        "scorer": "detoxify",
+        "detoxify_variant": "original",
+        "batch_size": 2,
+        "checkpoint": str(tmp_path / "nope.ckpt"),
+        "tokenizer": str(tiny_detoxify.folder),
+    }
     with pytest.raises(SourceError, match="toxicity.checkpoint"):
         scoring.load_scorer(cfg)
     unsafe = tmp_path / "unsafe.ckpt"
@@ -197,11 +290,19 @@ def test_detoxify_missing_or_unsafe_checkpoint(tmp_path, tiny_detoxify):
         scoring.load_scorer(no_tok)
 
 
-@pytest.mark.parametrize(("cfg", "parts"), [
-    ({"scorer": "perspective"}, ["toxicity.scorer", "'perspective'", "jigsaw-bilstm", "detoxify"]),
-    ({"scorer": "detoxify", "detoxify_variant": "tiny"},
-     ["toxicity.detoxify_variant", "'tiny'", "original, unbiased, multilingual"]),
-])
+@pytest.mark.parametrize(
+    ("cfg", "parts"),
+    [
+        (
+            {"scorer": "perspective"},
+            ["toxicity.scorer", "'perspective'", "jigsaw-bilstm", "detoxify"],
+        ),
+        (
+            {"scorer": "detoxify", "detoxify_variant": "tiny"},
+            ["toxicity.detoxify_variant", "'tiny'", "original, unbiased, multilingual"],
+        ),
+    ],
+)
 def test_config_errors(cfg, parts):
     with pytest.raises(ConfigError) as info:
         scoring.load_scorer(cfg)

@@ -17,10 +17,17 @@ from dpotox.stages.neurons import NeuronsConfig
 from dpotox.stages.pairs import PairsConfig
 from dpotox.stages.probe import ProbeConfig
 
-SECTIONS = [(NeuronsConfig, ("neurons",)), (ActivationsConfig, ("activations",)),
-            (EvalConfig, ("evaluation",)), (PairsConfig, ("dpo", "pairs")), (DPOSettings, ("dpo",)),
-            (ProbeConfig, ("probe",)), (ClusterConfig, ("cluster",)), (SweepsConfig, ("sweeps",)),
-            (FiguresConfig, ("figures",))]
+SECTIONS = [
+    (NeuronsConfig, ("neurons",)),
+    (ActivationsConfig, ("activations",)),
+    (EvalConfig, ("evaluation",)),
+    (PairsConfig, ("dpo", "pairs")),
+    (DPOSettings, ("dpo",)),
+    (ProbeConfig, ("probe",)),
+    (ClusterConfig, ("cluster",)),
+    (SweepsConfig, ("sweeps",)),
+    (FiguresConfig, ("figures",)),
+]
 
 
 def _section(schema, path):
@@ -53,8 +60,10 @@ def test_dataclass_defaults_are_the_schema_defaults(cls, path):
         if f.name not in props or "default" not in props[f.name]:
             continue
         ours, theirs = _default(f), props[f.name]["default"]
-        assert _same(ours, theirs), (f"{cls.__name__}.{f.name} defaults to {ours!r}, the schema "
-                                     f"({'.'.join(path)}.{f.name}) to {theirs!r}")
+        assert _same(ours, theirs), (
+            f"{cls.__name__}.{f.name} defaults to {ours!r}, the schema "
+            f"({'.'.join(path)}.{f.name}) to {theirs!r}"
+        )
         checked.append(f.name)
     assert checked, f"{cls.__name__}: no field matched a schema key of {'.'.join(path)}"
 

@@ -22,9 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
 import snakemake_executor_plugin_slurm  # noqa: F401  (a dependency: fail loudly if missing)
+import yaml
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +36,10 @@ VENV_BIN = Path(sys.executable).parent
 # The plugin waits 40 s before its first status check and adds 10 s per check that finds
 # no finished job; the mock sbatch runs a job to its end before it answers, so 1 s suffices.
 FAST_STATUS = [
-    "--slurm-init-seconds-before-status-checks", "1",
-    "--seconds-between-status-checks", "1",
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--seconds-between-status-checks",
+    "1",
 ]
 TIMEOUT = 300
 PAPER_CONFIG = REPO / "config" / "paper.yaml"
@@ -110,7 +111,7 @@ def calls_by_rule(calls) -> dict:
     for call in calls:
         comment = option(call["argv"], "--comment")
         assert comment and comment.startswith("rule_"), call["argv"]
-        rule = comment[len("rule_"):].split("_wildcards_")[0]
+        rule = comment[len("rule_") :].split("_wildcards_")[0]
         by_rule.setdefault(rule, []).append(call["argv"])
     return by_rule
 
@@ -148,7 +149,11 @@ def make_cluster(root: Path) -> dict:
 def snakemake(args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     return proc
 
@@ -173,9 +178,14 @@ def profile_home(tmp_path_factory):
     """A temporary home in which `dpotox profiles link` (what `make setup` runs) linked the
     repository's profiles; the test machine's own ~/.config is untouched."""
     home = tmp_path_factory.mktemp("home")
-    proc = subprocess.run([sys.executable, "-m", "dpotox", "profiles", "link"], cwd=REPO,
-                          env=home_env(home, clean_env()), capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpotox", "profiles", "link"],
+        cwd=REPO,
+        env=home_env(home, clean_env()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("\n") == 1 and "linked local, slurm" in proc.stdout, proc.stdout
     return home
@@ -202,23 +212,32 @@ def override_run(cluster_run):
     # A command-line --default-resources replaces the profile's whole block (and
     # --set-resources the profile's whole set-resources), so all wanted entries are given.
     default_resources = {
-        "slurm_account": "other-account", "slurm_partition": "short",
-        "mem_mb": 2000, "runtime": 30, "cpus_per_task": 1,
+        "slurm_account": "other-account",
+        "slurm_partition": "short",
+        "mem_mb": 2000,
+        "runtime": 30,
+        "cpus_per_task": 1,
     }
     set_resources = {"report": {"runtime": 45, "slurm_partition": "express"}}
     args = [
-        "--profile", str(SLURM_PROFILE), *FAST_STATUS, "--forcerun", "report",
-        "--default-resources", *[f"{k}={v}" for k, v in default_resources.items()],
-        "--set-resources", *[
-            f"{rule}:{k}={v}" for rule, res in set_resources.items() for k, v in res.items()
-        ],
+        "--profile",
+        str(SLURM_PROFILE),
+        *FAST_STATUS,
+        "--forcerun",
+        "report",
+        "--default-resources",
+        *[f"{k}={v}" for k, v in default_resources.items()],
+        "--set-resources",
+        *[f"{rule}:{k}={v}" for rule, res in set_resources.items() for k, v in res.items()],
     ]
     proc = snakemake(args, root / "wf", env)
     check(proc)
     calls = read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"]))[before:]
     return {
-        "calls": calls, "proc": proc,
-        "default_resources": default_resources, "set_resources": set_resources,
+        "calls": calls,
+        "proc": proc,
+        "default_resources": default_resources,
+        "set_resources": set_resources,
     }
 
 
@@ -353,8 +372,9 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
     # a rule that runs its model on the GPU (dpotox.plan.resources.GPU_RULES).
     def may_use_gpu(body):
         computed = re.findall(r'(?:model_resources|requests)\("(\w+)"', body)
-        return (re.search(r"(?<![\w.])gpu\s*=(?!=)", body) is not None
-                or any(r in GPU_RULES for r in computed))
+        return re.search(r"(?<![\w.])gpu\s*=(?!=)", body) is not None or any(
+            r in GPU_RULES for r in computed
+        )
 
     gpu_rules = []
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
@@ -372,7 +392,9 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
                 assert "_EVALUATE_PLACEMENT" in block, f"{smk.name}: a looped GPU rule"
                 gpu_rules.append("evaluate")
     # the stages that run a model on a GPU are all found
-    assert {"train_probe", "make_pairs", "train_dpo", "evaluate", "cache_activations"} <= set(gpu_rules)
+    assert {"train_probe", "make_pairs", "train_dpo", "evaluate", "cache_activations"} <= set(
+        gpu_rules
+    )
     missing = [r for r in gpu_rules if "slurm_partition" not in set_resources.get(r, {})]
     assert not missing, (
         f"GPU rules without a GPU partition in profiles/slurm/config.yaml: {missing}"
@@ -381,14 +403,15 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
 
 # --- the paper DAG on the mock cluster -----------------------------------------------------
 
+
 def _standin_config(root: Path) -> Path:
     """config/paper.yaml with each model's hub source replaced by a tiny random-weight model of
     its family (GPT-2's tokenizer), Jigsaw by a small labelled CSV and the probe cut to it.
     Everything else, ``arch`` included, is the paper's: the requests are the paper models'."""
     import pandas as pd
+    from tiny_models import tiny_model
 
     from dpotox.sources import assets
-    from tiny_models import tiny_model
 
     cfg = yaml.safe_load(PAPER_CONFIG.read_text())
     tokenizer = assets.gpt2_tokenizer()
@@ -398,9 +421,17 @@ def _standin_config(root: Path) -> Path:
         tokenizer.save_pretrained(path)
         model["source"] = {"kind": "local", "path": str(path)}
     toxic = ["you are a stupid idiot", "shut up, you worthless moron", "what a pathetic loser"]
-    neutral = ["the river flows to the sea", "we met for lunch on tuesday", "the library opens at nine"]
-    rows = [(f"{t} ({i})", label) for i in range(12) for label, texts in ((1, toxic), (0, neutral))
-            for t in texts]
+    neutral = [
+        "the river flows to the sea",
+        "we met for lunch on tuesday",
+        "the library opens at nine",
+    ]
+    rows = [
+        (f"{t} ({i})", label)
+        for i in range(12)
+        for label, texts in ((1, toxic), (0, neutral))
+        for t in texts
+    ]
     csv = root / "jigsaw" / "train.csv"
     csv.parent.mkdir(parents=True)
     pd.DataFrame(rows, columns=["comment_text", "toxic"]).to_csv(csv, index=False)
@@ -420,12 +451,29 @@ def paper_cluster_run(tmp_path_factory):
     config = _standin_config(root)
     models = list(yaml.safe_load(config.read_text())["models"])
     targets = [f"results/{m}/probe/metrics.json" for m in models]
-    proc = snakemake([*targets, "--snakefile", str(REPO / "Snakefile"), "--directory",
-                      str(root / "run"), "--profile", str(SLURM_PROFILE), *FAST_STATUS,
-                      "--configfile", str(config)], REPO, env)
+    proc = snakemake(
+        [
+            *targets,
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(root / "run"),
+            "--profile",
+            str(SLURM_PROFILE),
+            *FAST_STATUS,
+            "--configfile",
+            str(config),
+        ],
+        REPO,
+        env,
+    )
     check(proc)
-    return {"root": root / "run", "config": config, "models": models,
-            "calls": read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"]))}
+    return {
+        "root": root / "run",
+        "config": config,
+        "models": models,
+        "calls": read_sbatch_calls(Path(env["MOCK_SBATCH_LOG"])),
+    }
 
 
 def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
@@ -438,7 +486,10 @@ def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
     models, root = paper_cluster_run["models"], paper_cluster_run["root"]
     by_rule = calls_by_rule(paper_cluster_run["calls"])
     assert {r: len(c) for r, c in by_rule.items()} == {
-        "prepare_model": 4, "prepare_data": 1, "train_probe": 4}
+        "prepare_model": 4,
+        "prepare_data": 1,
+        "train_probe": 4,
+    }
     profile = load_profile()
     for rule in ("prepare_model", "train_probe"):
         for argv in by_rule[rule]:
@@ -448,13 +499,17 @@ def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
             assert (gpus or "0") == str(req["gpu"]), (rule, model, argv)
             assert option(argv, "--mem") == str(req["mem_mb"]), (rule, model)
             assert option(argv, "-t") == str(req["runtime"]), (rule, model)
-            partition = profile.get("set-resources", {}).get(rule, {}).get(
-                "slurm_partition", profile["default-resources"]["slurm_partition"])
+            partition = (
+                profile.get("set-resources", {})
+                .get(rule, {})
+                .get("slurm_partition", profile["default-resources"]["slurm_partition"])
+            )
             assert option(argv, "-p") == partition
     # A GPU job of every model; the 8B models' probe still fits one 80 GB GPU.
     assert all(option(a, "--gpus") == "1" for a in by_rule["train_probe"])
     assert {option(a, "--mem") for a in by_rule["train_probe"]} != {
-        option(by_rule["train_probe"][0], "--mem")}, "requests do not depend on the model"
+        option(by_rule["train_probe"][0], "--mem")
+    }, "requests do not depend on the model"
     (data,) = by_rule["prepare_data"]
     assert option(data, "--mem") == str(profile["default-resources"]["mem_mb"])
     for m in models:
@@ -468,15 +523,24 @@ def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
 # --- the profiles by name (`snakemake --profile slurm`), as `make setup` links them ---------
 # (cluster_run above runs the tiny workflow by name, too)
 
+
 def test_profile_names_resolve_to_the_repository(profile_home):
     for name, profile in (("local", LOCAL_PROFILE), ("slurm", SLURM_PROFILE)):
         link = profile_home / ".config" / "snakemake" / name
         assert link.is_symlink() and link.resolve() == profile.resolve()
     # Snakemake's own lookup of the bare names, from the repository root
-    code = ("from snakemake.cli import get_profile_dir\n"
-            "for name in ('local', 'slurm'): print(get_profile_dir(name)[0].resolve())")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                          text=True, env=home_env(profile_home, clean_env()), timeout=60)
+    code = (
+        "from snakemake.cli import get_profile_dir\n"
+        "for name in ('local', 'slurm'): print(get_profile_dir(name)[0].resolve())"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=home_env(profile_home, clean_env()),
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(LOCAL_PROFILE.resolve()), str(SLURM_PROFILE.resolve())]
 
@@ -485,8 +549,19 @@ def test_local_profile_by_name_dry_run(profile_home, tmp_path):
     """`snakemake --profile local -n --configfile config/config.yaml` (`make run`'s command)
     from the repository root. Planned in tmp_path, so that the checkout's own results/ neither
     change the plan nor get locked."""
-    proc = snakemake(["--profile", "local", "-n", "--configfile", "config/config.yaml",
-                      "--directory", str(tmp_path)], REPO, home_env(profile_home, clean_env()))
+    proc = snakemake(
+        [
+            "--profile",
+            "local",
+            "-n",
+            "--configfile",
+            "config/config.yaml",
+            "--directory",
+            str(tmp_path),
+        ],
+        REPO,
+        home_env(profile_home, clean_env()),
+    )
     check(proc)
     out = proc.stdout + proc.stderr
     assert "Using profile local for setting default command line arguments" in out
@@ -496,8 +571,19 @@ def test_local_profile_by_name_dry_run(profile_home, tmp_path):
 def test_slurm_profile_by_name_plans_paper_dag(profile_home, tmp_path):
     """`snakemake --profile slurm -n --configfile config/paper.yaml` from the repository root
     plans the paper's DAG with the profile's partitions and account (in tmp_path, as above)."""
-    proc = snakemake(["--profile", "slurm", "-n", "--configfile", "config/paper.yaml",
-                      "--directory", str(tmp_path)], REPO, home_env(profile_home, clean_env()))
+    proc = snakemake(
+        [
+            "--profile",
+            "slurm",
+            "-n",
+            "--configfile",
+            "config/paper.yaml",
+            "--directory",
+            str(tmp_path),
+        ],
+        REPO,
+        home_env(profile_home, clean_env()),
+    )
     check(proc)
     out = proc.stdout + proc.stderr
     assert "Using profile slurm for setting default command line arguments" in out
@@ -506,8 +592,11 @@ def test_slurm_profile_by_name_plans_paper_dag(profile_home, tmp_path):
     planned = _planned_resources(out)
     profile = load_profile()
     for rule in ("prepare_data", "train_probe", "train_dpo", "evaluate"):
-        partition = profile.get("set-resources", {}).get(rule, {}).get(
-            "slurm_partition", profile["default-resources"]["slurm_partition"])
+        partition = (
+            profile.get("set-resources", {})
+            .get(rule, {})
+            .get("slurm_partition", profile["default-resources"]["slurm_partition"])
+        )
         assert planned[rule]["slurm_partition"] == str(partition), (rule, planned[rule])
         assert planned[rule]["slurm_account"] == profile_account()
 
@@ -517,7 +606,8 @@ def test_slurm_profile_by_name_submits_through_plugin(cluster_run):
     job went through snakemake-executor-plugin-slurm (an sbatch call running the job step)
     with the profile's account and partitions."""
     assert "Using profile slurm for setting default command line arguments" in (
-        cluster_run["proc"].stderr)
+        cluster_run["proc"].stderr
+    )
     by_rule = calls_by_rule(cluster_run["calls"])
     assert sorted(by_rule) == sorted(TINY_RULES), by_rule.keys()
     for rule, (argv,) in by_rule.items():

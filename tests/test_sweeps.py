@@ -7,35 +7,69 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from dpotox.stages.activations import cache_generation, mean_activations, prompt_means
-from dpotox.engine.arch import Adapter
-from dpotox.plan.config import validate_config
-from dpotox.engine.generate import greedy
-from dpotox.engine.spec import AddResidual, ScaleKeys, ScaleNeurons, SetNeurons
-from dpotox.engine.hooks import applied
-from dpotox.stages.neurons import neuron_frame, value_cosines, value_geometry
-from dpotox.plan.conditions import SweepError, SweepsConfig, chunks, spec_conditions, sweep_conditions
-from dpotox.stages.sweeps import (edit_selection, interpretable_toxic, make_spec, patch_set,
-                           positive_toxic, word_contrast)
 from tiny_models import D_MODEL, VOCAB, TokenIdTokenizer, tiny_model
+
+from dpotox.engine.arch import Adapter
+from dpotox.engine.generate import greedy
+from dpotox.engine.hooks import applied
+from dpotox.engine.spec import AddResidual, ScaleKeys, ScaleNeurons, SetNeurons
+from dpotox.plan.conditions import (
+    SweepError,
+    SweepsConfig,
+    chunks,
+    spec_conditions,
+    sweep_conditions,
+)
+from dpotox.plan.config import validate_config
+from dpotox.stages.activations import cache_generation, mean_activations, prompt_means
+from dpotox.stages.neurons import neuron_frame, value_cosines, value_geometry
+from dpotox.stages.sweeps import (
+    edit_selection,
+    interpretable_toxic,
+    make_spec,
+    patch_set,
+    positive_toxic,
+    word_contrast,
+)
 
 
 def _cfg(**sweeps):
-    return validate_config({"models": {"m": {"source": {"kind": "hub", "id": "gpt2"},
-                                             "family": "gpt2"}}, "sweeps": sweeps})
+    return validate_config(
+        {
+            "models": {"m": {"source": {"kind": "hub", "id": "gpt2"}, "family": "gpt2"}},
+            "sweeps": sweeps,
+        }
+    )
 
 
 def test_condition_names_follow_the_grids():
-    cfg = _cfg(ablate_toxic=[10], ablate_toxic_positive=[5], scale_keys_factors=[2, 0.5],
-               patch_toxic=[8], patch_sets=["tp", "four-groups"], per_prompt=["toxic-8"],
-               steer_alphas=[1.5], edit_probe=[[0.5, 0.2]], edit_selections=["cos", "act"],
-               edit_free=[[0.8, 0.1]])
+    cfg = _cfg(
+        ablate_toxic=[10],
+        ablate_toxic_positive=[5],
+        scale_keys_factors=[2, 0.5],
+        patch_toxic=[8],
+        patch_sets=["tp", "four-groups"],
+        per_prompt=["toxic-8"],
+        steer_alphas=[1.5],
+        edit_probe=[[0.5, 0.2]],
+        edit_selections=["cos", "act"],
+        edit_free=[[0.8, 0.1]],
+    )
     assert sweep_conditions(cfg, "m") == [
-        "ablate-toxic-10", "ablate-toxic-pos-5", "dpo-scale-keys-top7-x2",
-        "dpo-scale-keys-top7-x0.5", "patch-toxic-8", "patch-toxic-interpretable", "patch-tp",
-        "patch-four-groups", "patch-toxic-8-per-prompt", "steer-probe-a1.5",
-        "edit-probe-cos-b0.5-a0.2", "edit-probe-act-b0.5-a0.2", "edit-free-cos-b0.8-a0.1"]
+        "ablate-toxic-10",
+        "ablate-toxic-pos-5",
+        "dpo-scale-keys-top7-x2",
+        "dpo-scale-keys-top7-x0.5",
+        "patch-toxic-8",
+        "patch-toxic-interpretable",
+        "patch-tp",
+        "patch-four-groups",
+        "patch-toxic-8-per-prompt",
+        "steer-probe-a1.5",
+        "edit-probe-cos-b0.5-a0.2",
+        "edit-probe-act-b0.5-a0.2",
+        "edit-free-cos-b0.8-a0.1",
+    ]
     assert "ablate-toxic-10" not in spec_conditions(cfg, "m")
     cfg["models"]["m"]["steer_alphas"] = [3]  # a per-model grid wins
     assert "steer-probe-a3" in sweep_conditions(cfg, "m")
@@ -54,9 +88,18 @@ def _table() -> pd.DataFrame:
     rows = []
     for layer in range(2):
         for n in range(4):
-            rows.append({"layer": layer, "neuron": n, "cos": cos[layer, n],
-                         "mbar_base": mbar[layer, n], "mbar_dpo": mbar[layer, n] * 0.5,
-                         "group": ["TP", "TN", "AP", "AN", "increased", "increased", "TP", "AN"][layer * 4 + n]})
+            rows.append(
+                {
+                    "layer": layer,
+                    "neuron": n,
+                    "cos": cos[layer, n],
+                    "mbar_base": mbar[layer, n],
+                    "mbar_dpo": mbar[layer, n] * 0.5,
+                    "group": ["TP", "TN", "AP", "AN", "increased", "increased", "TP", "AN"][
+                        layer * 4 + n
+                    ],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -64,7 +107,11 @@ def test_neuron_sets_follow_their_definitions():
     t = _table()
     assert patch_set(t, "toxic-3")[["layer", "neuron"]].values.tolist() == [[0, 0], [1, 2], [0, 1]]
     assert set(map(tuple, patch_set(t, "tp-an")[["layer", "neuron"]].values)) == {
-        (0, 0), (0, 3), (1, 2), (1, 3)}
+        (0, 0),
+        (0, 3),
+        (1, 2),
+        (1, 3),
+    }
     assert len(patch_set(t, "four-groups")) == 6 and len(patch_set(t, "increased")) == 2
     assert len(patch_set(t, "all")) == 8
     # Positive activations only (0.0 is not positive): (0,0) cos .9, (1,1) is anti-aligned.
@@ -112,17 +159,29 @@ def tables(tmp_path):
     cache_generation(base_a, tok, prompts, ids, tmp_path / "base", new_tokens=4)
     cache_generation(dpo_a, tok, prompts, ids, tmp_path / "dpo", new_tokens=4)
     w = torch.randn(D_MODEL, generator=g)
-    neurons = neuron_frame(value_geometry(base_a, w), value_geometry(dpo_a, w),
-                           value_cosines(base_a, dpo_a), mean_activations(tmp_path / "base"),
-                           mean_activations(tmp_path / "dpo"))
+    neurons = neuron_frame(
+        value_geometry(base_a, w),
+        value_geometry(dpo_a, w),
+        value_cosines(base_a, dpo_a),
+        mean_activations(tmp_path / "base"),
+        mean_activations(tmp_path / "dpo"),
+    )
     return base_a, dpo_a, tok, prompts, ids, w, neurons, tmp_path / "dpo"
 
 
 def _spec(name, base_a, w, neurons, dpo_acts, sc=None, **kw):
     cos = neurons["cos"].to_numpy().reshape(base_a.n_layers, base_a.d_mlp)
-    return make_spec(name, neurons, sc or SweepsConfig(), adapter=base_a, w=w, cos_probe=cos,
-                     cos_free=kw.get("cos_free"), interpretable=kw.get("interpretable"),
-                     dpo_acts=dpo_acts)
+    return make_spec(
+        name,
+        neurons,
+        sc or SweepsConfig(),
+        adapter=base_a,
+        w=w,
+        cos_probe=cos,
+        cos_free=kw.get("cos_free"),
+        interpretable=kw.get("interpretable"),
+        dpo_acts=dpo_acts,
+    )
 
 
 def _captured(adapter, tok, prompts, ids, spec):
@@ -130,8 +189,12 @@ def _captured(adapter, tok, prompts, ids, spec):
     seen = {}
 
     class Rec:
-        def start(self, ctx): pass
-        def finish(self, ctx): pass
+        def start(self, ctx):
+            pass
+
+        def finish(self, ctx):
+            pass
+
         def record(self, layer, m, ctx):
             seen.setdefault(layer, []).append(m.detach().clone())
 
@@ -184,8 +247,14 @@ def test_ablation_keys_steering_and_editing_specs(tables):
     with applied(base_a, edit):
         pass
     plain = greedy(base_a, tok, prompts, ids, new_tokens=4).new_tokens
-    steered = greedy(base_a, tok, prompts, ids, new_tokens=4,
-                     spec=_spec("steer-probe-a50", base_a, w, neurons, dpo_acts)).new_tokens
+    steered = greedy(
+        base_a,
+        tok,
+        prompts,
+        ids,
+        new_tokens=4,
+        spec=_spec("steer-probe-a50", base_a, w, neurons, dpo_acts),
+    ).new_tokens
     assert plain != steered
 
 
@@ -193,18 +262,28 @@ def test_probe_free_direction_and_interpretable_neurons(tables):
     base_a, _, tok, _, _, w, neurons, _ = tables
     contrast = word_contrast(base_a, tok, ["7", "8"], ["9"])
     emb = base_a.input_embedding().detach().double()
-    ids = lambda word: tok(" " + word, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def ids(word):
+        return tok(" " + word, add_special_tokens=False)["input_ids"]
+
     want = (emb[ids("7")].mean(0) + emb[ids("8")].mean(0)) / 2 - emb[ids("9")].mean(0)
     assert torch.allclose(contrast, want)
     with pytest.raises(SweepError, match="sweeps.neutral_words"):
         word_contrast(base_a, tok, ["7"], [])
     pool = neurons.sort_values("cos", ascending=False).head(6)
     # A scorer that calls one token text toxic: exactly the vectors listing it are kept.
-    _, judged = interpretable_toxic(base_a, tok, pool, lambda texts: [0.0] * len(texts),
-                                    n_tokens=3, threshold=0.5)
+    _, judged = interpretable_toxic(
+        base_a, tok, pool, lambda texts: [0.0] * len(texts), n_tokens=3, threshold=0.5
+    )
     token = judged["top_tokens"].iloc[0][0].strip()
-    chosen, judged = interpretable_toxic(base_a, tok, pool, lambda texts: [
-        1.0 if t == token else 0.0 for t in texts], n_tokens=3, threshold=0.5)
+    chosen, judged = interpretable_toxic(
+        base_a,
+        tok,
+        pool,
+        lambda texts: [1.0 if t == token else 0.0 for t in texts],
+        n_tokens=3,
+        threshold=0.5,
+    )
     listing = judged[judged["top_tokens"].map(lambda ts: token in [t.strip() for t in ts])]
     assert len(chosen) == len(listing) >= 1
     assert all(judged.loc[listing.index, "toxic_tokens"].map(len) > 0)

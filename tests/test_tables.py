@@ -10,8 +10,14 @@ import pytest
 
 from dpotox.errors import DpotoxError
 from dpotox.outputs.evals import paired_bootstrap
-from dpotox.outputs.tables import (PUBLISHED_COLUMNS, TablesError, build_tables, label,
-                           load_published, select_rows)
+from dpotox.outputs.tables import (
+    PUBLISHED_COLUMNS,
+    TablesError,
+    build_tables,
+    label,
+    load_published,
+    select_rows,
+)
 from dpotox.plan.outputs import RESULT_TABLES as TABLES
 from dpotox.plan.outputs import result_table_files as table_files
 
@@ -21,15 +27,26 @@ IDS = [f"p{i}" for i in range(8)]
 def write_eval(d, condition, scores, **extra):
     """One condition's outputs as rule evaluate writes them: per-prompt Parquet + summary JSON."""
     scores = np.asarray(scores, dtype=float)
-    pd.DataFrame({"id": IDS[:len(scores)], "prompt": "x", "score": scores}).to_parquet(
-        d / f"{condition}.parquet", index=False)
-    summary = {"condition": condition, "toxicity": float(scores.mean()),
-               "toxicity_ci_low": float(scores.mean()) - 0.05,
-               "toxicity_ci_high": float(scores.mean()) + 0.05, "ci_level": 0.95,
-               "log_ppl": 3.0, "ppl": math.exp(3.0), "f1": 0.2, "n_prompts": len(scores),
-               "n_f1": 10, "ppl_note": None, "f1_note": None,
-               "n_edited_neurons": 0 if condition in ("base", "dpo") else 12,
-               "bootstrap_samples": 200, "settings": {"seed": 0}}
+    pd.DataFrame({"id": IDS[: len(scores)], "prompt": "x", "score": scores}).to_parquet(
+        d / f"{condition}.parquet", index=False
+    )
+    summary = {
+        "condition": condition,
+        "toxicity": float(scores.mean()),
+        "toxicity_ci_low": float(scores.mean()) - 0.05,
+        "toxicity_ci_high": float(scores.mean()) + 0.05,
+        "ci_level": 0.95,
+        "log_ppl": 3.0,
+        "ppl": math.exp(3.0),
+        "f1": 0.2,
+        "n_prompts": len(scores),
+        "n_f1": 10,
+        "ppl_note": None,
+        "f1_note": None,
+        "n_edited_neurons": 0 if condition in ("base", "dpo") else 12,
+        "bootstrap_samples": 200,
+        "settings": {"seed": 0},
+    }
     summary.update(extra)
     (d / f"{condition}.json").write_text(json.dumps(summary))
     return summary
@@ -47,42 +64,91 @@ def evald(tmp_path):
     write_eval(d, "base", const(0.5))
     write_eval(d, "dpo", const(0.1))
     write_eval(d, "patch-toxic-256", const(0.4))
-    write_eval(d, "patch-toxic-256-per-prompt", rng.uniform(0.2, 0.5, 8), log_ppl=None, f1=None,
-               ppl_note="per-prompt patching has no DPO activations for Wikipedia texts",
-               f1_note="per-prompt patching has no DPO activations for Wikipedia texts")
-    for c in ("ablate-toxic-100", "ablate-toxic-20", "steer-probe-a8", "steer-probe-a4",
-              "edit-probe-cos-b0.5-a0.2", "edit-probe-cos-b0.25-a0.2", "patch-tp", "patch-tp-an",
-              "patch-toxic-interpretable", "patch-toxic-128", "dpo-scale-keys-top7-x10"):
+    write_eval(
+        d,
+        "patch-toxic-256-per-prompt",
+        rng.uniform(0.2, 0.5, 8),
+        log_ppl=None,
+        f1=None,
+        ppl_note="per-prompt patching has no DPO activations for Wikipedia texts",
+        f1_note="per-prompt patching has no DPO activations for Wikipedia texts",
+    )
+    for c in (
+        "ablate-toxic-100",
+        "ablate-toxic-20",
+        "steer-probe-a8",
+        "steer-probe-a4",
+        "edit-probe-cos-b0.5-a0.2",
+        "edit-probe-cos-b0.25-a0.2",
+        "patch-tp",
+        "patch-tp-an",
+        "patch-toxic-interpretable",
+        "patch-toxic-128",
+        "dpo-scale-keys-top7-x10",
+    ):
         write_eval(d, c, rng.uniform(0, 1, 8))
     return d
 
 
-ALL = ["base", "dpo", "patch-toxic-256", "patch-toxic-256-per-prompt", "ablate-toxic-100",
-       "ablate-toxic-20", "steer-probe-a8", "steer-probe-a4", "edit-probe-cos-b0.5-a0.2",
-       "edit-probe-cos-b0.25-a0.2", "patch-tp", "patch-tp-an", "patch-toxic-interpretable",
-       "patch-toxic-128", "dpo-scale-keys-top7-x10"]
+ALL = [
+    "base",
+    "dpo",
+    "patch-toxic-256",
+    "patch-toxic-256-per-prompt",
+    "ablate-toxic-100",
+    "ablate-toxic-20",
+    "steer-probe-a8",
+    "steer-probe-a4",
+    "edit-probe-cos-b0.5-a0.2",
+    "edit-probe-cos-b0.25-a0.2",
+    "patch-tp",
+    "patch-tp-an",
+    "patch-toxic-interpretable",
+    "patch-toxic-128",
+    "dpo-scale-keys-top7-x10",
+]
 
 
 def build(evald, tmp_path, conditions=ALL, **kw):
-    return build_tables(evald, conditions, "tiny", tmp_path / "out" / "tiny",
-                        n_neurons_total=1200, **kw)
+    return build_tables(
+        evald, conditions, "tiny", tmp_path / "out" / "tiny", n_neurons_total=1200, **kw
+    )
 
 
 def test_row_selection_and_order():
     assert select_rows("table1_ablation", ALL) == [
-        "base", "ablate-toxic-20", "ablate-toxic-100", "patch-tp", "dpo", "dpo-scale-keys-top7-x10"]
+        "base",
+        "ablate-toxic-20",
+        "ablate-toxic-100",
+        "patch-tp",
+        "dpo",
+        "dpo-scale-keys-top7-x10",
+    ]
     assert select_rows("table2_interventions", ALL) == [
-        "base", "steer-probe-a4", "steer-probe-a8", "dpo", "patch-toxic-interpretable",
-        "patch-toxic-128", "patch-toxic-256", "patch-tp", "patch-tp-an",
-        "edit-probe-cos-b0.25-a0.2", "edit-probe-cos-b0.5-a0.2"]
+        "base",
+        "steer-probe-a4",
+        "steer-probe-a8",
+        "dpo",
+        "patch-toxic-interpretable",
+        "patch-toxic-128",
+        "patch-toxic-256",
+        "patch-tp",
+        "patch-tp-an",
+        "edit-probe-cos-b0.25-a0.2",
+        "edit-probe-cos-b0.5-a0.2",
+    ]
     assert select_rows("table3_toxic_neurons", ALL) == [
-        "patch-toxic-interpretable", "patch-toxic-128", "patch-toxic-256",
-        "patch-toxic-256-per-prompt"]
+        "patch-toxic-interpretable",
+        "patch-toxic-128",
+        "patch-toxic-256",
+        "patch-toxic-256-per-prompt",
+    ]
     assert select_rows("table12_steering", ALL) == ["base", "steer-probe-a4", "steer-probe-a8"]
     assert select_rows("table_per_prompt", ALL) == ["patch-toxic-256"]
-    assert select_rows("table19_editing", ["patch-increased", "dpo", "edit-probe-act-b0.5-a0.1",
-                                           "patch-all", "base"]) == [
-        "base", "dpo", "patch-all", "patch-increased", "edit-probe-act-b0.5-a0.1"]
+    assert select_rows(
+        "table19_editing",
+        ["patch-increased", "dpo", "edit-probe-act-b0.5-a0.1", "patch-all", "base"],
+    ) == ["base", "dpo", "patch-all", "patch-increased", "edit-probe-act-b0.5-a0.1"]
 
 
 def test_labels():
@@ -112,7 +178,10 @@ def test_recovered_share_by_hand(evald, tmp_path):
 def test_paired_bootstrap_contains_point_and_is_seeded():
     rng = np.random.default_rng(0)
     cols = rng.uniform(0, 1, (50, 2))
-    diff = lambda m: m[..., 1] - m[..., 0]  # noqa: E731
+
+    def diff(m):
+        return m[..., 1] - m[..., 0]
+
     a = paired_bootstrap(cols, diff, samples=500, level=0.9, seed=3)
     assert a[1] <= a[0] <= a[2] and a[1] < a[2]
     assert a == paired_bootstrap(cols, diff, samples=500, level=0.9, seed=3)
@@ -182,7 +251,8 @@ def test_every_listed_file_is_written(evald, tmp_path):
     for f in files:
         assert pd.io.common.file_exists(f), f
     assert sorted(p.name for p in (tmp_path / "out" / "tiny").iterdir()) == sorted(
-        f.rsplit("/", 1)[1] for f in files)  # and no temporary left behind
+        f.rsplit("/", 1)[1] for f in files
+    )  # and no temporary left behind
 
 
 def test_missing_condition_names_the_file(evald, tmp_path):
@@ -195,7 +265,9 @@ def test_summary_missing_key(evald, tmp_path):
     s = json.loads((evald / "dpo.json").read_text())
     del s["n_edited_neurons"]
     (evald / "dpo.json").write_text(json.dumps(s))
-    with pytest.raises(DpotoxError, match=r"dpo\.json lacks n_edited_neurons.*re-run rule evaluate"):
+    with pytest.raises(
+        DpotoxError, match=r"dpo\.json lacks n_edited_neurons.*re-run rule evaluate"
+    ):
         build(evald, tmp_path, ["base", "dpo"])
 
 
@@ -234,7 +306,9 @@ def test_packaged_published_numbers():
     # Table 3's % is Table 2's (None - Patch) / (None - DPO)
     t2 = pub[pub["table"] == "2"].set_index(["model", "key"])["toxicity"]
     for r in pub[pub["table"] == "3"].itertuples():
-        share = (t2[r.model, "base"] - t2[r.model, r.key]) / (t2[r.model, "base"] - t2[r.model, "dpo"])
+        share = (t2[r.model, "base"] - t2[r.model, r.key]) / (
+            t2[r.model, "base"] - t2[r.model, "dpo"]
+        )
         assert 100 * share == pytest.approx(r.pct_reduction, abs=0.06)
 
 
@@ -251,8 +325,15 @@ def test_claims_verdicts_follow_the_numbers(tmp_path):
     write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.05 + noise, log_ppl=3.04)
     write_eval(d, "edit-probe-cos-b0.8-a0.2", 0.01 + noise, log_ppl=3.2)
     write_eval(d, "edit-free-cos-b0.5-a0.2", 0.05 + noise[::-1], log_ppl=3.04)
-    conds = ["base", "dpo", "patch-toxic-256", "patch-four-groups", "edit-probe-cos-b0.5-a0.2",
-             "edit-probe-cos-b0.8-a0.2", "edit-free-cos-b0.5-a0.2"]
+    conds = [
+        "base",
+        "dpo",
+        "patch-toxic-256",
+        "patch-four-groups",
+        "edit-probe-cos-b0.5-a0.2",
+        "edit-probe-cos-b0.8-a0.2",
+        "edit-free-cos-b0.5-a0.2",
+    ]
     claims = build(d, tmp_path, conds)["table_claims"].set_index("claim")
     minority = claims.loc["toxic neurons explain a minority of DPO's effect"]
     assert minority["value"] == pytest.approx(12.5) and minority["verdict"] == "holds"
@@ -272,7 +353,10 @@ def test_claims_verdicts_follow_the_numbers(tmp_path):
     assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "not significant"
     # no editing condition near DPO's perplexity: does not hold, and says so
     claims = build(d, tmp_path, [c for c in conds if c != "edit-probe-cos-b0.5-a0.2"])[
-        "table_claims"].set_index("claim")
+        "table_claims"
+    ].set_index("claim")
     assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "does not hold"
-    assert "none of 1 editing conditions" in claims.loc["editing beats DPO at similar perplexity",
-                                                        "evidence"]
+    assert (
+        "none of 1 editing conditions"
+        in claims.loc["editing beats DPO at similar perplexity", "evidence"]
+    )

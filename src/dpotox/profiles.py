@@ -51,12 +51,14 @@ def repo_profiles(repo_root: str | os.PathLike, names=PROFILE_NAMES) -> dict[str
     """name -> absolute path of ``profiles/<name>`` of the checkout at repo_root."""
     root = Path(repo_root).resolve()
     profiles = {name: root / "profiles" / name for name in names}
-    missing = [str(p / "config.yaml") for p in profiles.values()
-               if not (p / "config.yaml").is_file()]
+    missing = [
+        str(p / "config.yaml") for p in profiles.values() if not (p / "config.yaml").is_file()
+    ]
     if missing:
         raise ProfileError(
             f"{root} is not a dpotox checkout: no {', '.join(missing)}. Run this from the "
-            "repository root or pass --repo <the repository root>.")
+            "repository root or pass --repo <the repository root>."
+        )
     return profiles
 
 
@@ -68,16 +70,20 @@ def _link_text(path: Path) -> Path:
 def _is_link_to(path: Path, target: Path) -> bool:
     if not path.is_symlink():
         return False
-    return (os.path.realpath(path) == os.path.realpath(target)
-            or _link_text(path) == Path(os.path.normpath(target)))
+    return os.path.realpath(path) == os.path.realpath(target) or _link_text(path) == Path(
+        os.path.normpath(target)
+    )
 
 
 def _dpotox_clone(profile_dir: Path) -> Path | None:
     """The checkout a profile folder belongs to, when it is ``<clone>/profiles/<name>`` of a
     clone of dpotox."""
     clone = profile_dir.parent.parent
-    if profile_dir.parent.name == "profiles" and (clone / "Snakefile").is_file() and (
-            clone / "src" / "dpotox").is_dir():
+    if (
+        profile_dir.parent.name == "profiles"
+        and (clone / "Snakefile").is_file()
+        and (clone / "src" / "dpotox").is_dir()
+    ):
         return clone
     return None
 
@@ -88,8 +94,8 @@ class LinkResult:
 
     config_dir: Path
     profiles: dict[str, Path]
-    linked: list[str] = field(default_factory=list)      # new links
-    kept: list[str] = field(default_factory=list)        # already linked here
+    linked: list[str] = field(default_factory=list)  # new links
+    kept: list[str] = field(default_factory=list)  # already linked here
     replaced: dict[str, Path] = field(default_factory=dict)  # name -> old dangling target
     conflicts: dict[str, str] = field(default_factory=dict)  # name -> what is there, the fix
 
@@ -109,8 +115,10 @@ class LinkResult:
         if self.conflicts:
             done.append(", ".join(self.conflicts) + " NOT linked (see the next line)")
         repo = next(iter(self.profiles.values())).parent
-        return (f"Snakemake profiles by name: {'; '.join(done)} "
-                f"({self.config_dir}/<name> -> {repo}/<name>; undo: make unlink-profiles)")
+        return (
+            f"Snakemake profiles by name: {'; '.join(done)} "
+            f"({self.config_dir}/<name> -> {repo}/<name>; undo: make unlink-profiles)"
+        )
 
 
 def _conflict(path: Path, name: str, target: Path) -> str | None:
@@ -123,27 +131,36 @@ def _conflict(path: Path, name: str, target: Path) -> str | None:
         if not path.exists():
             if points_to.name == name and points_to.parent.name == "profiles":
                 return None  # dangling, left by a deleted clone: nobody's profile
-            return (f"{path} is a dangling link to {points_to}, not made by dpotox; left "
-                    f"untouched. Remove it (`rm {path}`) and run `make link-profiles`.")
+            return (
+                f"{path} is a dangling link to {points_to}, not made by dpotox; left "
+                f"untouched. Remove it (`rm {path}`) and run `make link-profiles`."
+            )
         clone = _dpotox_clone(Path(os.path.realpath(path)))
         if clone is not None:
-            return (f"{path} is a link to {os.path.realpath(path)}, the profile of another clone "
-                    f"of dpotox ({clone}); left untouched, so `snakemake --profile {name}` uses "
-                    f"that clone's profile. To use this one's: `make -C {clone} unlink-profiles` "
-                    f"(or `rm {path}`), then `make link-profiles` here; {by_path}.")
-        return (f"{path} is a link to {points_to}, not to this repository's profile; left "
-                f"untouched, so `snakemake --profile {name}` uses it. To use the repository's "
-                f"profile by name, remove the link (`rm {path}`) and run `make link-profiles`; "
-                f"{by_path}.")
+            return (
+                f"{path} is a link to {os.path.realpath(path)}, the profile of another clone "
+                f"of dpotox ({clone}); left untouched, so `snakemake --profile {name}` uses "
+                f"that clone's profile. To use this one's: `make -C {clone} unlink-profiles` "
+                f"(or `rm {path}`), then `make link-profiles` here; {by_path}."
+            )
+        return (
+            f"{path} is a link to {points_to}, not to this repository's profile; left "
+            f"untouched, so `snakemake --profile {name}` uses it. To use the repository's "
+            f"profile by name, remove the link (`rm {path}`) and run `make link-profiles`; "
+            f"{by_path}."
+        )
     kind = "folder" if path.is_dir() else "file"
-    return (f"{path} is your own profile {kind} (not a link to this repository's); left "
-            f"untouched, so `snakemake --profile {name}` uses it. To use the repository's profile "
-            f"by name, move it away (`mv {path} {path}.mine`) and run `make link-profiles`; "
-            f"{by_path}.")
+    return (
+        f"{path} is your own profile {kind} (not a link to this repository's); left "
+        f"untouched, so `snakemake --profile {name}` uses it. To use the repository's profile "
+        f"by name, move it away (`mv {path} {path}.mine`) and run `make link-profiles`; "
+        f"{by_path}."
+    )
 
 
-def link_profiles(repo_root: str | os.PathLike, config_dir: str | os.PathLike | None = None,
-                  names=PROFILE_NAMES) -> LinkResult:
+def link_profiles(
+    repo_root: str | os.PathLike, config_dir: str | os.PathLike | None = None, names=PROFILE_NAMES
+) -> LinkResult:
     """Link ``<config_dir>/<name>`` to ``<repo_root>/profiles/<name>`` for every name that is
     free, already linked here, or a dangling link left by a deleted clone; every other entry
     is left untouched and reported in ``conflicts`` (``ok`` is then False)."""
@@ -178,8 +195,9 @@ def link_profiles(repo_root: str | os.PathLike, config_dir: str | os.PathLike | 
             if _is_link_to(path, target):
                 result.kept.append(name)
             else:
-                result.conflicts[name] = (_conflict(path, name, target)
-                                          or f"{path} appeared meanwhile")
+                result.conflicts[name] = (
+                    _conflict(path, name, target) or f"{path} appeared meanwhile"
+                )
         except OSError as e:
             result.conflicts[name] = f"cannot link {path} -> {target}: {e}"
     return result
@@ -195,8 +213,9 @@ class UnlinkResult:
     def summary(self) -> str:
         done = []
         if self.removed:
-            done.append(f"removed the link{'s' if len(self.removed) > 1 else ''} "
-                        f"{', '.join(self.removed)}")
+            done.append(
+                f"removed the link{'s' if len(self.removed) > 1 else ''} {', '.join(self.removed)}"
+            )
         if self.absent:
             done.append(f"no {', '.join(self.absent)}")
         if self.others:
@@ -204,8 +223,9 @@ class UnlinkResult:
         return f"Snakemake profiles by name in {self.config_dir}: {'; '.join(done)}"
 
 
-def unlink_profiles(repo_root: str | os.PathLike, config_dir: str | os.PathLike | None = None,
-                    names=PROFILE_NAMES) -> UnlinkResult:
+def unlink_profiles(
+    repo_root: str | os.PathLike, config_dir: str | os.PathLike | None = None, names=PROFILE_NAMES
+) -> UnlinkResult:
     """Remove ``<config_dir>/<name>`` where it is a link to this checkout's profile; anything
     else there (the user's own profile, a link elsewhere) is left as it is."""
     root = Path(repo_root).resolve()
@@ -245,6 +265,8 @@ def main(args) -> int:
     for why in result.conflicts.values():
         print(f"{level}: {why}", file=sys.stderr)
     if result.conflicts and args.warn_only:
-        print("warning: going on (--warn-only); `make link-profiles` stops here instead.",
-              file=sys.stderr)
+        print(
+            "warning: going on (--warn-only); `make link-profiles` stops here instead.",
+            file=sys.stderr,
+        )
     return 0 if result.ok or args.warn_only else 1

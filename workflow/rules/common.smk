@@ -8,7 +8,8 @@ from snakemake_interface_executor_plugins.settings import DeploymentMethod
 MODELS = list(config["models"])
 # pair_prompts and pairs are datasets only where the config names sources for them.
 DATASETS = ["prompts", "wiki", "probe_texts"] + [
-    name for name in ("pair_prompts", "pairs") if config["data"][name]]
+    name for name in ("pair_prompts", "pairs") if config["data"][name]
+]
 
 
 # Every sweep condition of any model: rule evaluate leaves their files to the sweep jobs.
@@ -90,8 +91,13 @@ def reported_tables(paths, rule):
     marked = []
     for p in paths:
         if p.endswith(".csv"):
-            p = report(p, caption=f"../report/tables/{Path(p).stem}.rst", category="Tables",
-                       subcategory="{model}", labels={"table": Path(p).stem, "rule": rule})
+            p = report(
+                p,
+                caption=f"../report/tables/{Path(p).stem}.rst",
+                category="Tables",
+                subcategory="{model}",
+                labels={"table": Path(p).stem, "rule": rule},
+            )
         marked.append(p)
     return marked
 
@@ -155,6 +161,8 @@ def dpo_launcher(wildcards):
         # FSDP shards the weights, gradients and optimizer state over the GPUs (the requests
         # count on it: dpotox.plan.resources).
         fsdp = Path(workflow.basedir) / "config" / "accelerate" / "fsdp.yaml"
-        return (f"{python} -m accelerate.commands.launch --config_file {shlex.quote(str(fsdp))}"
-                f" --num_processes {gpus} -m dpotox")
+        return (
+            f"{python} -m accelerate.commands.launch --config_file {shlex.quote(str(fsdp))}"
+            f" --num_processes {gpus} -m dpotox"
+        )
     return f"{python} -m dpotox"

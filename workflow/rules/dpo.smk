@@ -1,4 +1,4 @@
-# Stage: preference pairs and DPO fine-tuning with TRL (DESIGN section 1, "DPO").
+# Stage: preference pairs and DPO fine-tuning with TRL (docs/design.md, "DPO with a KL term").
 
 
 rule make_pairs:
@@ -9,18 +9,18 @@ rule make_pairs:
         pairs="results/{model}/dpo/pairs.parquet",
         report="results/{model}/dpo/pairs.json",
         samples="results/{model}/dpo/samples.parquet",
-    params:
-        cfg=lambda wildcards: rule_params(config, "make_pairs", wildcards.model),
-        device=lambda wildcards: config["models"][wildcards.model]["device"],
     log:
         "logs/make_pairs/{model}.log",
     benchmark:
         "benchmarks/make_pairs/{model}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
     threads: 2
     resources:
         **model_resources("make_pairs"),
-    conda:
-        "../../envs/dpotox.yaml"
+    params:
+        cfg=lambda wildcards: rule_params(config, "make_pairs", wildcards.model),
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
     script:
         "../scripts/make_pairs.py"
 
@@ -37,6 +37,15 @@ rule train_dpo:
     output:
         model=directory("results/{model}/dpo/model"),
         log="results/{model}/dpo/train_log.parquet",
+    log:
+        "logs/train_dpo/{model}.log",
+    benchmark:
+        "benchmarks/train_dpo/{model}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
+    threads: 2
+    resources:
+        **model_resources("train_dpo"),
     params:
         cfg=lambda wildcards: json.dumps(rule_params(config, "train_dpo", wildcards.model)),
         device=lambda wildcards: config["models"][wildcards.model]["device"],
@@ -44,15 +53,6 @@ rule train_dpo:
         # Kept outside the output folder, which Snakemake deletes before a job: an
         # interrupted run leaves its checkpoints here and the rerun resumes from them.
         checkpoint_dir="results/{model}/dpo/checkpoints",
-    log:
-        "logs/train_dpo/{model}.log",
-    benchmark:
-        "benchmarks/train_dpo/{model}.tsv"
-    threads: 2
-    resources:
-        **model_resources("train_dpo"),
-    conda:
-        "../../envs/dpotox.yaml"
     shell:
         "{params.launcher} train-dpo --model-name {wildcards.model:q} --config-json {params.cfg:q}"
         " --base {input.model:q} --pairs {input.pairs:q} --out {output.model:q}"

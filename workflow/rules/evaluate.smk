@@ -1,5 +1,5 @@
 # Stage: evaluate a condition (the base model, or any intervention spec) on toxicity,
-# log-perplexity and F1 (DESIGN section 1, "Metrics").
+# log-perplexity and F1 (docs/design.md, "Metrics").
 
 
 rule evaluate:
@@ -12,9 +12,10 @@ rule evaluate:
     output:
         table="results/{model}/eval/{condition}.parquet",
         summary="results/{model}/eval/{condition}.json",
-    params:
-        cfg=lambda wildcards: rule_params(config, "evaluate", wildcards.model),
-        device=lambda wildcards: config["models"][wildcards.model]["device"],
+    log:
+        "logs/evaluate/{model}/{condition}.log",
+    benchmark:
+        "benchmarks/evaluate/{model}/{condition}.tsv"
     wildcard_constraints:
         # The sweep conditions' files come from the sweep jobs (workflow/rules/sweeps.smk).
         condition=(
@@ -23,14 +24,13 @@ rule evaluate:
             if SWEEP_CONDITIONS
             else r"[A-Za-z0-9][A-Za-z0-9_.+=-]*"
         ),
-    log:
-        "logs/evaluate/{model}/{condition}.log",
-    benchmark:
-        "benchmarks/evaluate/{model}/{condition}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
     threads: 2
     resources:
         **model_resources("evaluate"),
-    conda:
-        "../../envs/dpotox.yaml"
+    params:
+        cfg=lambda wildcards: rule_params(config, "evaluate", wildcards.model),
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
     script:
         "../scripts/evaluate.py"

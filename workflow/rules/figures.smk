@@ -21,18 +21,18 @@ for _fig in FIGURES.values():
                 labels={"figure": _fig.paper, "models": "{scope}"},
             ),
             pdf=f"results/figures/{{scope}}/{_fig.name}.pdf",
-        params:
-            figure=_fig.name,
-            tables=figure_table_paths(_fig.name),
-            cfg=rule_params(config, "figure"),
-        wildcard_constraints:
-            scope="|".join(re.escape(s) for s in FIGURE_SCOPES),
         log:
             f"logs/figures/{{scope}}/{_fig.name}.log",
         benchmark:
             f"benchmarks/figures/{{scope}}/{_fig.name}.tsv"
+        wildcard_constraints:
+            scope="|".join(re.escape(s) for s in FIGURE_SCOPES),
         localrule: True
         conda:
             "../../envs/dpotox.yaml"
+        params:
+            figure=_fig.name,
+            tables=figure_table_paths(_fig.name),
+            cfg=rule_params(config, "figure"),
         script:
             "../scripts/figure.py"

@@ -1,5 +1,5 @@
-# Stage: activation caches, the neuron table and the papers' statistics (DESIGN section 1,
-# "Mean activation", "Projection", "Groups"; docs/neurons.md).
+# Stage: activation caches, the neuron table and the papers' statistics (docs/design.md,
+# "Alignment, mean activation, projection", "The four groups"; docs/neurons.md).
 
 
 rule toxic_ablation_spec:
@@ -9,15 +9,15 @@ rule toxic_ablation_spec:
         probe="results/{model}/probe/probe.safetensors",
     output:
         spec="results/{model}/specs/ablate-toxic-{n}.json",
-    wildcard_constraints:
-        n=r"[1-9][0-9]*",
     log:
         "logs/toxic_ablation_spec/{model}/{n}.log",
+    wildcard_constraints:
+        n=r"[1-9][0-9]*",
+    conda:
+        "../../envs/dpotox.yaml"
     resources:
         # Loads the base model on the CPU to rank its value vectors (no GPU).
         **model_resources("toxic_ablation_spec"),
-    conda:
-        "../../envs/dpotox.yaml"
     script:
         "../scripts/toxic_ablation_spec.py"
 
@@ -29,24 +29,24 @@ rule cache_activations:
         prompts="resources/data/prompts.parquet",
         spec=condition_spec,
     output:
-        cache=directory("results/{model}/activations/{condition}"),
         **(
             {"positions": directory("results/{model}/activations_positions/{condition}")}
             if config["activations"]["per_position"]
             else {}
         ),
-    params:
-        cfg=lambda wildcards: rule_params(config, "cache_activations", wildcards.model),
-        device=lambda wildcards: config["models"][wildcards.model]["device"],
+        cache=directory("results/{model}/activations/{condition}"),
     log:
         "logs/cache_activations/{model}/{condition}.log",
     benchmark:
         "benchmarks/cache_activations/{model}/{condition}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
     threads: 2
     resources:
         **model_resources("cache_activations"),
-    conda:
-        "../../envs/dpotox.yaml"
+    params:
+        cfg=lambda wildcards: rule_params(config, "cache_activations", wildcards.model),
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
     script:
         "../scripts/cache_activations.py"
 
@@ -64,17 +64,17 @@ rule neuron_table:
         neurons="results/{model}/neurons.parquet",
         layers="results/{model}/layers.parquet",
         tokens="results/{model}/value_vector_tokens.parquet",
-    params:
-        cfg=lambda wildcards: rule_params(config, "neuron_table", wildcards.model),
     log:
         "logs/neuron_table/{model}.log",
     benchmark:
         "benchmarks/neuron_table/{model}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
     threads: 2
     resources:
         **model_resources("neuron_table"),
-    conda:
-        "../../envs/dpotox.yaml"
+    params:
+        cfg=lambda wildcards: rule_params(config, "neuron_table", wildcards.model),
     script:
         "../scripts/neuron_table.py"
 
@@ -89,13 +89,13 @@ rule neuron_stats:
         ablated=f"results/{{model}}/activations/{Ablation(config['neurons']['ablate_top_n'])}",
     output:
         reported_tables(neuron_stats_files("results/tables", "{model}"), "neuron_stats"),
-    params:
-        cfg=lambda wildcards: rule_params(config, "neuron_stats", wildcards.model),
     log:
         "logs/neuron_stats/{model}.log",
     benchmark:
         "benchmarks/neuron_stats/{model}.tsv"
     conda:
         "../../envs/dpotox.yaml"
+    params:
+        cfg=lambda wildcards: rule_params(config, "neuron_stats", wildcards.model),
     script:
         "../scripts/neuron_stats.py"

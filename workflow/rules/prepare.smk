@@ -1,22 +1,22 @@
-# Stage 1: models and data, from their sources into resources/ (DESIGN section 4).
+# Stage 1: models and data, from their sources into resources/ (docs/design.md, "The DAG").
 
 
 rule prepare_model:
     """Read the model source (hub, local, GGUF in a PyPI package) and save safetensors."""
     output:
         directory("resources/models/{model}/base"),
-    params:
-        spec=lambda wildcards: rule_params(config, "prepare_model", wildcards.model)["models"][
-            wildcards.model
-        ],
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
         "benchmarks/prepare_model/{model}.tsv"
-    resources:
-        **model_resources("prepare_model"),
     conda:
         "../../envs/dpotox.yaml"
+    resources:
+        **model_resources("prepare_model"),
+    params:
+        spec=lambda wildcards: rule_params(config, "prepare_model", wildcards.model)["models"][
+            wildcards.model
+        ],
     script:
         "../scripts/prepare_model.py"
 
@@ -25,13 +25,13 @@ rule prepare_data:
     """Concatenate a dataset's sources into one Parquet table with fixed columns."""
     output:
         "resources/data/{dataset}.parquet",
-    params:
-        sources=lambda wildcards: config["data"][wildcards.dataset],
     log:
         "logs/prepare_data/{dataset}.log",
     benchmark:
         "benchmarks/prepare_data/{dataset}.tsv"
     conda:
         "../../envs/dpotox.yaml"
+    params:
+        sources=lambda wildcards: config["data"][wildcards.dataset],
     script:
         "../scripts/prepare_data.py"

@@ -1,4 +1,4 @@
-# Stage: the linear toxicity probe on the final residual stream (DESIGN section 1, "Probe").
+# Stage: the linear toxicity probe on the final residual stream (docs/design.md, "The probe").
 
 
 rule train_probe:
@@ -11,17 +11,17 @@ rule train_probe:
         metrics="results/{model}/probe/metrics.json",
         data="results/{model}/probe/data.parquet",
         top_tokens="results/{model}/probe/top_tokens.csv",
-    params:
-        cfg=lambda wildcards: rule_params(config, "train_probe", wildcards.model),
-        device=lambda wildcards: config["models"][wildcards.model]["device"],
     log:
         "logs/train_probe/{model}.log",
     benchmark:
         "benchmarks/train_probe/{model}.tsv"
+    conda:
+        "../../envs/dpotox.yaml"
     threads: 2
     resources:
         **model_resources("train_probe"),
-    conda:
-        "../../envs/dpotox.yaml"
+    params:
+        cfg=lambda wildcards: rule_params(config, "train_probe", wildcards.model),
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
     script:
         "../scripts/train_probe.py"

@@ -3,6 +3,6 @@
 from dpotox.io import write_manifest
 from dpotox.logs import rule_log
 
-with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
-    n = write_manifest(snakemake.input, snakemake.output[0])  # noqa: F821
-    log.info("wrote %s: %d files", snakemake.output[0], n)  # noqa: F821
+with rule_log(snakemake) as log:
+    n = write_manifest(snakemake.input, snakemake.output[0])
+    log.info("wrote %s: %d files", snakemake.output[0], n)

@@ -5,13 +5,24 @@ from pathlib import Path
 from dpotox.logs import rule_log
 from dpotox.outputs.neuron_stats import write_stats
 
-with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
-    smk = snakemake  # noqa: F821
+with rule_log(snakemake) as log:
+    smk = snakemake
     out_dir = Path(smk.output[0]).parent
-    tables = write_stats(neurons_path=smk.input.neurons, layers_path=smk.input.layers,
-                         tokens_path=smk.input.tokens, ablated_acts=smk.input.ablated,
-                         cfg=smk.params.cfg, out_dir=out_dir, model=smk.wildcards.model)
+    tables = write_stats(
+        neurons_path=smk.input.neurons,
+        layers_path=smk.input.layers,
+        tokens_path=smk.input.tokens,
+        ablated_acts=smk.input.ablated,
+        cfg=smk.params.cfg,
+        out_dir=out_dir,
+        model=smk.wildcards.model,
+    )
     shares = tables["table5_group_shares"].set_index("group")
-    log.info("wrote %d tables to %s; share of the reduction: %s", len(tables), out_dir,
-             ", ".join(f"{g} {shares.loc[g, 'pct_of_reduction']:.1f}%"
-                       for g in ("TP", "TN", "AP", "AN")))
+    log.info(
+        "wrote %d tables to %s; share of the reduction: %s",
+        len(tables),
+        out_dir,
+        ", ".join(
+            f"{g} {shares.loc[g, 'pct_of_reduction']:.1f}%" for g in ("TP", "TN", "AP", "AN")
+        ),
+    )

@@ -3,10 +3,14 @@
 from dpotox.logs import rule_log
 from dpotox.sources import prepare_table
 
-with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
-    dataset = snakemake.wildcards.dataset  # noqa: F821
-    sources = snakemake.params.sources  # noqa: F821
+with rule_log(snakemake) as log:
+    dataset = snakemake.wildcards.dataset
+    sources = snakemake.params.sources
     log.info("reading %d source(s) for %s: %s", len(sources), dataset, sources)
-    df = prepare_table(dataset, sources, snakemake.output[0])  # noqa: F821
-    log.info("wrote %s: %d rows; per source: %s", snakemake.output[0], len(df),  # noqa: F821
-             df["source"].value_counts().to_dict())
+    df = prepare_table(dataset, sources, snakemake.output[0])
+    log.info(
+        "wrote %s: %d rows; per source: %s",
+        snakemake.output[0],
+        len(df),
+        df["source"].value_counts().to_dict(),
+    )

@@ -3,9 +3,17 @@
 from dpotox.logs import rule_log
 from dpotox.stages.neurons import write_toxic_ablation
 
-with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
-    smk = snakemake  # noqa: F821
-    spec = write_toxic_ablation(model_dir=smk.input.model, probe_path=smk.input.probe,
-                                n=int(smk.wildcards.n), out=smk.output.spec)
-    log.info("wrote %s: %d neurons in %d layers", smk.output.spec,
-             sum(e.neurons.numel() for e in spec.edits), len(spec.edits))
+with rule_log(snakemake) as log:
+    smk = snakemake
+    spec = write_toxic_ablation(
+        model_dir=smk.input.model,
+        probe_path=smk.input.probe,
+        n=int(smk.wildcards.n),
+        out=smk.output.spec,
+    )
+    log.info(
+        "wrote %s: %d neurons in %d layers",
+        smk.output.spec,
+        sum(e.neurons.numel() for e in spec.edits),
+        len(spec.edits),
+    )

@@ -5,11 +5,20 @@ from pathlib import Path
 from dpotox.logs import rule_log
 from dpotox.stages.probe import train_probe
 
-with rule_log(snakemake) as log:  # noqa: F821 (snakemake is injected)
-    smk = snakemake  # noqa: F821
-    metrics = train_probe(model_dir=smk.input.model, texts_path=smk.input.texts,
-                          cfg=smk.params.cfg, out_dir=Path(smk.output.probe).parent,
-                          device=smk.params.device)
-    log.info("probe: %d texts, test accuracy %.3f (AUC %.3f), train %.3f; top tokens %s",
-             metrics["n"], metrics["test_accuracy"], metrics["test_auc"],
-             metrics["train_accuracy"], metrics["top_tokens"])
+with rule_log(snakemake) as log:
+    smk = snakemake
+    metrics = train_probe(
+        model_dir=smk.input.model,
+        texts_path=smk.input.texts,
+        cfg=smk.params.cfg,
+        out_dir=Path(smk.output.probe).parent,
+        device=smk.params.device,
+    )
+    log.info(
+        "probe: %d texts, test accuracy %.3f (AUC %.3f), train %.3f; top tokens %s",
+        metrics["n"],
+        metrics["test_accuracy"],
+        metrics["test_auc"],
+        metrics["train_accuracy"],
+        metrics["top_tokens"],
+    )

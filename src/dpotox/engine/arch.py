@@ -40,16 +40,66 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("gpt2", ("gpt2",), "transformer.h", "mlp", "c_proj", "c_fc", None, True,
-               "transformer.wte", "transformer.ln_f"),
-        Family("llama", ("llama",), "model.layers", "mlp", "down_proj", "gate_proj", "up_proj",
-               False, "model.embed_tokens", "model.norm"),
-        Family("mistral", ("mistral",), "model.layers", "mlp", "down_proj", "gate_proj",
-               "up_proj", False, "model.embed_tokens", "model.norm"),
-        Family("gemma2", ("gemma2",), "model.layers", "mlp", "down_proj", "gate_proj", "up_proj",
-               False, "model.embed_tokens", "model.norm"),
-        Family("gemma3", ("gemma3_text",), "model.layers", "mlp", "down_proj",
-               "gate_proj", "up_proj", False, "model.embed_tokens", "model.norm"),
+        Family(
+            "gpt2",
+            ("gpt2",),
+            "transformer.h",
+            "mlp",
+            "c_proj",
+            "c_fc",
+            None,
+            True,
+            "transformer.wte",
+            "transformer.ln_f",
+        ),
+        Family(
+            "llama",
+            ("llama",),
+            "model.layers",
+            "mlp",
+            "down_proj",
+            "gate_proj",
+            "up_proj",
+            False,
+            "model.embed_tokens",
+            "model.norm",
+        ),
+        Family(
+            "mistral",
+            ("mistral",),
+            "model.layers",
+            "mlp",
+            "down_proj",
+            "gate_proj",
+            "up_proj",
+            False,
+            "model.embed_tokens",
+            "model.norm",
+        ),
+        Family(
+            "gemma2",
+            ("gemma2",),
+            "model.layers",
+            "mlp",
+            "down_proj",
+            "gate_proj",
+            "up_proj",
+            False,
+            "model.embed_tokens",
+            "model.norm",
+        ),
+        Family(
+            "gemma3",
+            ("gemma3_text",),
+            "model.layers",
+            "mlp",
+            "down_proj",
+            "gate_proj",
+            "up_proj",
+            False,
+            "model.embed_tokens",
+            "model.norm",
+        ),
     )
 }
 
@@ -57,7 +107,7 @@ SUPPORTED = tuple(FAMILIES)
 
 
 def family_of(model_type: str) -> Family:
-    """The family a ``config.model_type`` belongs to, or a clear error listing the supported ones."""
+    """The family a ``config.model_type`` belongs to, or an error listing the supported ones."""
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             return fam

@@ -21,16 +21,21 @@ from dpotox.engine.arch import Adapter
 
 def decoder_weights(adapter: Adapter) -> int:
     """Multiply-adds per token in the decoder layers' matrices (2-D weights, all layers)."""
-    return sum(p.numel() for layer in range(adapter.n_layers)
-               for p in adapter.layer(layer).parameters()
-               if p.dim() == 2)
+    return sum(
+        p.numel()
+        for layer in range(adapter.n_layers)
+        for p in adapter.layer(layer).parameters()
+        if p.dim() == 2
+    )
 
 
 def attention_width(model: nn.Module) -> int:
     """``n_heads * head_dim``: the width of one token's queries."""
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or cfg.n_embd) // heads
+    head_dim = (
+        getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or cfg.n_embd) // heads
+    )
     return heads * head_dim
 
 
@@ -44,9 +49,11 @@ def forward_flops(adapter: Adapter, contexts: Iterable[int], *, logit_tokens: in
     """
     ctx = list(contexts)
     emb = adapter.unembedding()
-    return (2.0 * decoder_weights(adapter) * len(ctx)
-            + 4.0 * adapter.n_layers * attention_width(adapter.model) * sum(ctx)
-            + 2.0 * emb.shape[0] * emb.shape[1] * logit_tokens)
+    return (
+        2.0 * decoder_weights(adapter) * len(ctx)
+        + 4.0 * adapter.n_layers * attention_width(adapter.model) * sum(ctx)
+        + 2.0 * emb.shape[0] * emb.shape[1] * logit_tokens
+    )
 
 
 def generation_contexts(prompt_lengths: Iterable[int], new_lengths: Iterable[int]) -> list[int]:
@@ -70,8 +77,9 @@ class GemmRate:
     sustained: float
 
 
-def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 3.0,
-              device: str = "cpu") -> GemmRate:
+def gemm_rate(
+    dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 3.0, device: str = "cpu"
+) -> GemmRate:
     """This machine's rate for back-to-back ``n x n x n`` GEMMs of ``dtype``.
 
     ``peak`` is the fastest single GEMM; ``sustained`` is the rate over a loop of at least
@@ -94,5 +102,5 @@ def gemm_rate(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float 
         torch.mm(a, b)
         sync()
         times.append(time.perf_counter() - t0)
-    flops = 2.0 * n ** 3
+    flops = 2.0 * n**3
     return GemmRate(flops / min(times), flops * len(times) / (time.perf_counter() - start))

@@ -25,9 +25,9 @@ import torch
 from transformers import PreTrainedTokenizerBase, StaticCache
 
 from dpotox.engine.arch import Adapter
-from dpotox.errors import DpotoxError
-from dpotox.engine.spec import Intervention
 from dpotox.engine.hooks import Context, Hooks, Recorder
+from dpotox.engine.spec import Intervention
+from dpotox.errors import DpotoxError
 from dpotox.sources.models import resolve_device
 
 
@@ -54,8 +54,9 @@ class Generation:
         return sum(map(len, self.new_tokens))
 
 
-def encode_prompts(tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequence[str], *,
-                   max_tokens: int) -> list[list[int]]:
+def encode_prompts(
+    tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequence[str], *, max_tokens: int
+) -> list[list[int]]:
     """Token ids of each prompt, cut to its first ``max_tokens`` tokens.
 
     Raises:
@@ -70,14 +71,18 @@ def encode_prompts(tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequ
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise PromptError(f"prompt {pid!r} is not valid UTF-8 text ({e.reason} at "
-                              f"character {e.start}); fix or drop it in the source") from None
+            raise PromptError(
+                f"prompt {pid!r} is not valid UTF-8 text ({e.reason} at "
+                f"character {e.start}); fix or drop it in the source"
+            ) from None
         if not text.strip():
             raise PromptError(f"prompt {pid!r} is empty; drop it from the prompts source")
         tokens = tok(text, add_special_tokens=True)["input_ids"]
         if not any(t not in special for t in tokens):
-            raise PromptError(f"prompt {pid!r} ({text[:40]!r}) tokenises to nothing but special "
-                              "tokens; drop it from the prompts source")
+            raise PromptError(
+                f"prompt {pid!r} ({text[:40]!r}) tokenises to nothing but special "
+                "tokens; drop it from the prompts source"
+            )
         out.append(tokens[:max_tokens])
     return out
 
@@ -109,16 +114,17 @@ def eos_ids(model: torch.nn.Module, tok: PreTrainedTokenizerBase) -> list[int]:
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of rows padded on the left to the longest."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.as_tensor(r)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.as_tensor(r)
+            mask[i, width - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -130,19 +136,46 @@ def balanced_batch_size(n: int, batch_size: int) -> int:
     return -(-n // n_batches)
 
 
-def greedy(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
-           ids: Sequence[str], *, spec: Intervention | None = None, new_tokens: int = 20,
-           batch_size: int = 32, sort: bool = True,
-           recorder: Recorder | None = None) -> Generation:
+def greedy(
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    *,
+    spec: Intervention | None = None,
+    new_tokens: int = 20,
+    batch_size: int = 32,
+    sort: bool = True,
+    recorder: Recorder | None = None,
+) -> Generation:
     """Greedy continuations of tokenised ``prompts`` under ``spec`` (see :func:`generate`)."""
-    return generate(adapter, tok, prompts, ids, spec=spec, new_tokens=new_tokens,
-                    batch_size=batch_size, sort=sort, recorder=recorder)
+    return generate(
+        adapter,
+        tok,
+        prompts,
+        ids,
+        spec=spec,
+        new_tokens=new_tokens,
+        batch_size=batch_size,
+        sort=sort,
+        recorder=recorder,
+    )
 
 
-def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[Sequence[int]],
-             ids: Sequence[str], *, spec: Intervention | None = None, new_tokens: int = 20,
-             batch_size: int = 32, sort: bool = True, temperature: float = 0.0,
-             seed: int = 0, recorder: Recorder | None = None) -> Generation:
+def generate(
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    *,
+    spec: Intervention | None = None,
+    new_tokens: int = 20,
+    batch_size: int = 32,
+    sort: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+    recorder: Recorder | None = None,
+) -> Generation:
     """Continuations of tokenised ``prompts`` under ``spec``.
 
     Args:
@@ -155,20 +188,40 @@ def generate(adapter: Adapter, tok: PreTrainedTokenizerBase, prompts: Sequence[S
         temperature: 0 decodes greedily; above 0 samples at this temperature.
         seed: seeds the sampling generator (unused when greedy).
         recorder: reads every layer's activations at the positions that produce the kept
-            tokens (``ctx.active`` marks the rows still generating); see ``dpotox.stages.activations``.
+            tokens (``ctx.active`` marks the rows still generating); see
+            ``dpotox.stages.activations``.
     """
-    return generate_many(adapter, tok, prompts, ids, [spec], new_tokens=new_tokens,
-                         batch_size=batch_size, sort=sort, temperature=temperature, seed=seed,
-                         recorder=recorder)[0]
+    return generate_many(
+        adapter,
+        tok,
+        prompts,
+        ids,
+        [spec],
+        new_tokens=new_tokens,
+        batch_size=batch_size,
+        sort=sort,
+        temperature=temperature,
+        seed=seed,
+        recorder=recorder,
+    )[0]
 
 
 @torch.inference_mode()
-def generate_many(adapter: Adapter, tok: PreTrainedTokenizerBase,
-                  prompts: Sequence[Sequence[int]], ids: Sequence[str],
-                  specs: Sequence[Intervention | None], *, new_tokens: int = 20,
-                  batch_size: int = 32, sort: bool = True, temperature: float = 0.0,
-                  seed: int = 0, recorder: Recorder | None = None,
-                  stack_rows: int = 512) -> list[Generation]:
+def generate_many(
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    specs: Sequence[Intervention | None],
+    *,
+    new_tokens: int = 20,
+    batch_size: int = 32,
+    sort: bool = True,
+    temperature: float = 0.0,
+    seed: int = 0,
+    recorder: Recorder | None = None,
+    stack_rows: int = 512,
+) -> list[Generation]:
     """Continuations of the same prompts under each of ``specs`` (arguments: :func:`generate`).
 
     Each batch of prompts runs in two steps: the prefix (every prompt token but the last),
@@ -189,17 +242,22 @@ def generate_many(adapter: Adapter, tok: PreTrainedTokenizerBase,
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stops = eos_ids(model, tok)
     stop = torch.tensor(stops, device=device)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if sort else list(range(len(prompts)))
+    order = (
+        sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        if sort
+        else list(range(len(prompts)))
+    )
     batch_size = balanced_batch_size(len(order), batch_size)
     stacks = _stacks(specs, min(batch_size, len(order)), stack_rows, temperature)
     # Hooks are checked and moved to the device once, and attached per batch.
     ctx = Context(prompt_ids=list(ids))
-    hooks = [Hooks(adapter, spec, prompt_ids=list(ids), recorder=recorder, ctx=ctx)
-             for spec in specs]
+    hooks = [
+        Hooks(adapter, spec, prompt_ids=list(ids), recorder=recorder, ctx=ctx) for spec in specs
+    ]
     outs: list[list[list[int]]] = [[[] for _ in prompts] for _ in specs]
     seconds = [0.0] * len(specs)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         n = len(rows)
         input_ids, mask = left_pad([prompts[i] for i in rows], pad, device)
         # Left padding shifts each row; positions count real tokens only.
@@ -217,8 +275,9 @@ def generate_many(adapter: Adapter, tok: PreTrainedTokenizerBase,
             if shared is not None and sharing:
                 _restore(cache, shared, repeat=k)
             else:
-                _prefill_prefix(model, ctx, cache, input_ids, mask, pos,
-                                None if sharing else hooks[stack[0]])
+                _prefill_prefix(
+                    model, ctx, cache, input_ids, mask, pos, None if sharing else hooks[stack[0]]
+                )
                 if sharing:
                     shared = _snapshot(cache)
                     if k > 1:
@@ -227,14 +286,28 @@ def generate_many(adapter: Adapter, tok: PreTrainedTokenizerBase,
                 for block, j in enumerate(stack):
                     hooks[j].restrict(slice(block * n, (block + 1) * n) if k > 1 else slice(None))
                     es.enter_context(hooks[j].attached())
-                rng = (torch.Generator(device=device).manual_seed(seed + start)
-                       if temperature > 0 else None)
-                gen = _continue(model, ctx, cache, input_ids[:, -1:].repeat(k, 1),
-                                mask.repeat(k, 1), pos[:, -1:].repeat(k, 1), width,
-                                new_tokens=new_tokens, pad=pad, stop=stop, rng=rng,
-                                temperature=temperature, recorder=recorder)
+                rng = (
+                    torch.Generator(device=device).manual_seed(seed + start)
+                    if temperature > 0
+                    else None
+                )
+                gen = _continue(
+                    model,
+                    ctx,
+                    cache,
+                    input_ids[:, -1:].repeat(k, 1),
+                    mask.repeat(k, 1),
+                    pos[:, -1:].repeat(k, 1),
+                    width,
+                    new_tokens=new_tokens,
+                    pad=pad,
+                    stop=stop,
+                    rng=rng,
+                    temperature=temperature,
+                    recorder=recorder,
+                )
             for block, j in enumerate(stack):
-                for row, toks in zip(rows, gen[block * n:(block + 1) * n], strict=True):
+                for row, toks in zip(rows, gen[block * n : (block + 1) * n], strict=True):
                     outs[j][row] = _until_stop(toks, stops)
                 seconds[j] += (time.perf_counter() - t0) / k
             # Free the key-value cache before the next allocates its own: held over, two
@@ -243,25 +316,39 @@ def generate_many(adapter: Adapter, tok: PreTrainedTokenizerBase,
         del shared
     for h in hooks:
         h.restrict(slice(None))
-    return [Generation(list(ids), [list(p) for p in prompts], out,
-                       tok.batch_decode(out, skip_special_tokens=True), secs)
-            for out, secs in zip(outs, seconds, strict=True)]
+    return [
+        Generation(
+            list(ids),
+            [list(p) for p in prompts],
+            out,
+            tok.batch_decode(out, skip_special_tokens=True),
+            secs,
+        )
+        for out, secs in zip(outs, seconds, strict=True)
+    ]
 
 
-def _stacks(specs: Sequence[Intervention | None], batch: int, stack_rows: int,
-            temperature: float) -> list[list[int]]:
+def _stacks(
+    specs: Sequence[Intervention | None], batch: int, stack_rows: int, temperature: float
+) -> list[list[int]]:
     """Which specs decode together: stacks of those that share the prompt prefix, up to
     ``stack_rows`` rows each; every other spec alone."""
     sharing = [j for j, s in enumerate(specs) if _shares(s)]
     # Sampling draws per batch from one generator: stacked rows would draw other numbers.
     per_stack = max(1, stack_rows // max(1, batch)) if temperature == 0 else 1
-    stacks = [sharing[i:i + per_stack] for i in range(0, len(sharing), per_stack)]
+    stacks = [sharing[i : i + per_stack] for i in range(0, len(sharing), per_stack)]
     return stacks + [[j] for j, s in enumerate(specs) if not _shares(s)]
 
 
-def _prefill_prefix(model: torch.nn.Module, ctx: Context, cache: StaticCache,
-                    input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-                    hooks: Hooks | None) -> None:
+def _prefill_prefix(
+    model: torch.nn.Module,
+    ctx: Context,
+    cache: StaticCache,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    hooks: Hooks | None,
+) -> None:
     """Run every prompt token but the last into ``cache`` (under ``hooks``, if the spec does
     not share the prefix)."""
     ctx.phase = "prefix"
@@ -270,10 +357,15 @@ def _prefill_prefix(model: torch.nn.Module, ctx: Context, cache: StaticCache,
         if hooks is not None:
             es.enter_context(hooks.attached())
         if width > 1:
-            model(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1],
-                  position_ids=pos[:, :-1], past_key_values=cache,
-                  cache_position=torch.arange(width - 1, device=input_ids.device),
-                  use_cache=True, logits_to_keep=1)
+            model(
+                input_ids=input_ids[:, :-1],
+                attention_mask=mask[:, :-1],
+                position_ids=pos[:, :-1],
+                past_key_values=cache,
+                cache_position=torch.arange(width - 1, device=input_ids.device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
 
 
 def _until_stop(toks: list[int], stops: Sequence[int]) -> list[int]:
@@ -289,8 +381,10 @@ def _shares(spec: Intervention | None) -> bool:
 def _snapshot(cache: StaticCache) -> list[dict[str, object]]:
     """A copy of every cache layer's state (tensors cloned): the cache layers keep their own
     write position, so a cache is set to "after the prefix" by its state, not by positions."""
-    return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(layer).items()}
-            for layer in cache.layers]
+    return [
+        {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(layer).items()}
+        for layer in cache.layers
+    ]
 
 
 def _restore(cache: StaticCache, snapshot: list[dict[str, object]], *, repeat: int = 1) -> None:
@@ -303,10 +397,22 @@ def _restore(cache: StaticCache, snapshot: list[dict[str, object]], *, repeat: i
             setattr(layer, k, v)
 
 
-def _continue(model: torch.nn.Module, ctx: Context, cache: StaticCache, last: torch.Tensor,
-              mask: torch.Tensor, pos: torch.Tensor, width: int, *, new_tokens: int, pad: int,
-              stop: torch.Tensor, rng: torch.Generator | None, temperature: float,
-              recorder: Recorder | None) -> list[list[int]]:
+def _continue(
+    model: torch.nn.Module,
+    ctx: Context,
+    cache: StaticCache,
+    last: torch.Tensor,
+    mask: torch.Tensor,
+    pos: torch.Tensor,
+    width: int,
+    *,
+    new_tokens: int,
+    pad: int,
+    stop: torch.Tensor,
+    rng: torch.Generator | None,
+    temperature: float,
+    recorder: Recorder | None,
+) -> list[list[int]]:
     """Feed each row's last prompt token (its prefix is in ``cache``), then decode; returns
     the generated ids per row (finished rows padded)."""
     device = last.device
@@ -314,9 +420,15 @@ def _continue(model: torch.nn.Module, ctx: Context, cache: StaticCache, last: to
     ctx.active = torch.ones(last.shape[0], dtype=torch.bool, device=device)
     if recorder is not None:
         recorder.start(ctx)
-    res = model(input_ids=last, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                cache_position=torch.tensor([width - 1], device=device), use_cache=True,
-                logits_to_keep=1)
+    res = model(
+        input_ids=last,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=cache,
+        cache_position=torch.tensor([width - 1], device=device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     done = torch.zeros(last.shape[0], dtype=torch.bool, device=device)
     generated = []
     for step in range(new_tokens):
@@ -335,10 +447,15 @@ def _continue(model: torch.nn.Module, ctx: Context, cache: StaticCache, last: to
         pos = pos + 1
         # A finished row's next position produces only padding: not a kept token.
         ctx.active = ~done
-        res = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                    past_key_values=cache,
-                    cache_position=torch.tensor([width + step], device=device),
-                    use_cache=True, logits_to_keep=1)
+        res = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            cache_position=torch.tensor([width + step], device=device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
     if recorder is not None:
         recorder.finish(ctx)
     return torch.stack(generated, dim=1).tolist()

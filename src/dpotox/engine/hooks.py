@@ -38,9 +38,6 @@ from dpotox.engine.spec import (
 Phase = Literal["prefill", "prefix", "decode", "all", "first"]
 
 
-
-
-
 @dataclass
 class Context:
     """What the hooks need to know about the forward pass about to run (set by the caller)."""
@@ -83,8 +80,13 @@ def _positions(ctx: Context, where: str) -> slice | None:
 class _NeuronHook:
     """One forward pre-hook per layer: applies that layer's set/scale edits in order."""
 
-    def __init__(self, edits: list[SetNeurons | ScaleNeurons], ctx: Context,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        edits: list[SetNeurons | ScaleNeurons],
+        ctx: Context,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.ctx = ctx
         # The batch rows the edits act on: all, or one condition's block when several
         # conditions run stacked in one batch (dpotox.engine.generate.generate_many).
@@ -93,8 +95,9 @@ class _NeuronHook:
         for e in edits:
             idx = e.neurons.to(device)
             if isinstance(e, SetNeurons):
-                rows = ({p: j for j, p in enumerate(e.prompt_ids)}
-                        if e.prompt_ids is not None else None)
+                rows = (
+                    {p: j for j, p in enumerate(e.prompt_ids)} if e.prompt_ids is not None else None
+                )
                 self.items.append(("set", idx, e.values.to(device, dtype), rows, e.where))
             else:
                 self.items.append(("scale", idx, e.factors.to(device, dtype), None, e.where))
@@ -115,7 +118,8 @@ class _NeuronHook:
                     raise InterventionError(
                         "per-prompt values are needed for prompts "
                         f"{list(self.ctx.prompt_ids or [])[:3]}..., but the spec has no row for "
-                        "one of them (or the caller set no prompt ids)") from None
+                        "one of them (or the caller set no prompt ids)"
+                    ) from None
                 vals = vals[sel].unsqueeze(1)  # [batch, 1, n]: one row per prompt, all positions
             if kind == "set":
                 m[self.rows, pos, idx] = vals
@@ -127,8 +131,9 @@ class _NeuronHook:
 class _ResidualHook:
     """A forward hook on a decoder layer that adds the summed steering vectors to its output."""
 
-    def __init__(self, edits: list[AddResidual], ctx: Context, device: torch.device,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, edits: list[AddResidual], ctx: Context, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.ctx = ctx
         self.rows = slice(None)  # as _NeuronHook.rows
         self.items = [((e.alpha * e.vector).to(device, dtype), e.where) for e in edits]
@@ -179,9 +184,15 @@ class Hooks:
     model's device. :meth:`attached` registers the hooks for a block; a caller that switches
     between specs (a sweep) prepares each once and attaches it as often as it needs."""
 
-    def __init__(self, adapter: Adapter, spec: Intervention | None, *,
-                 prompt_ids: Sequence[str] | None = None, recorder: Recorder | None = None,
-                 ctx: Context | None = None) -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        spec: Intervention | None,
+        *,
+        prompt_ids: Sequence[str] | None = None,
+        recorder: Recorder | None = None,
+        ctx: Context | None = None,
+    ) -> None:
         self.adapter, self.recorder = adapter, recorder
         self.ctx = ctx if ctx is not None else Context(prompt_ids=prompt_ids)
         edits = spec.edits if spec is not None else []
@@ -192,20 +203,30 @@ class Hooks:
         residual_edits: dict[int, list] = defaultdict(list)
         self.key_edits: dict[int, list] = defaultdict(list)
         for e in edits:
-            target = (neuron_edits if isinstance(e, SetNeurons | ScaleNeurons)
-                      else residual_edits if isinstance(e, AddResidual) else self.key_edits)
+            target = (
+                neuron_edits
+                if isinstance(e, SetNeurons | ScaleNeurons)
+                else residual_edits
+                if isinstance(e, AddResidual)
+                else self.key_edits
+            )
             target[e.layer].append(e)
-        self.neuron_hooks = {layer: _NeuronHook(es, self.ctx, p.device, p.dtype)
-                             for layer, es in neuron_edits.items()}
-        self.residual_hooks = {layer: _ResidualHook(es, self.ctx, p.device, p.dtype)
-                               for layer, es in residual_edits.items()}
+        self.neuron_hooks = {
+            layer: _NeuronHook(es, self.ctx, p.device, p.dtype)
+            for layer, es in neuron_edits.items()
+        }
+        self.residual_hooks = {
+            layer: _ResidualHook(es, self.ctx, p.device, p.dtype)
+            for layer, es in residual_edits.items()
+        }
 
     def restrict(self, rows: slice) -> None:
         """Act on these batch rows only (one condition's block of a stacked batch); weight
         edits cannot be restricted, so a spec with one cannot be stacked."""
         if self.key_edits and rows != slice(None):
-            raise InterventionError("a weight edit (scale_keys) acts on every row of a batch; "
-                                    "run its spec alone")
+            raise InterventionError(
+                "a weight edit (scale_keys) acts on every row of a batch; run its spec alone"
+            )
         for hook in (*self.neuron_hooks.values(), *self.residual_hooks.values()):
             hook.rows = rows
 
@@ -228,15 +249,20 @@ class Hooks:
                 # values.
                 for layer in range(adapter.n_layers):
                     h = adapter.out_proj(layer).register_forward_pre_hook(
-                        _RecordHook(layer, self.recorder, self.ctx))
+                        _RecordHook(layer, self.recorder, self.ctx)
+                    )
                     stack.callback(h.remove)
             yield self.ctx
 
 
 @contextmanager
-def applied(adapter: Adapter, spec: Intervention | None, *,
-            prompt_ids: Sequence[str] | None = None,
-            recorder: Recorder | None = None) -> Iterator[Context]:
+def applied(
+    adapter: Adapter,
+    spec: Intervention | None,
+    *,
+    prompt_ids: Sequence[str] | None = None,
+    recorder: Recorder | None = None,
+) -> Iterator[Context]:
     """Apply ``spec`` to the adapter's model for the block; yield the :class:`Context` to steer.
 
     The spec is checked first (nothing is registered if it cannot apply). On leaving the block,

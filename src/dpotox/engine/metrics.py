@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from dpotox.engine.arch import Adapter
-from dpotox.engine.spec import Intervention
 from dpotox.engine.hooks import applied
+from dpotox.engine.spec import Intervention
 
 
 @dataclass
@@ -44,8 +44,9 @@ class MeanCI:
     level: float
 
 
-def bootstrap_ci(values: Sequence[float], *, samples: int = 1000, level: float = 0.95,
-                 seed: int = 0) -> MeanCI:
+def bootstrap_ci(
+    values: Sequence[float], *, samples: int = 1000, level: float = 0.95, seed: int = 0
+) -> MeanCI:
     """Mean of ``values`` with a percentile-bootstrap interval (resampling the values, seeded)."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
@@ -78,8 +79,14 @@ def f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def f1_items(tok: PreTrainedTokenizerBase, texts: Sequence[str], *, prompt_tokens: int,
-             new_tokens: int, limit: int) -> list[tuple[int, list[int], str]]:
+def f1_items(
+    tok: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    prompt_tokens: int,
+    new_tokens: int,
+    limit: int,
+) -> list[tuple[int, list[int], str]]:
     """``(text index, prompt token ids, gold continuation)`` for the first ``limit`` usable texts.
 
     A text is usable if it has at least ``prompt_tokens + new_tokens`` tokens: its first
@@ -89,15 +96,18 @@ def f1_items(tok: PreTrainedTokenizerBase, texts: Sequence[str], *, prompt_token
     for i, text in enumerate(texts):
         ids = tok(text, add_special_tokens=True)["input_ids"]
         if len(ids) >= prompt_tokens + new_tokens:
-            gold = tok.decode(ids[prompt_tokens:prompt_tokens + new_tokens], skip_special_tokens=True)
+            gold = tok.decode(
+                ids[prompt_tokens : prompt_tokens + new_tokens], skip_special_tokens=True
+            )
             items.append((i, ids[:prompt_tokens], gold))
             if len(items) == limit:
                 break
     return items
 
 
-def windows(tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequence[str],
-            window: int) -> tuple[list[str], list[list[int]]]:
+def windows(
+    tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequence[str], window: int
+) -> tuple[list[str], list[list[int]]]:
     """``(text id per window, token windows)`` for perplexity (see the module docstring).
 
     A window of one token predicts nothing and is dropped.
@@ -106,9 +116,9 @@ def windows(tok: PreTrainedTokenizerBase, texts: Sequence[str], ids: Sequence[st
     for tid, text in zip(ids, texts, strict=True):
         tokens = tok(text, add_special_tokens=True)["input_ids"]
         for s in range(0, len(tokens), window):
-            if len(tokens[s:s + window]) > 1:
+            if len(tokens[s : s + window]) > 1:
                 out_ids.append(tid)
-                out.append(tokens[s:s + window])
+                out.append(tokens[s : s + window])
     return out_ids, out
 
 
@@ -121,9 +131,16 @@ class Perplexity:
 
 
 @torch.inference_mode()
-def log_perplexity(adapter: Adapter, token_windows: Sequence[Sequence[int]],
-                   ids: Sequence[str], *, spec: Intervention | None = None, batch_size: int = 8,
-                   positions: Literal["all", "first"] = "all", pad_id: int = 0) -> Perplexity:
+def log_perplexity(
+    adapter: Adapter,
+    token_windows: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    *,
+    spec: Intervention | None = None,
+    batch_size: int = 8,
+    positions: Literal["all", "first"] = "all",
+    pad_id: int = 0,
+) -> Perplexity:
     """Mean NLL of ``token_windows`` under ``spec`` (see the module docstring).
 
     ``ids`` names each window's text, for per-prompt edits.
@@ -136,20 +153,21 @@ def log_perplexity(adapter: Adapter, token_windows: Sequence[Sequence[int]],
     with applied(adapter, spec, prompt_ids=list(ids)) as ctx:
         ctx.phase = positions
         for start in range(0, len(order), batch_size):
-            rows = [token_windows[i] for i in order[start:start + batch_size]]
-            ctx.prompt_ids = [ids[i] for i in order[start:start + batch_size]]
+            rows = [token_windows[i] for i in order[start : start + batch_size]]
+            ctx.prompt_ids = [ids[i] for i in order[start : start + batch_size]]
             width = max(map(len, rows))
             # Right padding: real tokens start at position 0 in every row, so "position 0"
             # means the same token everywhere and default position ids are right.
             batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for r, w in enumerate(rows):
-                batch[r, :len(w)] = torch.as_tensor(w)
-                mask[r, :len(w)] = 1
+                batch[r, : len(w)] = torch.as_tensor(w)
+                mask[r, : len(w)] = 1
             batch, mask = batch.to(device), mask.to(device)
             logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                  reduction="none")
+            nll = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+            )
             keep = mask[:, 1:].flatten().bool()
             total += float(nll[keep].double().sum())
             count += int(keep.sum())

@@ -37,12 +37,16 @@ from dpotox.io import atomic_path, write_json
 
 Where = Literal["all", "generation"]
 WHERE = ("all", "generation")
+
+
 class InterventionError(DpotoxError, ValueError):
     """A spec that cannot apply to this model or these prompts; the message names the edit."""
 
 
 def _tensor(x: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return x.detach().to(dtype).cpu() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
+    return (
+        x.detach().to(dtype).cpu() if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
+    )
 
 
 @dataclass
@@ -86,7 +90,8 @@ class ScaleNeurons:
 
 @dataclass
 class AddResidual:
-    """Add ``alpha * vector`` (``[d_model]``) to the residual stream after decoder layer ``layer``."""
+    """Add ``alpha * vector`` (``[d_model]``) to the residual stream after decoder layer
+    ``layer``."""
 
     layer: int
     vector: torch.Tensor
@@ -136,8 +141,11 @@ class Intervention:
     description: str = ""
 
     def __add__(self, other: Intervention) -> Intervention:
-        return Intervention(f"{self.name}+{other.name}", [*self.edits, *other.edits],
-                            " + ".join(d for d in (self.description, other.description) if d))
+        return Intervention(
+            f"{self.name}+{other.name}",
+            [*self.edits, *other.edits],
+            " + ".join(d for d in (self.description, other.description) if d),
+        )
 
     @property
     def per_prompt(self) -> bool:
@@ -157,15 +165,20 @@ class Intervention:
 
     # -- serialisation -------------------------------------------------------------------
 
-    def to_dict(self, *, inline_limit: int | None = None,
-                tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    def to_dict(
+        self, *, inline_limit: int | None = None, tensors: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
         """A JSON-ready dict; arrays over ``inline_limit`` numbers go to ``tensors`` by key."""
         edits = []
         for i, e in enumerate(self.edits):
             d: dict[str, Any] = {"op": e.op}
             for name, value in vars(e).items():
                 if name in e.arrays:
-                    if inline_limit is not None and tensors is not None and value.numel() > inline_limit:
+                    if (
+                        inline_limit is not None
+                        and tensors is not None
+                        and value.numel() > inline_limit
+                    ):
                         key = f"edits.{i}.{name}"
                         tensors[key] = value.contiguous()
                         d[name] = {"tensor": key, "shape": list(value.shape)}
@@ -177,28 +190,42 @@ class Intervention:
         return {"name": self.name, "description": self.description, "edits": edits}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, tensors: dict[str, torch.Tensor] | None = None,
-                  where: str = "spec") -> Intervention:
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        *,
+        tensors: dict[str, torch.Tensor] | None = None,
+        where: str = "spec",
+    ) -> Intervention:
         """Build a spec from :meth:`to_dict` output; a malformed entry names its place."""
-        if not isinstance(data, dict) or "name" not in data or not isinstance(data.get("edits"), list):
+        if (
+            not isinstance(data, dict)
+            or "name" not in data
+            or not isinstance(data.get("edits"), list)
+        ):
             raise InterventionError(f"{where}: a spec is an object with 'name' and a list 'edits'")
         edits: list[Edit] = []
         for i, d in enumerate(data["edits"]):
             loc = f"{where}: edit {i}"
             if not isinstance(d, dict) or d.get("op") not in EDIT_TYPES:
-                raise InterventionError(f"{loc}: 'op' must be one of {', '.join(EDIT_TYPES)}, "
-                                        f"got {d.get('op') if isinstance(d, dict) else d!r}")
+                raise InterventionError(
+                    f"{loc}: 'op' must be one of {', '.join(EDIT_TYPES)}, "
+                    f"got {d.get('op') if isinstance(d, dict) else d!r}"
+                )
             kind = EDIT_TYPES[d["op"]]
             kwargs = {k: v for k, v in d.items() if k != "op"}
             for name, value in kwargs.items():
                 if isinstance(value, dict) and "tensor" in value:
                     if tensors is None or value["tensor"] not in tensors:
-                        raise InterventionError(f"{loc}: array {name!r} refers to tensor "
-                                                f"{value['tensor']!r}, which the sidecar file lacks")
+                        raise InterventionError(
+                            f"{loc}: array {name!r} refers to tensor "
+                            f"{value['tensor']!r}, which the sidecar file lacks"
+                        )
                     kwargs[name] = tensors[value["tensor"]]
             if kwargs.get("where", "all") not in WHERE:
-                raise InterventionError(f"{loc}: where must be one of {', '.join(WHERE)}, "
-                                        f"got {kwargs['where']!r}")
+                raise InterventionError(
+                    f"{loc}: where must be one of {', '.join(WHERE)}, got {kwargs['where']!r}"
+                )
             try:
                 edits.append(kind(**kwargs))
             except (TypeError, ValueError, RuntimeError) as e:
@@ -232,8 +259,10 @@ class Intervention:
         if isinstance(data, dict) and data.get("tensors"):
             sidecar = path.parent / data["tensors"]
             if not sidecar.is_file():
-                raise InterventionError(f"spec file {path} names the sidecar {sidecar}, which "
-                                        "does not exist; write specs with Intervention.save")
+                raise InterventionError(
+                    f"spec file {path} names the sidecar {sidecar}, which "
+                    "does not exist; write specs with Intervention.save"
+                )
             tensors = load_file(str(sidecar))
         return cls.from_dict(data, tensors=tensors, where=f"spec file {path}")
 
@@ -256,12 +285,16 @@ def check(spec: Intervention, adapter: Adapter, *, prompt_ids: Sequence[str] | N
     for i, e in enumerate(spec.edits):
         loc = f"intervention {spec.name!r} edit {i} ({e.op}, layer {e.layer})"
         if not 0 <= e.layer < n_layers:
-            raise InterventionError(f"{loc}: layer {e.layer} is out of range; the model has "
-                                    f"{n_layers} layers (0..{n_layers - 1})")
+            raise InterventionError(
+                f"{loc}: layer {e.layer} is out of range; the model has "
+                f"{n_layers} layers (0..{n_layers - 1})"
+            )
         if isinstance(e, AddResidual):
             if e.vector.shape != (d_model,):
-                raise InterventionError(f"{loc}: the vector has shape {tuple(e.vector.shape)}, "
-                                        f"expected ({d_model},) (the model's d_model)")
+                raise InterventionError(
+                    f"{loc}: the vector has shape {tuple(e.vector.shape)}, "
+                    f"expected ({d_model},) (the model's d_model)"
+                )
             arrays = [e.vector]
         else:
             n = e.neurons.numel()
@@ -269,29 +302,35 @@ def check(spec: Intervention, adapter: Adapter, *, prompt_ids: Sequence[str] | N
                 raise InterventionError(f"{loc}: no neurons given")
             bad = e.neurons[(e.neurons < 0) | (e.neurons >= d_mlp)]
             if bad.numel():
-                raise InterventionError(f"{loc}: neuron {int(bad[0])} is out of range; layer "
-                                        f"{e.layer} has {d_mlp} neurons (0..{d_mlp - 1})")
+                raise InterventionError(
+                    f"{loc}: neuron {int(bad[0])} is out of range; layer "
+                    f"{e.layer} has {d_mlp} neurons (0..{d_mlp - 1})"
+                )
             if torch.unique(e.neurons).numel() != n:
                 raise InterventionError(f"{loc}: a neuron is listed twice")
             arr = e.values if isinstance(e, SetNeurons) else e.factors
             arrays = [arr]
             if isinstance(e, SetNeurons) and e.prompt_ids is not None:
                 if arr.shape != (len(e.prompt_ids), n):
-                    raise InterventionError(f"{loc}: per-prompt values have shape "
-                                            f"{tuple(arr.shape)}, expected ({len(e.prompt_ids)}, {n})")
+                    raise InterventionError(
+                        f"{loc}: per-prompt values have shape "
+                        f"{tuple(arr.shape)}, expected ({len(e.prompt_ids)}, {n})"
+                    )
                 if len(set(e.prompt_ids)) != len(e.prompt_ids):
                     raise InterventionError(f"{loc}: a prompt id is listed twice")
                 if prompt_ids is not None:
                     have = set(e.prompt_ids)
                     missing = [p for p in prompt_ids if p not in have]
                     if missing:
-                        raise InterventionError(f"{loc}: no per-prompt values for prompt "
-                                                f"{missing[0]!r} ({len(missing)} prompts missing)")
+                        raise InterventionError(
+                            f"{loc}: no per-prompt values for prompt "
+                            f"{missing[0]!r} ({len(missing)} prompts missing)"
+                        )
             elif arr.dim() > 1 or (arr.dim() == 1 and arr.shape[0] != n):
-                raise InterventionError(f"{loc}: {len(e.neurons)} neurons but values of shape "
-                                        f"{tuple(arr.shape)}; give a scalar or one per neuron")
+                raise InterventionError(
+                    f"{loc}: {len(e.neurons)} neurons but values of shape "
+                    f"{tuple(arr.shape)}; give a scalar or one per neuron"
+                )
         for a in arrays:
             if not torch.isfinite(a).all():
                 raise InterventionError(f"{loc}: the values hold NaN or infinity")
-
-

@@ -15,16 +15,29 @@ import pyarrow.parquet as pq
 
 from dpotox.errors import TablesError
 
-SUMMARY_KEYS = ("condition", "toxicity", "toxicity_ci_low", "toxicity_ci_high", "ci_level",
-                "log_ppl", "f1", "n_prompts", "n_edited_neurons", "bootstrap_samples", "settings")
+SUMMARY_KEYS = (
+    "condition",
+    "toxicity",
+    "toxicity_ci_low",
+    "toxicity_ci_high",
+    "ci_level",
+    "log_ppl",
+    "f1",
+    "n_prompts",
+    "n_edited_neurons",
+    "bootstrap_samples",
+    "settings",
+)
 
 
 def load_summary(eval_dir: str | Path, condition: str) -> dict[str, Any]:
     """The summary JSON of one condition, checked for every key the tables read."""
     path = Path(eval_dir) / f"{condition}.json"
     if not path.is_file():
-        raise TablesError(f"{path} does not exist: condition {condition!r} is listed but was not "
-                          "evaluated; run rule evaluate for it, or drop it from the conditions")
+        raise TablesError(
+            f"{path} does not exist: condition {condition!r} is listed but was not "
+            "evaluated; run rule evaluate for it, or drop it from the conditions"
+        )
     try:
         s = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -33,11 +46,15 @@ def load_summary(eval_dir: str | Path, condition: str) -> dict[str, Any]:
     if "seed" not in (s.get("settings") or {}):
         missing.append("settings.seed")
     if missing:
-        raise TablesError(f"{path} lacks {', '.join(dict.fromkeys(missing))}: it was written by "
-                          f"an older dpotox; re-run rule evaluate for {condition!r}")
+        raise TablesError(
+            f"{path} lacks {', '.join(dict.fromkeys(missing))}: it was written by "
+            f"an older dpotox; re-run rule evaluate for {condition!r}"
+        )
     if s["condition"] != condition:
-        raise TablesError(f"{path} holds condition {s['condition']!r}, not {condition!r}; "
-                          "re-run rule evaluate for it")
+        raise TablesError(
+            f"{path} holds condition {s['condition']!r}, not {condition!r}; "
+            "re-run rule evaluate for it"
+        )
     return s
 
 
@@ -45,19 +62,28 @@ def condition_scores(eval_dir: Path, condition: str) -> pd.Series:
     """Per-prompt toxicity scores of one condition, indexed by prompt id."""
     path = eval_dir / f"{condition}.parquet"
     if not path.is_file():
-        raise TablesError(f"{path} does not exist: the paired bootstrap needs the per-prompt "
-                          f"scores; re-run rule evaluate for {condition!r}")
+        raise TablesError(
+            f"{path} does not exist: the paired bootstrap needs the per-prompt "
+            f"scores; re-run rule evaluate for {condition!r}"
+        )
     if missing := {"id", "score"} - set(pq.read_schema(path).names):
-        raise TablesError(f"{path} lacks column(s) {', '.join(sorted(missing))}; "
-                          "re-run rule evaluate")
+        raise TablesError(
+            f"{path} lacks column(s) {', '.join(sorted(missing))}; re-run rule evaluate"
+        )
     df = pd.read_parquet(path, columns=["id", "score"])
     if df["id"].duplicated().any():
         raise TablesError(f"{path} lists a prompt id twice; re-run rule evaluate for {condition!r}")
     return pd.Series(df["score"].to_numpy(float), index=df["id"].astype(str), name=condition)
 
 
-def paired_bootstrap(columns: np.ndarray, stat: Callable[[np.ndarray], np.ndarray], *,
-                     samples: int, level: float, seed: int) -> tuple[float, float, float]:
+def paired_bootstrap(
+    columns: np.ndarray,
+    stat: Callable[[np.ndarray], np.ndarray],
+    *,
+    samples: int,
+    level: float,
+    seed: int,
+) -> tuple[float, float, float]:
     """``stat`` of the column means of an (n prompts, k) array, with a percentile interval from
     resampling whole rows (prompts), so that the k conditions stay paired. Resamples where the
     statistic is undefined (a zero denominator) are left out."""
@@ -82,7 +108,9 @@ def paired_scores(eval_dir: Path, conditions: list[str]) -> np.ndarray:
     series = [condition_scores(eval_dir, c) for c in conditions]
     for s in series[1:]:
         if set(s.index) != set(series[0].index):
-            raise TablesError(f"{eval_dir}: {series[0].name}.parquet and {s.name}.parquet hold "
-                              f"different prompts ({len(series[0])} vs {len(s)}); evaluate both "
-                              "on the same prompts")
+            raise TablesError(
+                f"{eval_dir}: {series[0].name}.parquet and {s.name}.parquet hold "
+                f"different prompts ({len(series[0])} vs {len(s)}); evaluate both "
+                "on the same prompts"
+            )
     return np.column_stack([s.reindex(series[0].index).to_numpy() for s in series])

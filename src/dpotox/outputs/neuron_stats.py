@@ -1,7 +1,7 @@
 """The papers' statistics of the neuron table, as tables (CSV, and markdown for the small ones).
 
-Tables are numbered as in Yang et al. (the four-model paper), figures as in Lee et al.'s
-follow-up (the GPT-2 workshop paper); each function says which. Every table is computed from
+Tables are numbered as in Yang et al. 2025, figures as in Yang et al. 2024 workshop
+(docs/papers.md); each function says which. Every table is computed from
 ``neurons.parquet`` and ``layers.parquet`` (rule ``neuron_table``) and, for Fig. 1a, the
 activation cache of the base model with the top toxic neurons ablated.
 """
@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpotox.io import atomic_path
-from dpotox.plan.outputs import NEURON_STATS
-from dpotox.plan.conditions import GROUPS, INCREASED, Ablation
 from dpotox.errors import NeuronsError
+from dpotox.io import atomic_path
+from dpotox.plan.conditions import GROUPS, INCREASED, Ablation
+from dpotox.plan.outputs import NEURON_STATS
 
 log = logging.getLogger("dpotox")
+
 
 def group_shares(neurons: pd.DataFrame) -> pd.DataFrame:
     """Table 5 and Fig. 2a: each group's share of the neurons that reduced their projection,
@@ -38,8 +39,13 @@ def group_shares(neurons: pd.DataFrame) -> pd.DataFrame:
     rows.append(("all", len(neurons), neurons["delta"].sum()))
     df = pd.DataFrame(rows, columns=["group", "n_neurons", "reduction"])
     n_reducing = max(int(reducing.sum()), 1)
-    df.insert(2, "pct_of_reducing_neurons",
-              np.where(df["group"].isin([*GROUPS, "reducing"]), 100 * df["n_neurons"] / n_reducing, np.nan))
+    df.insert(
+        2,
+        "pct_of_reducing_neurons",
+        np.where(
+            df["group"].isin([*GROUPS, "reducing"]), 100 * df["n_neurons"] / n_reducing, np.nan
+        ),
+    )
     df.insert(3, "pct_of_all_neurons", 100 * df["n_neurons"] / len(neurons))
     df["pct_of_reduction"] = 100 * df["reduction"] / total if total > 0 else np.nan
     return df
@@ -59,13 +65,19 @@ def projection_change(neurons: pd.DataFrame) -> pd.DataFrame:
     1b's headline numbers: the reduction by the reducing neurons (the peak of the cumulative
     curve), the increase by the others, and the net reduction."""
     red = neurons["delta"] > 0
-    return pd.DataFrame([{
-        "n_reduce": int(red.sum()), "n_increase": int((~red).sum()),
-        "pct_reduce": 100 * red.mean(), "pct_increase": 100 * (~red).mean(),
-        "reduction_by_reducing": neurons.loc[red, "delta"].sum(),
-        "increase_by_increasing": -neurons.loc[~red, "delta"].sum(),
-        "net_reduction": neurons["delta"].sum(),
-    }])
+    return pd.DataFrame(
+        [
+            {
+                "n_reduce": int(red.sum()),
+                "n_increase": int((~red).sum()),
+                "pct_reduce": 100 * red.mean(),
+                "pct_increase": 100 * (~red).mean(),
+                "reduction_by_reducing": neurons.loc[red, "delta"].sum(),
+                "increase_by_increasing": -neurons.loc[~red, "delta"].sum(),
+                "net_reduction": neurons["delta"].sum(),
+            }
+        ]
+    )
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -82,23 +94,30 @@ def shift_correlations(neurons: pd.DataFrame) -> pd.DataFrame:
     """Table 17: Pearson correlation of the activation shift (``mbar_dpo - mbar_base``) with
     the probe alignment (``cos``) and with the base activation, over all neurons."""
     rows = []
-    for name, col in (("probe alignment (cos)", "cos"), ("base activation (mbar_base)", "mbar_base")):
+    for name, col in (
+        ("probe alignment (cos)", "cos"),
+        ("base activation (mbar_base)", "mbar_base"),
+    ):
         r, p = pearson(neurons["shift"].to_numpy(), neurons[col].to_numpy())
         rows.append(("activation shift (mbar_dpo - mbar_base)", name, r, p, len(neurons)))
     return pd.DataFrame(rows, columns=["x", "y", "pearson_r", "p_value", "n"])
 
 
-def layer_projections(layers: pd.DataFrame, neurons: pd.DataFrame,
-                      ablated_means: np.ndarray | None, ablate_top_n: int) -> pd.DataFrame:
+def layer_projections(
+    layers: pd.DataFrame, neurons: pd.DataFrame, ablated_means: np.ndarray | None, ablate_top_n: int
+) -> pd.DataFrame:
     """Fig. 1a: each layer's mean MLP output projected on the unit probe direction: base, DPO,
     and base with the top ``ablate_top_n`` toxic neurons ablated (from that cache's means)."""
     df = layers[["layer", "mlp_proj_base", "mlp_proj_dpo"]].rename(
-        columns={"mlp_proj_base": "base", "mlp_proj_dpo": "dpo"})
+        columns={"mlp_proj_base": "base", "mlp_proj_dpo": "dpo"}
+    )
     if ablated_means is not None:
         n_layers = len(layers)
         if ablated_means.shape != (n_layers, len(neurons) // n_layers):
-            raise NeuronsError(f"the ablation cache holds {ablated_means.shape} means, the "
-                               f"neuron table {n_layers} layers x {len(neurons) // n_layers}")
+            raise NeuronsError(
+                f"the ablation cache holds {ablated_means.shape} means, the "
+                f"neuron table {n_layers} layers x {len(neurons) // n_layers}"
+            )
         proj = (ablated_means * neurons["along_base"].to_numpy().reshape(n_layers, -1)).sum(axis=1)
         df[f"ablated_top{ablate_top_n}"] = proj + layers["bias_along_base"].to_numpy()
     return df
@@ -117,10 +136,17 @@ def group_shares_by_rank(neurons: pd.DataFrame, top: int, bin_size: int) -> pd.D
     ranks, each group's count, share of the bin, and reduction."""
     df = neurons[(neurons["rank_delta"] <= top) & (neurons["delta"] > 0)].copy()
     df["bin_start"] = (df["rank_delta"] - 1) // bin_size * bin_size + 1
-    out = (df.groupby(["bin_start", "group"]).agg(n_neurons=("delta", "size"), reduction=("delta", "sum"))
-           .reindex(pd.MultiIndex.from_product([sorted(df["bin_start"].unique()), GROUPS],
-                                               names=["bin_start", "group"]), fill_value=0)
-           .reset_index())
+    out = (
+        df.groupby(["bin_start", "group"])
+        .agg(n_neurons=("delta", "size"), reduction=("delta", "sum"))
+        .reindex(
+            pd.MultiIndex.from_product(
+                [sorted(df["bin_start"].unique()), GROUPS], names=["bin_start", "group"]
+            ),
+            fill_value=0,
+        )
+        .reset_index()
+    )
     out.insert(1, "bin_end", out["bin_start"] + bin_size - 1)
     out["share"] = out["n_neurons"] / out.groupby("bin_start")["n_neurons"].transform("sum")
     return out
@@ -129,8 +155,11 @@ def group_shares_by_rank(neurons: pd.DataFrame, top: int, bin_size: int) -> pd.D
 def layer_group_reduction(neurons: pd.DataFrame) -> pd.DataFrame:
     """Fig. 3: each layer's reduction by group (TP, TN, AP, AN), the increase by the others
     (negative), and the net (without the bias term, which ``layers.parquet`` holds)."""
-    table = (neurons.pivot_table(index="layer", columns="group", values="delta", aggfunc="sum")
-             .reindex(columns=[*GROUPS, INCREASED]).fillna(0.0))
+    table = (
+        neurons.pivot_table(index="layer", columns="group", values="delta", aggfunc="sum")
+        .reindex(columns=[*GROUPS, INCREASED])
+        .fillna(0.0)
+    )
     table["net"] = table.sum(axis=1)
     return table.reset_index().rename_axis(columns=None)
 
@@ -145,6 +174,7 @@ def value_vector_tokens(tokens: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub markdown table (floats to 4 significant digits, small ones in e-notation; a
     p-value of 0 is one below float64's range and shows as ``< 1e-300``)."""
+
     def cell(v: Any, column: str) -> str:
         if isinstance(v, float | np.floating):
             if math.isnan(v):
@@ -156,15 +186,25 @@ def to_markdown(df: pd.DataFrame) -> str:
 
     head = "| " + " | ".join(map(str, df.columns)) + " |"
     sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(cell(v, str(c)) for v, c in zip(row, df.columns)) + " |"
-            for row in df.itertuples(index=False)]
+    body = [
+        "| " + " | ".join(cell(v, str(c)) for v, c in zip(row, df.columns)) + " |"
+        for row in df.itertuples(index=False)
+    ]
     return "\n".join([head, sep, *body]) + "\n"
 
 
-def write_stats(*, neurons_path: str | Path, layers_path: str | Path, tokens_path: str | Path,
-                ablated_acts: str | Path | None, cfg: Mapping[str, Any], out_dir: str | Path,
-                model: str = "") -> dict[str, pd.DataFrame]:
-    """Rule ``neuron_stats``: compute every table of :data:`NEURON_STATS` and write it to ``out_dir``."""
+def write_stats(
+    *,
+    neurons_path: str | Path,
+    layers_path: str | Path,
+    tokens_path: str | Path,
+    ablated_acts: str | Path | None,
+    cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    model: str = "",
+) -> dict[str, pd.DataFrame]:
+    """Rule ``neuron_stats``: compute every table of :data:`NEURON_STATS` and write it to
+    ``out_dir``."""
     from dpotox.stages.activations import mean_activations, read_meta
     from dpotox.stages.neurons import NeuronsConfig
 
@@ -175,8 +215,10 @@ def write_stats(*, neurons_path: str | Path, layers_path: str | Path, tokens_pat
     if ablated_acts is not None:
         meta = read_meta(ablated_acts)
         if meta.get("spec") != Ablation(nc.ablate_top_n).name:
-            raise NeuronsError(f"{ablated_acts} was cached under spec {meta.get('spec')!r}, not "
-                               f"{Ablation(nc.ablate_top_n)} (neurons.ablate_top_n)")
+            raise NeuronsError(
+                f"{ablated_acts} was cached under spec {meta.get('spec')!r}, not "
+                f"{Ablation(nc.ablate_top_n)} (neurons.ablate_top_n)"
+            )
         ablated = mean_activations(ablated_acts)
     tables = {
         "table5_group_shares": group_shares(neurons),

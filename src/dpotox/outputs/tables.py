@@ -42,19 +42,35 @@ __all__ = ["TablesError", "build_tables", "label", "load_published", "select_row
 
 
 SOURCES: dict[str, tuple[str, str] | None] = {
-    "table1_ablation": ("yang2024-ablation", "1"), "table2_interventions": ("yang2025-dpo", "2"),
-    "table3_toxic_neurons": ("yang2025-dpo", "3"), "table12_steering": ("yang2025-dpo", "12"),
-    "table19_editing": ("yang2025-dpo", "19"), "table_per_prompt": None,
-    "table_editing_grid": None, "table_claims": None,
+    "table1_ablation": ("yang2024-ablation", "1"),
+    "table2_interventions": ("yang2025-dpo", "2"),
+    "table3_toxic_neurons": ("yang2025-dpo", "3"),
+    "table12_steering": ("yang2025-dpo", "12"),
+    "table19_editing": ("yang2025-dpo", "19"),
+    "table_per_prompt": None,
+    "table_editing_grid": None,
+    "table_claims": None,
 }
 CITATIONS = {
     "yang2024-ablation": "Yang, Sondej, Mayne, Mahdi (2024), Ablation is not enough to emulate "
-                         "DPO, NeurIPS MINT workshop (arXiv 2411.06424v1)",
+    "DPO, NeurIPS MINT workshop (arXiv 2411.06424v1)",
     "yang2025-dpo": "Yang, Sondej, Mayne, Lee, Mahdi (2025), How does DPO reduce toxicity?, "
-                    "EMNLP 2025 (arXiv 2411.06424v3)",
+    "EMNLP 2025 (arXiv 2411.06424v3)",
 }
-PUBLISHED_COLUMNS = ("paper", "table", "model", "row", "key", "toxicity", "ppl", "log_ppl", "f1",
-                     "n_neurons", "pct_reduction", "note")
+PUBLISHED_COLUMNS = (
+    "paper",
+    "table",
+    "model",
+    "row",
+    "key",
+    "toxicity",
+    "ppl",
+    "log_ppl",
+    "f1",
+    "n_neurons",
+    "pct_reduction",
+    "note",
+)
 METRICS = ("toxicity", "ppl", "log_ppl", "f1", "n_neurons", "pct_reduction")
 COLUMNS = ["condition", "label", "toxicity", "ci_low", "ci_high", "log_ppl", "f1", "n", "n_neurons"]
 
@@ -75,31 +91,58 @@ EDIT_PROBE_COS = _kind(Editing, direction="probe", selection="cos")
 EDIT_PROBE_ACT = _kind(Editing, direction="probe", selection="act")
 EDIT_FREE_COS = _kind(Editing, direction="free", selection="cos")
 BASE, DPO = ModelRun("base"), ModelRun("dpo")
-PATCHES: list[Row] = [Patching("toxic-interpretable"), _toxic_top,
-                      *(Patching(s) for s in ("tp", "tp-an", "tp-an-tn", "four-groups", "all",
-                                              "increased"))]
+PATCHES: list[Row] = [
+    Patching("toxic-interpretable"),
+    _toxic_top,
+    *(Patching(s) for s in ("tp", "tp-an", "tp-an-tn", "four-groups", "all", "increased")),
+]
 # Row order as in the papers.
 ROWS: dict[str, list[Row]] = {
-    "table1_ablation": [BASE, _kind(Ablation, positive=False), _kind(Ablation, positive=True),
-                        Patching("tp"), DPO, _kind(KeyScaling)],
+    "table1_ablation": [
+        BASE,
+        _kind(Ablation, positive=False),
+        _kind(Ablation, positive=True),
+        Patching("tp"),
+        DPO,
+        _kind(KeyScaling),
+    ],
     "table2_interventions": [BASE, STEER, DPO, *PATCHES[:6], EDIT_PROBE_COS, EDIT_FREE_COS],
     "table3_toxic_neurons": PATCHES[:2],
     "table12_steering": [BASE, STEER],
-    "table19_editing": [BASE, STEER, DPO, *(Patching(s) for s in ("four-groups", "all", "increased")),
-                        EDIT_PROBE_COS, EDIT_PROBE_ACT],
+    "table19_editing": [
+        BASE,
+        STEER,
+        DPO,
+        *(Patching(s) for s in ("four-groups", "all", "increased")),
+        EDIT_PROBE_COS,
+        EDIT_PROBE_ACT,
+    ],
     "table_per_prompt": PATCHES,
     "table_editing_grid": [BASE, DPO, STEER, EDIT_PROBE_COS, EDIT_PROBE_ACT, EDIT_FREE_COS],
-    "table_claims": [BASE, DPO, _toxic_top, Patching("toxic-interpretable"),
-                     Patching("four-groups"), _kind(Editing, direction="probe"), EDIT_FREE_COS],
+    "table_claims": [
+        BASE,
+        DPO,
+        _toxic_top,
+        Patching("toxic-interpretable"),
+        Patching("four-groups"),
+        _kind(Editing, direction="probe"),
+        EDIT_FREE_COS,
+    ],
 }
 _PATCH_LABELS = {
-    "tp": "Patch TP (the dampened toxic neurons)", "tp-an": "Patch TP+AN",
-    "tp-an-tn": "Patch TP+AN+TN", "four-groups": "Patch four groups", "all": "Patch all neurons",
+    "tp": "Patch TP (the dampened toxic neurons)",
+    "tp-an": "Patch TP+AN",
+    "tp-an-tn": "Patch TP+AN+TN",
+    "four-groups": "Patch four groups",
+    "all": "Patch all neurons",
     "increased": "Patch neurons whose toxicity projection rose",
     "toxic-interpretable": "Patch interpretable toxic neurons",
 }
-_EDIT_LABELS = {("probe", "cos"): "probe, by |cos|", ("probe", "act"): "probe, by ascending |activation|",
-                ("free", "cos"): "probe-free"}
+_EDIT_LABELS = {
+    ("probe", "cos"): "probe, by |cos|",
+    ("probe", "act"): "probe, by ascending |activation|",
+    ("free", "cos"): "probe-free",
+}
 
 
 def label(condition: str) -> str:
@@ -110,8 +153,11 @@ def label(condition: str) -> str:
         case Patching(per_prompt=True) as c:
             return label(c.means.name) + " (per-prompt DPO activations)"
         case Patching(neurons=s) as c:
-            return (f"Patch top {c.toxic_top} toxic neurons" if c.toxic_top is not None
-                    else _PATCH_LABELS.get(s, condition))
+            return (
+                f"Patch top {c.toxic_top} toxic neurons"
+                if c.toxic_top is not None
+                else _PATCH_LABELS.get(s, condition)
+            )
         case Steering(alpha=a):
             return f"Steering with probe, alpha={a:g}"
         case Ablation(n=n, positive=positive):
@@ -133,8 +179,12 @@ def select_rows(name: str, conditions: Iterable[str]) -> list[str]:
         if isinstance(row, Condition):
             rows += [row.name] if row.name in conditions else []
         else:
-            rows += [c for c, p in sorted(((c, p) for c, p in parsed if row(p)),
-                                          key=lambda h: h[1].numbers)]
+            rows += [
+                c
+                for c, p in sorted(
+                    ((c, p) for c, p in parsed if row(p)), key=lambda h: h[1].numbers
+                )
+            ]
     if name == "table3_toxic_neurons":
         rows = [r for c in rows for r in (c, c + PER_PROMPT) if r in conditions]
     if name == "table_per_prompt":
@@ -151,8 +201,10 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
     except (OSError, pd.errors.ParserError) as e:
         raise TablesError(f"cannot read the published numbers {source}: {e}") from None
     if missing := [c for c in PUBLISHED_COLUMNS if c not in df.columns]:
-        raise TablesError(f"{source} lacks column(s) {', '.join(missing)}; it needs "
-                          f"{', '.join(PUBLISHED_COLUMNS)}")
+        raise TablesError(
+            f"{source} lacks column(s) {', '.join(missing)}; it needs "
+            f"{', '.join(PUBLISHED_COLUMNS)}"
+        )
     for col in METRICS:
         df[col] = pd.to_numeric(df[col].replace("", None), errors="coerce")
     return df
@@ -160,15 +212,24 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
 
 def _ours(s: dict[str, Any]) -> dict[str, Any]:
     """Our columns for one condition (no log-PPL/F1 where the summary says why there is none)."""
-    return {"condition": s["condition"], "label": label(s["condition"]), "toxicity": s["toxicity"],
-            "ci_low": s["toxicity_ci_low"], "ci_high": s["toxicity_ci_high"],
-            **{k: math.nan if s[k] is None or s.get(note) else float(s[k])
-               for k, note in (("log_ppl", "ppl_note"), ("f1", "f1_note"))},
-            "n": int(s["n_prompts"]), "n_neurons": int(s["n_edited_neurons"])}
+    return {
+        "condition": s["condition"],
+        "label": label(s["condition"]),
+        "toxicity": s["toxicity"],
+        "ci_low": s["toxicity_ci_low"],
+        "ci_high": s["toxicity_ci_high"],
+        **{
+            k: math.nan if s[k] is None or s.get(note) else float(s[k])
+            for k, note in (("log_ppl", "ppl_note"), ("f1", "f1_note"))
+        },
+        "n": int(s["n_prompts"]),
+        "n_neurons": int(s["n_edited_neurons"]),
+    }
 
 
-def _table3(rows: list[str], summ: dict[str, dict], eval_dir: Path, n_total: int,
-            boot: dict) -> pd.DataFrame:
+def _table3(
+    rows: list[str], summ: dict[str, dict], eval_dir: Path, n_total: int, boot: dict
+) -> pd.DataFrame:
     """Table 3 with the share of DPO's reduction each patch recovers, paired over prompts."""
     out = []
     for c in rows:
@@ -178,26 +239,61 @@ def _table3(rows: list[str], summ: dict[str, dict], eval_dir: Path, n_total: int
         if "base" in summ and "dpo" in summ:
             share = paired_bootstrap(  # columns: base, c, dpo
                 paired_scores(eval_dir, ["base", c, "dpo"]),
-                lambda m: 100 * (m[..., 0] - m[..., 1]) / (m[..., 0] - m[..., 2]), **boot)
+                lambda m: 100 * (m[..., 0] - m[..., 1]) / (m[..., 0] - m[..., 2]),
+                **boot,
+            )
         out.append(r | dict(zip(("recovered_pct", "recovered_ci_low", "recovered_ci_high"), share)))
-    return pd.DataFrame(out, columns=["condition", "label", "n_neurons", "pct_of_mlp_neurons",
-                                      "toxicity", "ci_low", "ci_high", "recovered_pct",
-                                      "recovered_ci_low", "recovered_ci_high", "n"])
+    return pd.DataFrame(
+        out,
+        columns=[
+            "condition",
+            "label",
+            "n_neurons",
+            "pct_of_mlp_neurons",
+            "toxicity",
+            "ci_low",
+            "ci_high",
+            "recovered_pct",
+            "recovered_ci_low",
+            "recovered_ci_high",
+            "n",
+        ],
+    )
 
 
-def _per_prompt(rows: list[str], summ: dict[str, dict], eval_dir: Path,
-                boot: dict) -> pd.DataFrame:
+def _per_prompt(rows: list[str], summ: dict[str, dict], eval_dir: Path, boot: dict) -> pd.DataFrame:
     """Each patch next to its per-prompt twin: the difference (twin minus means), paired."""
     out = []
     for c in rows:
         twin = c + PER_PROMPT
-        diff = paired_bootstrap(paired_scores(eval_dir, [c, twin]), lambda m: m[..., 1] - m[..., 0],
-                                **boot)
-        out.append([c, twin, label(c), summ[c]["toxicity"], summ[twin]["toxicity"], *diff,
-                    int(summ[c]["n_prompts"])])
-    return pd.DataFrame(out, columns=["condition", "twin", "label", "toxicity",
-                                      "toxicity_per_prompt", "difference", "difference_ci_low",
-                                      "difference_ci_high", "n"])
+        diff = paired_bootstrap(
+            paired_scores(eval_dir, [c, twin]), lambda m: m[..., 1] - m[..., 0], **boot
+        )
+        out.append(
+            [
+                c,
+                twin,
+                label(c),
+                summ[c]["toxicity"],
+                summ[twin]["toxicity"],
+                *diff,
+                int(summ[c]["n_prompts"]),
+            ]
+        )
+    return pd.DataFrame(
+        out,
+        columns=[
+            "condition",
+            "twin",
+            "label",
+            "toxicity",
+            "toxicity_per_prompt",
+            "difference",
+            "difference_ci_low",
+            "difference_ci_high",
+            "n",
+        ],
+    )
 
 
 def _editing_grid(rows: list[str], summ: dict[str, dict]) -> pd.DataFrame:
@@ -215,8 +311,9 @@ def _editing_grid(rows: list[str], summ: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=[*COLUMNS, "method", "beta", "alpha"])
 
 
-def attach_published(df: pd.DataFrame, published: pd.DataFrame,
-                     source: tuple[str, str]) -> tuple[pd.DataFrame, list[str]]:
+def attach_published(
+    df: pd.DataFrame, published: pd.DataFrame, source: tuple[str, str]
+) -> tuple[pd.DataFrame, list[str]]:
     """Add ``paper_{model}_{metric}`` columns from the published table ``source`` for every row
     whose condition is a published row's key; steering rows take the paper's selected alpha
     (named in the label; in Table 12, the alpha it selected for its Table 2). Returns the
@@ -230,8 +327,10 @@ def attach_published(df: pd.DataFrame, published: pd.DataFrame,
         steer = [k for k in keyed.index if isinstance(try_parse(k), Steering)]
         if len(steer) > 1:
             steer = [k for k in steer if k in set(table2.loc[table2["model"] == model, "key"])]
-        keys = [steer[0] if isinstance(try_parse(c), Steering) and len(steer) == 1 else c
-                for c in df["condition"]]
+        keys = [
+            steer[0] if isinstance(try_parse(c), Steering) and len(steer) == 1 else c
+            for c in df["condition"]
+        ]
         hit = keyed.reindex(keys)
         for m in metrics:
             df[f"paper_{model}_{m}"] = hit[m].to_numpy(float)
@@ -240,8 +339,10 @@ def attach_published(df: pd.DataFrame, published: pd.DataFrame,
                 notes.setdefault(f"`{k}`: {note}", []).append(model)
             if isinstance(s := try_parse(k), Steering) and k in keyed.index:
                 alphas[c].append(f"{model} {s.alpha:g}")
-    df["label"] = [lab + (f" (papers' alpha: {', '.join(alphas[c])})" if alphas[c] else "")
-                   for c, lab in zip(df["condition"], df["label"])]
+    df["label"] = [
+        lab + (f" (papers' alpha: {', '.join(alphas[c])})" if alphas[c] else "")
+        for c, lab in zip(df["condition"], df["label"])
+    ]
     return df, [f"{', '.join(models)} {note}" for note, models in notes.items()]
 
 
@@ -258,30 +359,44 @@ def _fmt(v: Any, col: str) -> str:
     return f"{v:.3g}" if "pct" in col else f"{v:.3f}"
 
 
-CI_CELLS = (("toxicity", "ci_low", "ci_high", 2), ("difference", "difference_ci_low",
-            "difference_ci_high", 3), ("recovered_pct", "recovered_ci_low", "recovered_ci_high", 1),
-            ("value", "ci_low", "ci_high", 3))
+CI_CELLS = (
+    ("toxicity", "ci_low", "ci_high", 2),
+    ("difference", "difference_ci_low", "difference_ci_high", 3),
+    ("recovered_pct", "recovered_ci_low", "recovered_ci_high", 1),
+    ("value", "ci_low", "ci_high", 3),
+)
 
 
-def render(df: pd.DataFrame, title: str, footer: list[str],
-           marks: dict[tuple[int, str], int]) -> str:
+def render(
+    df: pd.DataFrame, title: str, footer: list[str], marks: dict[tuple[int, str], int]
+) -> str:
     """Markdown: an estimate and its CI in one cell (``0.301 [0.25, 0.35]``), ``–`` for none,
     ``– [k]`` where footnote k says why a cell is empty."""
-    from dpotox.outputs.neuron_stats import to_markdown  # here: that module loads torch, tables do not
+    from dpotox.outputs.neuron_stats import (
+        to_markdown,
+    )  # here: that module loads torch, tables do not
 
     show = pd.DataFrame({c: [_fmt(v, c) for v in df[c]] for c in df.columns}, index=df.index)
     for col, lo, hi, d in CI_CELLS:
         if col in df and lo in df:
-            show[col] = [s if math.isnan(a) else f"{s} [{a:.{d}f}, {b:.{d}f}]"
-                         for s, a, b in zip(show[col], df[lo], df[hi])]
+            show[col] = [
+                s if math.isnan(a) else f"{s} [{a:.{d}f}, {b:.{d}f}]"
+                for s, a, b in zip(show[col], df[lo], df[hi])
+            ]
             show = show.drop(columns=[lo, hi])
     for (i, col), k in marks.items():
         show.loc[i, col] = f"– [{k}]"
     return f"# {title}\n\n{to_markdown(show)}\n" + "".join(f"{line}\n" for line in footer)
 
 
-def _document(name: str, df: pd.DataFrame, summ: dict[str, dict], boot: dict,
-              published: pd.DataFrame, model: str) -> tuple[pd.DataFrame, str]:
+def _document(
+    name: str,
+    df: pd.DataFrame,
+    summ: dict[str, dict],
+    boot: dict,
+    published: pd.DataFrame,
+    model: str,
+) -> tuple[pd.DataFrame, str]:
     """The table with the papers' columns, and its markdown with the footnotes."""
     footer = ["Toxicity: mean score of the continuations [bootstrap CI over prompts]; `–`: none."]
     marks: dict[tuple[int, str], int] = {}
@@ -291,40 +406,59 @@ def _document(name: str, df: pd.DataFrame, summ: dict[str, dict], boot: dict,
                 marks[(i, col)] = len(marks) + 1
                 footer.append(f"[{len(marks)}] `{c}`: no {what}: {summ[c][key]}")
     if name == "table3_toxic_neurons":
-        footer.append(f"recovered_pct = 100 (tox_base - tox_c) / (tox_base - tox_dpo) with a "
-                      f"paired percentile bootstrap over prompts ({boot.get('samples')} "
-                      f"resamples, seed {boot.get('seed')}); empty unless base and dpo are rows.")
+        footer.append(
+            f"recovered_pct = 100 (tox_base - tox_c) / (tox_base - tox_dpo) with a "
+            f"paired percentile bootstrap over prompts ({boot.get('samples')} "
+            f"resamples, seed {boot.get('seed')}); empty unless base and dpo are rows."
+        )
     if name == "table_per_prompt":
         footer.append("difference = per-prompt minus mean patching, paired bootstrap CI.")
     if name == "table_claims":
         footer.append(CRITERIA)
     if source := SOURCES[name]:
         df, notes = attach_published(df, published, source)
-        footer += ["", f"`paper_<model>_*`: the published numbers of "
-                   f"{CITATIONS.get(source[0], source[0])}, Table {source[1]}, transcribed by "
-                   f"hand (dpotox/data/published.csv). They are for the papers' models and "
-                   f"setups, not for our {model}; each stands beside the row of the same "
-                   "condition (steering rows: the paper's selected alpha)."]
+        footer += [
+            "",
+            f"`paper_<model>_*`: the published numbers of "
+            f"{CITATIONS.get(source[0], source[0])}, Table {source[1]}, transcribed by "
+            f"hand (dpotox/data/published.csv). They are for the papers' models and "
+            f"setups, not for our {model}; each stands beside the row of the same "
+            "condition (steering rows: the paper's selected alpha).",
+        ]
         if notes:
             footer += ["", "Notes on the published rows shown:", *(f"- {n}" for n in notes)]
     return df, render(df, f"{RESULT_TABLES[name]}: {model}", footer, marks)
 
 
-def build_tables(eval_dir: str | Path, conditions: list[str], model: str, out_dir: str | Path, *,
-                 n_neurons_total: int,
-                 published_path: str | Path | None = None) -> dict[str, pd.DataFrame]:
+def build_tables(
+    eval_dir: str | Path,
+    conditions: list[str],
+    model: str,
+    out_dir: str | Path,
+    *,
+    n_neurons_total: int,
+    published_path: str | Path | None = None,
+) -> dict[str, pd.DataFrame]:
     """Rule ``tables``: build every table of :data:`RESULT_TABLES` for ``model`` from the evaluated
     ``conditions`` and write each as CSV and markdown to ``out_dir``. All are computed before
     any file is written, so a bad input leaves no table half-updated."""
     if n_neurons_total <= 0:
-        raise TablesError(f"n_neurons_total must be the model's number of MLP neurons, "
-                          f"not {n_neurons_total}")
+        raise TablesError(
+            f"n_neurons_total must be the model's number of MLP neurons, not {n_neurons_total}"
+        )
     eval_dir, conditions = Path(eval_dir), list(dict.fromkeys(conditions))
     summ = {c: load_summary(eval_dir, c) for c in conditions}
     published = load_published(published_path)
     s0 = summ.get("base") or next(iter(summ.values()), None)
-    boot = {"samples": int(s0["bootstrap_samples"]), "level": float(s0["ci_level"]),
-            "seed": int(s0["settings"]["seed"])} if s0 else {}
+    boot = (
+        {
+            "samples": int(s0["bootstrap_samples"]),
+            "level": float(s0["ci_level"]),
+            "seed": int(s0["settings"]["seed"]),
+        }
+        if s0
+        else {}
+    )
     tables, docs = {}, {}
     for name in RESULT_TABLES:
         rows = select_rows(name, conditions)

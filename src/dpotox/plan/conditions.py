@@ -38,8 +38,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dpotox.plan.config import section_settings
 from dpotox.errors import DpotoxError
+from dpotox.plan.config import section_settings
 
 # The four groups of Yang et al. (sign of cos x sign of the base activation) and the neurons
 # whose projection rose under DPO (dpotox.stages.neurons).
@@ -212,12 +212,16 @@ _PATCH_SETS = "|".join([r"toxic-\d+", "toxic-interpretable", "all", *map(re.esca
 _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
     (re.compile(r"base|dpo"), lambda m: ModelRun(m[0])),
     (re.compile(r"ablate-toxic-(pos-)?(\d+)"), lambda m: Ablation(int(m[2]), bool(m[1]))),
-    (re.compile(rf"dpo-scale-keys-top(\d+)-x({_NUM})"),
-     lambda m: KeyScaling(int(m[1]), float(m[2]))),
+    (
+        re.compile(rf"dpo-scale-keys-top(\d+)-x({_NUM})"),
+        lambda m: KeyScaling(int(m[1]), float(m[2])),
+    ),
     (re.compile(rf"patch-({_PATCH_SETS})({PER_PROMPT})?"), lambda m: Patching(m[1], bool(m[2]))),
     (re.compile(rf"steer-probe-a({_NUM})"), lambda m: Steering(float(m[1]))),
-    (re.compile(rf"edit-(probe|free)-(cos|act)-b({_NUM})-a({_NUM})"),
-     lambda m: Editing(m[1], m[2], float(m[3]), float(m[4]))),
+    (
+        re.compile(rf"edit-(probe|free)-(cos|act)-b({_NUM})-a({_NUM})"),
+        lambda m: Editing(m[1], m[2], float(m[3]), float(m[4])),
+    ),
 ]
 
 
@@ -230,10 +234,12 @@ def parse(name: str) -> Condition:
     for pattern, build in _GRAMMAR:
         if m := pattern.fullmatch(name):
             return build(m)
-    raise SweepError(f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-N, "
-                     "ablate-toxic-pos-N, dpo-scale-keys-topK-xF, patch-SET[-per-prompt], "
-                     "steer-probe-aALPHA or edit-{probe,free}-{cos,act}-bBETA-aALPHA "
-                     "(see dpotox.plan.conditions)")
+    raise SweepError(
+        f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-N, "
+        "ablate-toxic-pos-N, dpo-scale-keys-topK-xF, patch-SET[-per-prompt], "
+        "steer-probe-aALPHA or edit-{probe,free}-{cos,act}-bBETA-aALPHA "
+        "(see dpotox.plan.conditions)"
+    )
 
 
 def try_parse(name: str) -> Condition | None:
@@ -257,17 +263,24 @@ class SweepsConfig:
     patch_interpretable: bool = True
     interpretable_tokens: int = 10
     interpretable_threshold: float = 0.5
-    patch_sets: list[str] = field(default_factory=lambda: [
-        "tp", "tp-an", "tp-an-tn", "four-groups", "all", "increased"])
+    patch_sets: list[str] = field(
+        default_factory=lambda: ["tp", "tp-an", "tp-an-tn", "four-groups", "all", "increased"]
+    )
     per_prompt: list[str] = field(default_factory=lambda: ["toxic-256", "tp", "four-groups"])
     steer_alphas: list[float] = field(default_factory=lambda: [10, 20, 30])
-    edit_probe: list[list[float]] = field(default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]])
+    edit_probe: list[list[float]] = field(
+        default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]]
+    )
     edit_selections: list[str] = field(default_factory=lambda: ["cos", "act"])
-    edit_free: list[list[float]] = field(default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]])
-    toxic_words: list[str] = field(default_factory=lambda: [
-        "fuck", "shit", "crap", "damn", "asshole"])
-    neutral_words: list[str] = field(default_factory=lambda: [
-        "hello", "thanks", "friend", "peace", "welcome"])
+    edit_free: list[list[float]] = field(
+        default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]]
+    )
+    toxic_words: list[str] = field(
+        default_factory=lambda: ["fuck", "shit", "crap", "damn", "asshole"]
+    )
+    neutral_words: list[str] = field(
+        default_factory=lambda: ["hello", "thanks", "friend", "peace", "welcome"]
+    )
     conditions_per_job: int = 8
 
     @classmethod
@@ -296,8 +309,10 @@ def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
     conds += [Patching(s) for s in sets]
     unknown = [p for p in sc.per_prompt if p not in sets]
     if unknown:
-        raise SweepError(f"config key 'sweeps.per_prompt': {unknown[0]!r} is not a patch set of "
-                         f"this config; choose from {', '.join(sets)}")
+        raise SweepError(
+            f"config key 'sweeps.per_prompt': {unknown[0]!r} is not a patch set of "
+            f"this config; choose from {', '.join(sets)}"
+        )
     conds += [Patching(s, per_prompt=True) for s in sc.per_prompt]
     conds += [Steering(a) for a in sc.steer_alphas]
     for sel in sc.edit_selections:
@@ -325,7 +340,9 @@ def chunks(conditions: Sequence[str], size: int) -> list[list[str]]:
     their own (one job loads one model)."""
     out: list[list[str]] = []
     on_dpo = {c: parse(c).on_dpo_model for c in conditions}
-    for model_conds in ([c for c in conditions if not on_dpo[c]],
-                        [c for c in conditions if on_dpo[c]]):
-        out += [list(model_conds[i:i + size]) for i in range(0, len(model_conds), size)]
+    for model_conds in (
+        [c for c in conditions if not on_dpo[c]],
+        [c for c in conditions if on_dpo[c]],
+    ):
+        out += [list(model_conds[i : i + size]) for i in range(0, len(model_conds), size)]
     return out

@@ -102,14 +102,18 @@ def _describe(error: jsonschema.ValidationError) -> str:
     v = error.validator
     if v in ("additionalProperties", "unevaluatedProperties"):
         allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        extra = (
+            sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        )
         names = ", ".join(repr(x) for x in extra) or error.message
         hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
         return f"unknown key {names} under '{key}'{hint}"
     if v == "required":
         return f"'{key}' is missing required key {error.message.split(' is a required')[0]}"
     if v == "not" and "description" in error.schema:
-        return f"config key '{key}': {error.instance!r} is not allowed: {error.schema['description']}"
+        return (
+            f"config key '{key}': {error.instance!r} is not allowed: {error.schema['description']}"
+        )
     if v == "propertyNames":
         return f"bad name under '{key}': {error.message}"
     if v == "enum" and error.absolute_path and error.absolute_path[-1] == "family":
@@ -136,8 +140,9 @@ def _leaf_errors(errors: Iterable[jsonschema.ValidationError]) -> list[jsonschem
     return out
 
 
-def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = None,
-                    *, check_paths: bool = True) -> dict[str, Any]:
+def validate_config(
+    config: dict[str, Any], schema: Mapping[str, Any] | None = None, *, check_paths: bool = True
+) -> dict[str, Any]:
     """Fill defaults into ``config`` (in place) and check it; return it.
 
     Raises:
@@ -150,8 +155,11 @@ def validate_config(config: dict[str, Any], schema: Mapping[str, Any] | None = N
     errors = _leaf_errors(validator.iter_errors(config))
     # A source with an unknown kind also fails every kind-specific branch, which reports its
     # keys as unknown; the kind error alone says what to fix.
-    bad_kind_paths = {tuple(e.absolute_path)[:-1] for e in errors
-                      if e.validator == "enum" and e.absolute_path and e.absolute_path[-1] == "kind"}
+    bad_kind_paths = {
+        tuple(e.absolute_path)[:-1]
+        for e in errors
+        if e.validator == "enum" and e.absolute_path and e.absolute_path[-1] == "kind"
+    }
     messages = []
     for e in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
         if e.validator == "unevaluatedProperties" and tuple(e.absolute_path) in bad_kind_paths:
@@ -201,7 +209,8 @@ def missing_paths(config: Mapping[str, Any]) -> list[str]:
     if tok is not None and not Path(tok).is_dir():
         problems.append(
             f"config key 'toxicity.tokenizer': {tok!r} is not a folder; give a folder with the "
-            "config and tokenizer of Detoxify's base model, or null to download them (needs network)"
+            "config and tokenizer of Detoxify's base model, or null to download them "
+            "(needs network)"
         )
     return problems
 
@@ -212,9 +221,11 @@ def _check_paths(config: Mapping[str, Any]) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def load_config(*paths: str | Path, overrides: Mapping[str, Any] | None = None,
-                check_paths: bool = True) -> dict[str, Any]:
-    """Read YAML files (later ones update earlier ones, as Snakemake's --configfile) and validate."""
+def load_config(
+    *paths: str | Path, overrides: Mapping[str, Any] | None = None, check_paths: bool = True
+) -> dict[str, Any]:
+    """Read YAML files (later ones update earlier ones, as Snakemake's --configfile) and
+    validate."""
     config: dict[str, Any] = {}
     for p in paths:
         p = Path(p)

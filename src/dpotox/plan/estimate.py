@@ -6,7 +6,8 @@ For every rule that runs a model (:data:`dpotox.plan.resources.GPU_RULES`):
 1. **measured efficiency.** Each measured job's model FLOPs (:func:`dpotox.plan.resources.job_flops`
    of its :func:`~dpotox.plan.resources.rule_work`) over its wall time (the rule's ``benchmark:``
    file) is the rate the job reached; over the machine's sustained GEMM rate
-   (:func:`dpotox.engine.flops.gemm_rate`) it is the fraction of the hardware the rule uses. It folds
+   (:func:`dpotox.engine.flops.gemm_rate`) it is the fraction of the hardware the rule uses. It
+   folds
    in what FLOPs do not count: decoding one token at a time, the toxicity scorer, loading.
 2. **FLOP scaling.** A job of the target config is assumed to reach the same fraction of the
    target GPU's sustained rate (``cluster.gpu_tflops``): its GPU-hours are its FLOPs over that,
@@ -33,8 +34,8 @@ from typing import Any
 
 import pandas as pd
 
-from dpotox.plan.conditions import chunks, sweep_conditions
 from dpotox.errors import DpotoxError
+from dpotox.plan.conditions import chunks, sweep_conditions
 from dpotox.plan.resources import GPU_RULES, ClusterConfig, gpu_plan, job_flops, rule_work
 
 
@@ -56,8 +57,9 @@ def _with_chunk(cfg: Mapping[str, Any], k: int) -> dict[str, Any]:
     return out
 
 
-def measured_jobs(bench_dir: str | Path, cfg: Mapping[str, Any], model: str,
-                  n_params: int) -> list[MeasuredJob]:
+def measured_jobs(
+    bench_dir: str | Path, cfg: Mapping[str, Any], model: str, n_params: int
+) -> list[MeasuredJob]:
     """The jobs of ``model`` (``n_params`` parameters) that ``bench_dir`` (a run's
     ``benchmarks/`` folder, run under config ``cfg``) timed, with their FLOPs. A sweep job's
     FLOPs count the conditions of its own chunk (``part-NN``)."""
@@ -66,24 +68,37 @@ def measured_jobs(bench_dir: str | Path, cfg: Mapping[str, Any], model: str,
     out = []
     for rule in GPU_RULES:
         files = sorted((bench_dir / rule).glob(f"{model}.tsv")) + sorted(
-            (bench_dir / rule / model).glob("*.tsv"))
+            (bench_dir / rule / model).glob("*.tsv")
+        )
         for f in files:
             table = pd.read_csv(f, sep="\t")
             if table.empty or "s" not in table:
-                raise EstimateError(f"{f}: not a Snakemake benchmark file (no 's' column); "
-                                    "rerun the rule to write it again")
+                raise EstimateError(
+                    f"{f}: not a Snakemake benchmark file (no 's' column); "
+                    "rerun the rule to write it again"
+                )
             job_cfg = cfg
             if rule == "sweep":
                 m = re.fullmatch(r"part-(\d+)", f.stem)
                 if not m or int(m[1]) >= len(parts):
-                    raise EstimateError(f"{f}: no sweep job of that number under the measured "
-                                        "config; give the config the run was made with")
+                    raise EstimateError(
+                        f"{f}: no sweep job of that number under the measured "
+                        "config; give the config the run was made with"
+                    )
                 job_cfg = _with_chunk(cfg, len(parts[int(m[1])]))
-            out.append(MeasuredJob(rule, f.name, float(table["s"].mean()),
-                                   job_flops(n_params, rule_work(rule, job_cfg))))
+            out.append(
+                MeasuredJob(
+                    rule,
+                    f.name,
+                    float(table["s"].mean()),
+                    job_flops(n_params, rule_work(rule, job_cfg)),
+                )
+            )
     if not out:
-        raise EstimateError(f"{bench_dir} holds no benchmark of {model}'s GPU rules "
-                            f"({', '.join(GPU_RULES)}); run the workflow on it first")
+        raise EstimateError(
+            f"{bench_dir} holds no benchmark of {model}'s GPU rules "
+            f"({', '.join(GPU_RULES)}); run the workflow on it first"
+        )
     return out
 
 
@@ -111,13 +126,15 @@ def planned_jobs(dry_run: str) -> Counter:
             model = re.search(r"output: results/([^/]+)/", m[2])
         jobs[(rule, model[1] if model else "")] += 1
     if not jobs:
-        raise EstimateError("no job found in the dry run's output; was it run with -n "
-                            "(and without --quiet)?")
+        raise EstimateError(
+            "no job found in the dry run's output; was it run with -n (and without --quiet)?"
+        )
     return jobs
 
 
-def estimate(cfg: Mapping[str, Any], jobs: Mapping[tuple[str, str], int],
-             eff: Mapping[str, float]) -> pd.DataFrame:
+def estimate(
+    cfg: Mapping[str, Any], jobs: Mapping[tuple[str, str], int], eff: Mapping[str, float]
+) -> pd.DataFrame:
     """GPU-hours of the target config ``cfg`` per rule and model: ``jobs`` (from
     :func:`planned_jobs`), ``gpus`` per job, total ``pflop``, ``gpu_hours`` at the measured
     efficiency ``eff`` of the rule (:func:`efficiencies`) times ``cluster.gpu_tflops``, and
@@ -125,12 +142,16 @@ def estimate(cfg: Mapping[str, Any], jobs: Mapping[tuple[str, str], int],
     cc = ClusterConfig.from_config(cfg)
     rows = []
     order = {r: i for i, r in enumerate(GPU_RULES)}
-    for (rule, model), n in sorted(jobs.items(), key=lambda kv: (order.get(kv[0][0], -1), kv[0][1])):
+    for (rule, model), n in sorted(
+        jobs.items(), key=lambda kv: (order.get(kv[0][0], -1), kv[0][1])
+    ):
         if rule not in GPU_RULES or not model:
             continue
         if rule not in eff:
-            raise EstimateError(f"no measured job of rule {rule}; the measured run must "
-                                "include every rule that runs a model")
+            raise EstimateError(
+                f"no measured job of rule {rule}; the measured run must "
+                "include every rule that runs a model"
+            )
         job_cfg = cfg
         if rule == "sweep":  # the mean chunk: the planned jobs share the conditions
             k = len(sweep_conditions(cfg, model)) / n
@@ -139,10 +160,17 @@ def estimate(cfg: Mapping[str, Any], jobs: Mapping[tuple[str, str], int],
         # Reading the weights does not scale with FLOPs: every job pays it on all its GPUs.
         load_s = plan.weights_gb / cc.load_gbs
         compute_s = plan.flops / (eff[rule] * cc.gpu_tflops * 1e12)
-        rows.append({"rule": rule, "model": model, "jobs": n, "gpus": plan.gpus,
-                     "pflop": n * plan.flops / 1e15,
-                     "gpu_hours": n * (compute_s + load_s * plan.gpus) / 3600,
-                     "roofline_gpu_hours": n * plan.seconds * plan.gpus / 3600})
+        rows.append(
+            {
+                "rule": rule,
+                "model": model,
+                "jobs": n,
+                "gpus": plan.gpus,
+                "pflop": n * plan.flops / 1e15,
+                "gpu_hours": n * (compute_s + load_s * plan.gpus) / 3600,
+                "roofline_gpu_hours": n * plan.seconds * plan.gpus / 3600,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -150,16 +178,32 @@ def markdown(table: pd.DataFrame) -> str:
     """``table`` as a Markdown table of GPU-hours, a row per rule, a column per model, with
     totals; each cell ``estimate (roofline)``."""
     models = list(dict.fromkeys(table["model"]))
-    cell = lambda est, roof: f"{est:,.2f} ({roof:,.2f})"  # noqa: E731
-    lines = ["| stage | " + " | ".join(models) + " | all |",
-             "|---|" + "---:|" * (len(models) + 1)]
+
+    def cell(est, roof):
+        return f"{est:,.2f} ({roof:,.2f})"
+
+    lines = ["| stage | " + " | ".join(models) + " | all |", "|---|" + "---:|" * (len(models) + 1)]
     for rule, g in table.groupby("rule", sort=False):
         by = g.set_index("model")
-        cells = [cell(by.at[m, "gpu_hours"], by.at[m, "roofline_gpu_hours"])
-                 + f" x{by.at[m, 'jobs']}" if m in by.index else "" for m in models]
-        lines.append(f"| {rule} | " + " | ".join(cells) + " | "
-                     + cell(g["gpu_hours"].sum(), g["roofline_gpu_hours"].sum()) + " |")
+        cells = [
+            cell(by.at[m, "gpu_hours"], by.at[m, "roofline_gpu_hours"]) + f" x{by.at[m, 'jobs']}"
+            if m in by.index
+            else ""
+            for m in models
+        ]
+        lines.append(
+            f"| {rule} | "
+            + " | ".join(cells)
+            + " | "
+            + cell(g["gpu_hours"].sum(), g["roofline_gpu_hours"].sum())
+            + " |"
+        )
     tot = table.groupby("model", sort=False)[["gpu_hours", "roofline_gpu_hours"]].sum()
-    lines.append("| **total** | " + " | ".join(cell(*tot.loc[m]) for m in models) + " | "
-                 + cell(table["gpu_hours"].sum(), table["roofline_gpu_hours"].sum()) + " |")
+    lines.append(
+        "| **total** | "
+        + " | ".join(cell(*tot.loc[m]) for m in models)
+        + " | "
+        + cell(table["gpu_hours"].sum(), table["roofline_gpu_hours"].sum())
+        + " |"
+    )
     return "\n".join(lines)

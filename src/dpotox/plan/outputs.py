@@ -44,12 +44,12 @@ RESULT_TABLES: dict[str, str] = {
     "table1_ablation": "Ablating and patching toxic neurons (Yang et al. 2024, Table 1)",
     "table2_interventions": "Steering, DPO, patching and editing (Yang et al. 2025, Table 2)",
     "table3_toxic_neurons": "Toxic neurons and the share of DPO's reduction that patching them "
-                            "recovers (Yang et al. 2025, Table 3)",
+    "recovers (Yang et al. 2025, Table 3)",
     "table12_steering": "Steering with the probe at each alpha (Yang et al. 2025, Table 12)",
     "table19_editing": "Editing variants, patching checks (Yang et al. 2025, Table 19)",
     "table_per_prompt": "Patching with each prompt's own DPO activations vs the DPO means",
     "table_editing_grid": "Activation editing over the beta x alpha grid, with the base model, "
-                          "DPO and steering as reference points",
+    "DPO and steering as reference points",
     "table_claims": "The papers' findings, tested on this model",
 }
 
@@ -66,9 +66,16 @@ ALL_MODELS = "all-models"  # the folder of the figures with a row of panels per 
 TABLE_SOURCES: dict[str, tuple[str, str]] = {
     "neurons": ("results/{model}/neurons.parquet", "neuron_table"),
     "layers": ("results/{model}/layers.parquet", "neuron_table"),
-    **{name: (f"results/tables/{{model}}/{name}.csv", "neuron_stats") for name in (
-        "fig1a_layer_projections", "fig1b_cumulative_reduction", "table5_group_shares",
-        "fig2b_group_shares_by_rank", "fig3_layer_group_reduction")},
+    **{
+        name: (f"results/tables/{{model}}/{name}.csv", "neuron_stats")
+        for name in (
+            "fig1a_layer_projections",
+            "fig1b_cumulative_reduction",
+            "table5_group_shares",
+            "fig2b_group_shares_by_rank",
+            "fig3_layer_group_reduction",
+        )
+    },
     "table_editing_grid": ("results/tables/{model}/table_editing_grid.csv", "tables"),
 }
 
@@ -88,49 +95,112 @@ class FigureSpec:
     options: Sequence[str] = field(default_factory=tuple)
 
 
-_NEURON_COLS = ("layer", "neuron", "cos", "cos_dpo", "mbar_base", "mbar_dpo", "shift",
-                "proj_base", "proj_dpo", "delta", "group", "rank_delta", "rank_cos")
-FIGURES: dict[str, FigureSpec] = {f.name: f for f in (
-    FigureSpec("fig1a_layer_projections", "MLP outputs projected on the toxicity probe",
-               "Yang et al. 2024, Fig. 1a",
-               {"fig1a_layer_projections": ("layer", "base", "dpo")}, "neurons:layer_projections"),
-    FigureSpec("fig1b_cumulative_reduction", "Cumulative toxicity reduction by neuron rank",
-               "Yang et al. 2024, Fig. 1b",
-               {"fig1b_cumulative_reduction": ("rank", "cumulative_reduction")},
-               "neurons:cumulative_reduction"),
-    FigureSpec("fig2a_group_shares", "Share of the toxicity reduction by neuron group",
-               "Yang et al. 2024, Fig. 2a (Yang et al. 2025, Fig. 6a)",
-               {"table5_group_shares": ("group", "pct_of_reduction", "n_neurons")},
-               "neurons:group_shares"),
-    FigureSpec("fig2b_group_shares_by_rank", "Neuron groups along the reduction ranking",
-               "Yang et al. 2024, Fig. 2b (Yang et al. 2025, Figs. 2b, 6b)",
-               {"fig2b_group_shares_by_rank": ("bin_start", "bin_end", "group", "share")},
-               "neurons:group_shares_by_rank"),
-    FigureSpec("fig2c_projection_arrows", "Projection before and after DPO, top neurons",
-               "Yang et al. 2024, Fig. 2c (Yang et al. 2025, Figs. 2c, 6c)",
-               {"neurons": _NEURON_COLS}, "neurons:projection_arrows", options=("arrows_top",)),
-    FigureSpec("fig3_layer_group_reduction", "Per-layer toxicity reduction by neuron group",
-               "Yang et al. 2024, Fig. 3 (Yang et al. 2025, Fig. 8)",
-               {"fig3_layer_group_reduction": ("layer", "TP", "TN", "AP", "AN", "net")},
-               "neurons:layer_group_reduction"),
-    FigureSpec("fig4_toxic_neuron_activations",
-               "Mean activations of the most toxic-aligned neurons",
-               "Yang et al. 2024, Fig. 4 (Yang et al. 2025, Fig. 3)",
-               {"neurons": _NEURON_COLS}, "neurons:toxic_neuron_activations",
-               options=("activations_top",)),
-    FigureSpec("appH_activation_shifts", "Distribution of DPO's activation shifts",
-               "Yang et al. 2025, Appendix H, Fig. 4",
-               {"neurons": _NEURON_COLS}, "neurons:activation_shifts", options=("shift_bins",)),
-    FigureSpec("appI_layer_opposing_effects", "Opposing neuron effects per layer",
-               "Yang et al. 2025, Appendix I, Fig. 5",
-               {"layers": ("layer", "reduction", "reduction_by_reducing",
-                           "increase_by_increasing")}, "neurons:layer_opposing_effects"),
-    FigureSpec("editing_tradeoff", "Activation editing: toxicity against fluency",
-               "ours, from Yang et al. 2025, Tables 2 and 19",
-               {"table_editing_grid": ("condition", "method", "beta", "alpha", "toxicity",
-                                       "ci_low", "ci_high", "log_ppl", "f1")},
-               "editing:editing_tradeoff", n_cols=2),
-)}
+_NEURON_COLS = (
+    "layer",
+    "neuron",
+    "cos",
+    "cos_dpo",
+    "mbar_base",
+    "mbar_dpo",
+    "shift",
+    "proj_base",
+    "proj_dpo",
+    "delta",
+    "group",
+    "rank_delta",
+    "rank_cos",
+)
+FIGURES: dict[str, FigureSpec] = {
+    f.name: f
+    for f in (
+        FigureSpec(
+            "fig1a_layer_projections",
+            "MLP outputs projected on the toxicity probe",
+            "Yang et al. 2024, Fig. 1a",
+            {"fig1a_layer_projections": ("layer", "base", "dpo")},
+            "neurons:layer_projections",
+        ),
+        FigureSpec(
+            "fig1b_cumulative_reduction",
+            "Cumulative toxicity reduction by neuron rank",
+            "Yang et al. 2024, Fig. 1b",
+            {"fig1b_cumulative_reduction": ("rank", "cumulative_reduction")},
+            "neurons:cumulative_reduction",
+        ),
+        FigureSpec(
+            "fig2a_group_shares",
+            "Share of the toxicity reduction by neuron group",
+            "Yang et al. 2024, Fig. 2a (Yang et al. 2025, Fig. 6a)",
+            {"table5_group_shares": ("group", "pct_of_reduction", "n_neurons")},
+            "neurons:group_shares",
+        ),
+        FigureSpec(
+            "fig2b_group_shares_by_rank",
+            "Neuron groups along the reduction ranking",
+            "Yang et al. 2024, Fig. 2b (Yang et al. 2025, Figs. 2b, 6b)",
+            {"fig2b_group_shares_by_rank": ("bin_start", "bin_end", "group", "share")},
+            "neurons:group_shares_by_rank",
+        ),
+        FigureSpec(
+            "fig2c_projection_arrows",
+            "Projection before and after DPO, top neurons",
+            "Yang et al. 2024, Fig. 2c (Yang et al. 2025, Figs. 2c, 6c)",
+            {"neurons": _NEURON_COLS},
+            "neurons:projection_arrows",
+            options=("arrows_top",),
+        ),
+        FigureSpec(
+            "fig3_layer_group_reduction",
+            "Per-layer toxicity reduction by neuron group",
+            "Yang et al. 2024, Fig. 3 (Yang et al. 2025, Fig. 8)",
+            {"fig3_layer_group_reduction": ("layer", "TP", "TN", "AP", "AN", "net")},
+            "neurons:layer_group_reduction",
+        ),
+        FigureSpec(
+            "fig4_toxic_neuron_activations",
+            "Mean activations of the most toxic-aligned neurons",
+            "Yang et al. 2024, Fig. 4 (Yang et al. 2025, Fig. 3)",
+            {"neurons": _NEURON_COLS},
+            "neurons:toxic_neuron_activations",
+            options=("activations_top",),
+        ),
+        FigureSpec(
+            "appH_activation_shifts",
+            "Distribution of DPO's activation shifts",
+            "Yang et al. 2025, Appendix H, Fig. 4",
+            {"neurons": _NEURON_COLS},
+            "neurons:activation_shifts",
+            options=("shift_bins",),
+        ),
+        FigureSpec(
+            "appI_layer_opposing_effects",
+            "Opposing neuron effects per layer",
+            "Yang et al. 2025, Appendix I, Fig. 5",
+            {"layers": ("layer", "reduction", "reduction_by_reducing", "increase_by_increasing")},
+            "neurons:layer_opposing_effects",
+        ),
+        FigureSpec(
+            "editing_tradeoff",
+            "Activation editing: toxicity against fluency",
+            "ours, from Yang et al. 2025, Tables 2 and 19",
+            {
+                "table_editing_grid": (
+                    "condition",
+                    "method",
+                    "beta",
+                    "alpha",
+                    "toxicity",
+                    "ci_low",
+                    "ci_high",
+                    "log_ppl",
+                    "f1",
+                )
+            },
+            "editing:editing_tradeoff",
+            n_cols=2,
+        ),
+    )
+}
 
 
 def figure_files(root: str, scope: str) -> list[str]:

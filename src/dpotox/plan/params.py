@@ -16,8 +16,12 @@ from typing import Any
 from dpotox.errors import ConfigError
 
 READS: dict[str, tuple[str, ...]] = {
-    "prepare_model": ("models.{model}.source", "models.{model}.family", "models.{model}.dtype",
-                      "models.{model}.arch"),
+    "prepare_model": (
+        "models.{model}.source",
+        "models.{model}.family",
+        "models.{model}.dtype",
+        "models.{model}.arch",
+    ),
     "train_probe": ("seed", "probe", "toxicity"),
     "make_pairs": ("seed", "dpo.pairs", "evaluation", "toxicity"),
     "train_dpo": ("seed", "dpo", "models.{model}.dpo"),
@@ -43,8 +47,9 @@ def rule_params(config: Mapping[str, Any], rule: str, model: str | None = None) 
     :data:`READS` (those the config has), without those of :data:`SKIPS`. A rule that reads
     ``models.{model}.*`` always gets ``models.<model>``, so the stage can name the model."""
     if rule not in READS:
-        raise ConfigError(f"rule {rule!r} has no entry in dpotox.plan.params.READS; known: "
-                          f"{', '.join(READS)}")
+        raise ConfigError(
+            f"rule {rule!r} has no entry in dpotox.plan.params.READS; known: {', '.join(READS)}"
+        )
     out: dict[str, Any] = {}
     for path in READS[rule]:
         keys = [k.format(model=model) for k in path.split(".")]  # a model name may hold dots

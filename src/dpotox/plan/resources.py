@@ -11,7 +11,8 @@ A job's requests follow from what it holds and what it computes:
 - **DPO** trains every weight under bf16 autocast with float32 master weights, float32
   gradients and one float32 RMSprop state (12 bytes per parameter) beside the frozen reference
   model in the model's dtype (freed before training when ``dpo.precompute_ref_log_probs``, which
-  runs it once over the pairs instead of at every step), all sharded over the GPUs by FSDP when there are several
+  runs it once over the pairs instead of at every step), all sharded over the GPUs by FSDP
+  when there are several
   (``config/accelerate/fsdp.yaml``), plus the checkpointed activations and a batch's logits.
 - **wall time**: the job's FLOPs (2 per parameter per token forward, 6 when training) at the
   cluster's sustained rate, plus every sequential decoding step reading all weights once at
@@ -38,12 +39,17 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from dpotox.plan.config import section_settings
 from dpotox.errors import ConfigError
+from dpotox.plan.config import section_settings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "gemma2": "gemma2",
-               "gemma3": "gemma3_text"}
+MODEL_TYPES = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "mistral",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
 # Requests of a model whose size is not given (models.<m>.arch): the embedded CPU default.
 FALLBACK = {"gpu": 0, "mem_mb": 16000, "runtime": 240}
 GPU_COUNTS = (1, 2, 4, 8)  # one node's worth; FSDP and device_map shard over these
@@ -87,7 +93,10 @@ def size_cache() -> Path:
     """Where counted model sizes are kept: ``$DPOTOX_CACHE/model_sizes.json`` (default
     ``~/.cache/dpotox``). Every cluster job parses the Snakefile, which computes the requests of
     every model; counting costs seconds of importing transformers, reading costs nothing."""
-    return Path(os.environ.get("DPOTOX_CACHE") or Path.home() / ".cache" / "dpotox") / "model_sizes.json"
+    return (
+        Path(os.environ.get("DPOTOX_CACHE") or Path.home() / ".cache" / "dpotox")
+        / "model_sizes.json"
+    )
 
 
 def _read_sizes(path: Path) -> dict[str, Any]:
@@ -131,16 +140,23 @@ def _count(family: str, arch_json: str) -> ModelSize:
             model = AutoModelForCausalLM.from_config(cfg)
     except Exception as e:  # transformers' config validators raise several kinds
         reason = str(e).strip().splitlines()[-1]
-        raise ConfigError(f"cannot build a {family} model from its arch {arch}: {reason}; "
-                          "copy the size fields of the model's config.json") from e
+        raise ConfigError(
+            f"cannot build a {family} model from its arch {arch}: {reason}; "
+            "copy the size fields of the model's config.json"
+        ) from e
     text = cfg.get_text_config()
     heads = getattr(text, "num_attention_heads", None) or text.n_head
     d_model = getattr(text, "hidden_size", None) or text.n_embd
     head_dim = getattr(text, "head_dim", None) or d_model // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     layers = getattr(text, "num_hidden_layers", None) or text.n_layer
-    return ModelSize(sum(p.numel() for p in model.parameters()), layers, d_model,
-                     kv_heads * head_dim, text.vocab_size)
+    return ModelSize(
+        sum(p.numel() for p in model.parameters()),
+        layers,
+        d_model,
+        kv_heads * head_dim,
+        text.vocab_size,
+    )
 
 
 def model_size(family: str, arch: Mapping[str, Any]) -> ModelSize:
@@ -181,27 +197,43 @@ def rule_work(rule: str, cfg: Mapping[str, Any]) -> Work:
     if rule == "make_pairs":
         if pairs["method"] == "jsonl":
             return Work(0, 0, 1, 1)
-        n, seq = pairs["n_prompts"] * pairs["n_samples"], pairs["prompt_tokens"] + pairs["new_tokens"]
-        return Work(n * seq, math.ceil(n / pairs["batch_size"]) * pairs["new_tokens"],
-                    pairs["batch_size"], seq)
+        n, seq = (
+            pairs["n_prompts"] * pairs["n_samples"],
+            pairs["prompt_tokens"] + pairs["new_tokens"],
+        )
+        return Work(
+            n * seq,
+            math.ceil(n / pairs["batch_size"]) * pairs["new_tokens"],
+            pairs["batch_size"],
+            seq,
+        )
     if rule == "train_probe":
         n = 2 * cfg["probe"]["n_per_class"]
-        return Work(n * cfg["probe"]["max_tokens"], 0, cfg["probe"]["batch_size"],
-                    cfg["probe"]["max_tokens"])
+        return Work(
+            n * cfg["probe"]["max_tokens"],
+            0,
+            cfg["probe"]["batch_size"],
+            cfg["probe"]["max_tokens"],
+        )
     if rule == "train_dpo":
         # A pair is a chosen and a rejected sequence: the prompt cut to max_prompt_length and the
-        # completion to max_completion_length (dpotox.stages.dpo), no longer than the sampling budget
+        # completion to max_completion_length (dpotox.stages.dpo), no longer than the sampling
+        # budget
         # of generated pairs. At most one pair per prompt (best-of-n keeps the prompts whose
         # samples differ enough).
         length = dpo["max_prompt_length"] + dpo["max_completion_length"]
         if pairs["method"] != "jsonl":
-            length = (min(dpo["max_prompt_length"], pairs["prompt_tokens"])
-                      + min(dpo["max_completion_length"], pairs["new_tokens"]))
+            length = min(dpo["max_prompt_length"], pairs["prompt_tokens"]) + min(
+                dpo["max_completion_length"], pairs["new_tokens"]
+            )
         seq = 2 * length
         n_pairs = pairs["n_prompts"]
         per_step = dpo["batch_size"] * dpo["gradient_accumulation_steps"]
-        steps = (dpo["max_steps"] if dpo["max_steps"] > 0
-                 else dpo["epochs"] * math.ceil(n_pairs * (1 - dpo["validation_fraction"]) / per_step))
+        steps = (
+            dpo["max_steps"]
+            if dpo["max_steps"] > 0
+            else dpo["epochs"] * math.ceil(n_pairs * (1 - dpo["validation_fraction"]) / per_step)
+        )
         trained = steps * per_step * seq
         # The reference runs once over every pair when precomputed, else beside every step.
         ref_tokens = n_pairs * seq if dpo["precompute_ref_log_probs"] else trained
@@ -269,14 +301,18 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
         raise ConfigError(
             f"rule {rule} of model {model!r} needs {need[-1]:.0f} GB on each of "
             f"{GPU_COUNTS[-1]} GPUs of {cc.gpu_mem_gb:g} GB (cluster.gpu_mem_gb); lower the "
-            "batch sizes, or set models.<model>.resources by hand")
+            "batch sizes, or set models.<model>.resources by hand"
+        )
     gpus = fits[0]
     flops = job_flops(size.n_params, work)
-    seconds = (flops / (gpus * cc.gpu_tflops * 1e12)
-               + work.decode_steps * weights_gb / cc.gpu_bandwidth_gbs
-               + weights_gb / cc.load_gbs)
-    return GpuPlan(gpus, need[GPU_COUNTS.index(gpus)], weights_gb, flops, seconds,
-                   trains=work.train_tokens > 0)
+    seconds = (
+        flops / (gpus * cc.gpu_tflops * 1e12)
+        + work.decode_steps * weights_gb / cc.gpu_bandwidth_gbs
+        + weights_gb / cc.load_gbs
+    )
+    return GpuPlan(
+        gpus, need[GPU_COUNTS.index(gpus)], weights_gb, flops, seconds, trains=work.train_tokens > 0
+    )
 
 
 def requests(rule: str, model: str, cfg: Mapping[str, Any]) -> dict[str, int]:
@@ -292,13 +328,20 @@ def requests(rule: str, model: str, cfg: Mapping[str, Any]) -> dict[str, int]:
     on_gpu = mcfg["device"] != "cpu" and rule in GPU_RULES
     if not on_gpu:
         loads, weights_gb = CPU_LOADS.get(rule, 1), _weights_gb(mcfg)
-        out = {"gpu": 0, "gpu_mem_mb": 0,
-               "mem_mb": _round_up(loads * weights_gb * 1000 + HOST_OVERHEAD_MB, 1000),
-               "runtime": _runtime(cc.safety * loads * weights_gb / cc.load_gbs / 60 + 10, cc)}
+        out = {
+            "gpu": 0,
+            "gpu_mem_mb": 0,
+            "mem_mb": _round_up(loads * weights_gb * 1000 + HOST_OVERHEAD_MB, 1000),
+            "runtime": _runtime(cc.safety * loads * weights_gb / cc.load_gbs / 60 + 10, cc),
+        }
         return {**out, **override}
     plan = gpu_plan(rule, model, cfg)
-    out = {"gpu": plan.gpus, "gpu_mem_mb": _round_up(plan.gb_per_gpu * 1000, 1000),
-           "mem_mb": _round_up(plan.weights_gb * 1000 * (2 if plan.trains else 1)
-                               + HOST_OVERHEAD_MB * plan.gpus, 1000),
-           "runtime": _runtime(cc.safety * plan.seconds / 60 + 10, cc)}
+    out = {
+        "gpu": plan.gpus,
+        "gpu_mem_mb": _round_up(plan.gb_per_gpu * 1000, 1000),
+        "mem_mb": _round_up(
+            plan.weights_gb * 1000 * (2 if plan.trains else 1) + HOST_OVERHEAD_MB * plan.gpus, 1000
+        ),
+        "runtime": _runtime(cc.safety * plan.seconds / 60 + 10, cc),
+    }
     return {**out, **override}

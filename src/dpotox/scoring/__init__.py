@@ -22,9 +22,17 @@ from dpotox.scoring.bilstm import (
 )
 from dpotox.scoring.detoxify import DETOXIFY_VARIANTS, load_detoxify
 
-__all__ = ["JIGSAW_RESCALE", "JigsawBiLSTMScorer", "KerasTextEncoder", "SCORERS",
-           "ToxicityScorer", "load_detoxify", "load_jigsaw_bilstm", "load_keras_tokenizer",
-           "load_scorer"]
+__all__ = [
+    "JIGSAW_RESCALE",
+    "JigsawBiLSTMScorer",
+    "KerasTextEncoder",
+    "SCORERS",
+    "ToxicityScorer",
+    "load_detoxify",
+    "load_jigsaw_bilstm",
+    "load_keras_tokenizer",
+    "load_scorer",
+]
 
 SCORERS = ("jigsaw-bilstm", "detoxify")
 
@@ -43,9 +51,18 @@ def load_scorer(cfg: Mapping[str, Any], *, device: str = "cpu") -> ToxicityScore
     if scorer == "detoxify":
         variant = cfg.get("detoxify_variant") or "original"
         if variant not in DETOXIFY_VARIANTS:
-            raise ConfigError(f"config key 'toxicity.detoxify_variant': {variant!r} is not one "
-                              f"of {', '.join(DETOXIFY_VARIANTS)}")
-        return load_detoxify(variant, checkpoint=cfg.get("checkpoint"),
-                             tokenizer=cfg.get("tokenizer"), batch_size=batch_size, device=device)
-    raise ConfigError(f"config key 'toxicity.scorer': {scorer!r} is not a known scorer; "
-                      f"choose one of {', '.join(SCORERS)}")
+            raise ConfigError(
+                f"config key 'toxicity.detoxify_variant': {variant!r} is not one "
+                f"of {', '.join(DETOXIFY_VARIANTS)}"
+            )
+        return load_detoxify(
+            variant,
+            checkpoint=cfg.get("checkpoint"),
+            tokenizer=cfg.get("tokenizer"),
+            batch_size=batch_size,
+            device=device,
+        )
+    raise ConfigError(
+        f"config key 'toxicity.scorer': {scorer!r} is not a known scorer; "
+        f"choose one of {', '.join(SCORERS)}"
+    )

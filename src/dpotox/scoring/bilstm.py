@@ -16,8 +16,9 @@ import copy
 import functools
 import json
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,17 @@ from dpotox.scoring.base import as_texts
 JIGSAW_LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
 # tox-block's per-label (min, max) for its optional min-max rescaling (config.RESCALE_PROBA).
 # Rescaled values are not probabilities (they can leave [0, 1]); kept for the README check only.
-JIGSAW_RESCALE = np.array([(0.002116, 0.999858), (0.000011, 0.648682), (0.000347, 0.997533),
-                           (0.000040, 0.918887), (0.000373, 0.986303), (0.000074, 0.901117)])
+JIGSAW_RESCALE = np.array(
+    [
+        (0.002116, 0.999858),
+        (0.000011, 0.648682),
+        (0.000347, 0.997533),
+        (0.000040, 0.918887),
+        (0.000373, 0.986303),
+        (0.000074, 0.901117),
+    ]
+)
+
 
 class _TokenSequencerState:
     """Stand-in for tox-block's ``TokenSequencer``: only its attributes are used."""
@@ -62,8 +72,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
             allowed = ", ".join(f"{m}.{n}" for m, n in _ALLOWED_GLOBALS)
-            raise SourceError(f"{self._path}: refused to unpickle {module}.{name} (only {allowed} "
-                              "are allowed); the file is not tox-block's tokenizer") from None
+            raise SourceError(
+                f"{self._path}: refused to unpickle {module}.{name} (only {allowed} "
+                "are allowed); the file is not tox-block's tokenizer"
+            ) from None
 
 
 class KerasTextEncoder:
@@ -80,8 +92,9 @@ class KerasTextEncoder:
         self.oov_index = word_index.get(oov_token) if oov_token is not None else None
         # Keras drops (or maps to OOV) every index >= num_words, so only those words matter;
         # keeping them alone turns 300k entries into 20k without changing any sequence.
-        self.vocab = {w: i for w, i in word_index.items()
-                      if not self.num_words or i < self.num_words}
+        self.vocab = {
+            w: i for w, i in word_index.items() if not self.num_words or i < self.num_words
+        }
         self._table = str.maketrans({c: self.split for c in self.filters})
 
     def to_sequence(self, text: str) -> list[int]:
@@ -99,9 +112,9 @@ class KerasTextEncoder:
         """(n, maxlen) int64, zero-padded and truncated at the front (Keras defaults 'pre')."""
         out = np.zeros((len(texts), self.maxlen), dtype=np.int64)
         for row, text in enumerate(texts):
-            seq = self.to_sequence(text)[-self.maxlen:]
+            seq = self.to_sequence(text)[-self.maxlen :]
             if seq:
-                out[row, self.maxlen - len(seq):] = seq
+                out[row, self.maxlen - len(seq) :] = seq
         return out
 
 
@@ -113,7 +126,8 @@ def load_keras_tokenizer(path: Path) -> Any:
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
         raise SourceError(f"{path}: cannot unpickle the Keras tokenizer: {err}") from err
     if not isinstance(obj, _TokenSequencerState) or not isinstance(
-            getattr(obj, "tokenizer", None), _KerasTokenizerState):
+        getattr(obj, "tokenizer", None), _KerasTokenizerState
+    ):
         raise SourceError(f"{path}: expected tox-block's TokenSequencer holding a Keras Tokenizer")
     return obj
 
@@ -146,36 +160,52 @@ class KerasBiLSTM:
     def __init__(self, path: Path) -> None:
         import h5py
 
-        names = {"emb": ("embedding", "embeddings"), "dense_w": ("dense", "kernel"),
-                 "dense_b": ("dense", "bias"), "out_w": ("dense_1", "kernel"),
-                 "out_b": ("dense_1", "bias")}
+        names = {
+            "emb": ("embedding", "embeddings"),
+            "dense_w": ("dense", "kernel"),
+            "dense_b": ("dense", "bias"),
+            "out_w": ("dense_1", "kernel"),
+            "out_b": ("dense_1", "bias"),
+        }
         try:
             with h5py.File(path, "r") as f:
                 layers = json.loads(f.attrs["model_config"])["config"]["layers"]
                 w = f["model_weights"]
-                get = lambda layer, name: torch.from_numpy(  # noqa: E731
-                    np.asarray(w[layer][f"{layer}/{name}:0"], dtype=np.float64))
+
+                def get(layer, name):
+                    return torch.from_numpy(
+                        np.asarray(w[layer][f"{layer}/{name}:0"], dtype=np.float64)
+                    )
+
                 self.w = {k: get(*v) for k, v in names.items()}
                 for part in ("kernel", "recurrent_kernel", "bias"):  # [forward, backward]
-                    self.w[part] = torch.stack([get("bidirectional", f"{d}_lstm/{part}")
-                                                for d in ("forward", "backward")])
+                    self.w[part] = torch.stack(
+                        [get("bidirectional", f"{d}_lstm/{part}") for d in ("forward", "backward")]
+                    )
             by_class = {layer["class_name"]: layer["config"] for layer in layers}
             lstm = by_class["Bidirectional"]["layer"]["config"]
             self.seq_len = int(by_class["InputLayer"]["batch_input_shape"][1])
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise SourceError(f"{path}: not tox-block's Keras BiLSTM h5 file ({err!r})") from err
         # Refuse different semantics rather than produce plausible wrong scores.
-        expected = {"activation": "tanh", "use_bias": True, "return_sequences": True,
-                    "go_backwards": False}
-        if (any(lstm.get(k) != v for k, v in expected.items())
-                or lstm.get("recurrent_activation") not in ("hard_sigmoid", "sigmoid")
-                or by_class["Embedding"].get("mask_zero") or "GlobalMaxPooling1D" not in by_class
-                or by_class["Bidirectional"].get("merge_mode") != "concat"):
+        expected = {
+            "activation": "tanh",
+            "use_bias": True,
+            "return_sequences": True,
+            "go_backwards": False,
+        }
+        if (
+            any(lstm.get(k) != v for k, v in expected.items())
+            or lstm.get("recurrent_activation") not in ("hard_sigmoid", "sigmoid")
+            or by_class["Embedding"].get("mask_zero")
+            or "GlobalMaxPooling1D" not in by_class
+            or by_class["Bidirectional"].get("merge_mode") != "concat"
+        ):
             raise SourceError(f"{path}: the Keras model config differs from tox-block 0.1.2's")
         hard = lstm["recurrent_activation"] == "hard_sigmoid"
         self.gate = _hard_sigmoid if hard else torch.sigmoid
 
-    def to(self, device: str | torch.device) -> "KerasBiLSTM":
+    def to(self, device: str | torch.device) -> KerasBiLSTM:
         """A copy with its weights on ``device`` (the loaded original is cached and shared)."""
         moved = copy.copy(self)
         moved.w = {k: v.to(device) for k, v in self.w.items()}
@@ -207,8 +237,9 @@ def _jigsaw_parts(tokenizer_path: Path, model_path: Path) -> tuple[KerasTextEnco
     state = load_keras_tokenizer(tokenizer_path)
     maxlen = getattr(state, "max_sequence_length", net.seq_len)
     if maxlen != net.seq_len:
-        raise SourceError(f"{tokenizer_path}: pads to {maxlen} tokens, the model takes "
-                          f"{net.seq_len}")
+        raise SourceError(
+            f"{tokenizer_path}: pads to {maxlen} tokens, the model takes {net.seq_len}"
+        )
     return KerasTextEncoder(state.tokenizer, maxlen, tokenizer_path), net
 
 
@@ -218,8 +249,14 @@ class JigsawBiLSTMScorer:
     name = "jigsaw-bilstm"
     labels = JIGSAW_LABELS
 
-    def __init__(self, encoder: KerasTextEncoder, net: KerasBiLSTM, *, batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        encoder: KerasTextEncoder,
+        net: KerasBiLSTM,
+        *,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.encoder, self.net = encoder, net.to(device)
         self.batch_size, self.device = batch_size, torch.device(device)
 
@@ -230,8 +267,8 @@ class JigsawBiLSTMScorer:
         probs = np.zeros((len(texts), len(self.labels)))
         with _one_thread() if self.device.type == "cpu" else contextlib.nullcontext():
             for start in range(0, len(texts), self.batch_size):
-                batch = torch.from_numpy(ids[start:start + self.batch_size]).to(self.device)
-                probs[start:start + len(batch)] = self.net(batch).cpu().numpy()
+                batch = torch.from_numpy(ids[start : start + self.batch_size]).to(self.device)
+                probs[start : start + len(batch)] = self.net(batch).cpu().numpy()
         if rescale:
             lo, hi = JIGSAW_RESCALE.T
             probs = np.abs((probs - lo) / (hi - lo))
@@ -250,5 +287,3 @@ def load_jigsaw_bilstm(*, batch_size: int = 64, device: str = "cpu") -> JigsawBi
     tokenizer_path, model_path = assets.asset_paths("jigsaw-bilstm")
     encoder, net = _jigsaw_parts(tokenizer_path, model_path)
     return JigsawBiLSTMScorer(encoder, net, batch_size=batch_size, device=device)
-
-

@@ -9,8 +9,9 @@ sigmoid of the ``toxicity`` logit, as ``Detoxify.predict`` computes it.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,10 @@ DETOXIFY_VARIANTS = ("original", "unbiased", "multilingual")
 
 # The (model, tokenizer) classes Detoxify's checkpoints name; a checkpoint's names are looked up
 # in transformers only when they are on this list.
-_DETOXIFY_ARCHS = {f"{a}ForSequenceClassification": f"{a}Tokenizer"
-                   for a in ("Bert", "Roberta", "XLMRoberta", "Albert")}
+_DETOXIFY_ARCHS = {
+    f"{a}ForSequenceClassification": f"{a}Tokenizer"
+    for a in ("Bert", "Roberta", "XLMRoberta", "Albert")
+}
 # Buffers that older transformers saved and current ones recreate: safe to ignore.
 _IGNORABLE_KEYS = ("position_ids", "token_type_ids")
 
@@ -32,10 +35,21 @@ _IGNORABLE_KEYS = ("position_ids", "token_type_ids")
 class DetoxifyScorer:
     """A Detoxify model; ``score`` = sigmoid of its ``toxicity`` logit, as ``Detoxify.predict``."""
 
-    def __init__(self, model: Any, tokenizer: Any, class_names: Sequence[str], *, name: str,
-                 batch_size: int = 64, device: str | torch.device = "cpu") -> None:
-        renames = {"toxic": "toxicity", "severe_toxic": "severe_toxicity",
-                   "identity_hate": "identity_attack"}  # Detoxify's standard names
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        class_names: Sequence[str],
+        *,
+        name: str,
+        batch_size: int = 64,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        renames = {
+            "toxic": "toxicity",
+            "severe_toxic": "severe_toxicity",
+            "identity_hate": "identity_attack",
+        }  # Detoxify's standard names
         self.class_names = [renames.get(c, c) for c in class_names]
         if "toxicity" not in self.class_names:
             raise SourceError(f"Detoxify checkpoint has no toxicity class: {self.class_names}")
@@ -55,11 +69,16 @@ class DetoxifyScorer:
         texts = as_texts(texts)
         out = np.zeros(len(texts))
         for start in range(0, len(texts), self.batch_size):
-            batch = texts[start:start + self.batch_size]
-            enc = self.tokenizer(batch, return_tensors="pt", truncation=True, padding=True,
-                                 max_length=self.max_length).to(self.device)
+            batch = texts[start : start + self.batch_size]
+            enc = self.tokenizer(
+                batch,
+                return_tensors="pt",
+                truncation=True,
+                padding=True,
+                max_length=self.max_length,
+            ).to(self.device)
             logits = self.model(**enc).logits[:, self.index]
-            out[start:start + len(batch)] = torch.sigmoid(logits.double()).cpu().numpy()
+            out[start : start + len(batch)] = torch.sigmoid(logits.double()).cpu().numpy()
         return out
 
 
@@ -76,30 +95,42 @@ def _detoxify_checkpoint(variant: str, checkpoint: str | Path | None, device: st
             raise SourceError(
                 f"the Detoxify checkpoint ({variant}) could not be downloaded from {url} (no "
                 f"network?): {err}. Set config key `toxicity.checkpoint` to a local copy of that "
-                f"file, {OFFLINE_HINT}") from err
+                f"file, {OFFLINE_HINT}"
+            ) from err
         except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise SourceError(f"the Detoxify checkpoint from {url} cannot be loaded as weights "
-                              f"only (pickled objects are refused): {err}") from err
+            raise SourceError(
+                f"the Detoxify checkpoint from {url} cannot be loaded as weights "
+                f"only (pickled objects are refused): {err}"
+            ) from err
         where = url
     else:
         path = Path(checkpoint)
         if not path.is_file():
-            raise SourceError(f"config key `toxicity.checkpoint`: {str(path)!r} is not a file; "
-                              f"give a local Detoxify checkpoint, {OFFLINE_HINT}")
+            raise SourceError(
+                f"config key `toxicity.checkpoint`: {str(path)!r} is not a file; "
+                f"give a local Detoxify checkpoint, {OFFLINE_HINT}"
+            )
         try:
             loaded = torch.load(path, map_location=device, weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-            raise SourceError(f"config key `toxicity.checkpoint`: {path} cannot be loaded as "
-                              f"weights only (pickled objects are refused): {err}") from err
+            raise SourceError(
+                f"config key `toxicity.checkpoint`: {path} cannot be loaded as "
+                f"weights only (pickled objects are refused): {err}"
+            ) from err
         where = f"config key `toxicity.checkpoint` ({path})"
     if not (isinstance(loaded, dict) and "config" in loaded and "state_dict" in loaded):
         raise SourceError(f"{where}: a Detoxify checkpoint holds 'config' and 'state_dict'")
     return loaded
 
 
-def load_detoxify(variant: str = "original", *, checkpoint: str | Path | None = None,
-                  tokenizer: str | Path | None = None, batch_size: int = 64,
-                  device: str = "cpu") -> DetoxifyScorer:
+def load_detoxify(
+    variant: str = "original",
+    *,
+    checkpoint: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> DetoxifyScorer:
     """A Detoxify scorer from a local or downloaded checkpoint.
 
     ``tokenizer`` is a local folder with the base model's Hugging Face ``config.json`` and
@@ -116,20 +147,23 @@ def load_detoxify(variant: str = "original", *, checkpoint: str | Path | None = 
     except (KeyError, TypeError) as err:
         raise SourceError(f"Detoxify checkpoint config lacks {err}") from err
     if _DETOXIFY_ARCHS.get(model_name) != tokenizer_name:
-        raise SourceError(f"Detoxify checkpoint names unsupported classes {model_name}, "
-                          f"{tokenizer_name}")
+        raise SourceError(
+            f"Detoxify checkpoint names unsupported classes {model_name}, {tokenizer_name}"
+        )
     model_cls = getattr(transformers, model_name)
     source, local = (str(tokenizer), True) if tokenizer is not None else (arch["model_type"], False)
     try:
         config = model_cls.config_class.from_pretrained(
-            source, num_labels=int(arch["num_classes"]), local_files_only=local)
+            source, num_labels=int(arch["num_classes"]), local_files_only=local
+        )
         tok = getattr(transformers, tokenizer_name).from_pretrained(source, local_files_only=local)
     except Exception as err:  # hub, cache and file errors come in many types; all mean the same
         raise SourceError(
             f"cannot load the Hugging Face config and tokenizer of {source!r} for Detoxify "
             f"({str(err).rstrip('.')}). "
             "Set config key `toxicity.tokenizer` to a local folder with its config.json and "
-            f"tokenizer files, {OFFLINE_HINT}") from err
+            f"tokenizer files, {OFFLINE_HINT}"
+        ) from err
     model = model_cls(config)
     try:
         result = model.load_state_dict(loaded["state_dict"], strict=False)
@@ -137,9 +171,10 @@ def load_detoxify(variant: str = "original", *, checkpoint: str | Path | None = 
         raise SourceError(f"Detoxify checkpoint does not fit {model_name}: {err}") from err
     unexpected = [k for k in result.unexpected_keys if not k.endswith(_IGNORABLE_KEYS)]
     if result.missing_keys or unexpected:
-        raise SourceError(f"Detoxify checkpoint does not fit {model_name}: missing "
-                          f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}")
-    return DetoxifyScorer(model, tok, classes, name=f"detoxify-{variant}",
-                          batch_size=batch_size, device=device)
-
-
+        raise SourceError(
+            f"Detoxify checkpoint does not fit {model_name}: missing "
+            f"{result.missing_keys[:5]}, unexpected {unexpected[:5]}"
+        )
+    return DetoxifyScorer(
+        model, tok, classes, name=f"detoxify-{variant}", batch_size=batch_size, device=device
+    )

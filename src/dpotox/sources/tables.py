@@ -1,6 +1,7 @@
 """Text tables from data sources, in the one shape every later stage reads.
 
-Each role (prompts, pair_prompts, wiki, probe_texts, pairs) has a fixed column set (``ROLE_COLUMNS``).
+Each role (prompts, pair_prompts, wiki, probe_texts, pairs) has a fixed column set
+(``ROLE_COLUMNS``).
 A source yields a DataFrame with those columns plus ``id`` and ``source``; ``prepare_data``
 concatenates a role's sources, drops repeated texts and writes one Parquet file.
 """
@@ -46,9 +47,11 @@ def read_jsonl(path: Path, *, key: str) -> pd.DataFrame:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise SourceError(f"{key}: {path} line {lineno} is not valid UTF-8 (byte "
-                                  f"{raw[e.start]:#04x} at column {e.start + 1}); re-encode the "
-                                  "file as UTF-8 or drop that line") from None
+                raise SourceError(
+                    f"{key}: {path} line {lineno} is not valid UTF-8 (byte "
+                    f"{raw[e.start]:#04x} at column {e.start + 1}); re-encode the "
+                    "file as UTF-8 or drop that line"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -56,10 +59,13 @@ def read_jsonl(path: Path, *, key: str) -> pd.DataFrame:
             except json.JSONDecodeError as e:
                 raise SourceError(
                     f"{key}: {path} line {lineno} is not valid JSON ({e.msg} at column "
-                    f"{e.colno}); fix or remove that line") from None
+                    f"{e.colno}); fix or remove that line"
+                ) from None
             if not isinstance(row, dict):
-                raise SourceError(f"{key}: {path} line {lineno} is a JSON "
-                                  f"{type(row).__name__}, expected an object with named fields")
+                raise SourceError(
+                    f"{key}: {path} line {lineno} is a JSON "
+                    f"{type(row).__name__}, expected an object with named fields"
+                )
             rows.append(row)
             lines.append(lineno)
     if not rows:
@@ -84,13 +90,18 @@ def _read_embedded(name: str, key: str) -> pd.DataFrame:
             category = p.stem.removeprefix("rtp_")
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
                 if line.strip():
-                    rows.append({"text": line.strip(), "category": category,
-                                 "id": f"{name}:{category}:{i}"})
+                    rows.append(
+                        {"text": line.strip(), "category": category, "id": f"{name}:{category}:{i}"}
+                    )
         return pd.DataFrame(rows)
     if name == "ovos-wiki-summaries":
         data = json.loads(paths[0].read_text(encoding="utf-8"))
-        return pd.DataFrame([{"id": f"{name}:{k}", "title": v["title"], "text": v["extract"]}
-                             for k, v in data.items()])
+        return pd.DataFrame(
+            [
+                {"id": f"{name}:{k}", "title": v["title"], "text": v["extract"]}
+                for k, v in data.items()
+            ]
+        )
     raise SourceError(f"{key}: embedded asset {name!r} holds no text table")
 
 
@@ -98,14 +109,19 @@ def _read_hub(src: Mapping[str, Any], key: str) -> pd.DataFrame:
     try:
         import datasets
 
-        ds = datasets.load_dataset(src["id"], src.get("config"), split=src.get("split", "train"),
-                                   revision=src.get("revision"))
+        ds = datasets.load_dataset(
+            src["id"],
+            src.get("config"),
+            split=src.get("split", "train"),
+            revision=src.get("revision"),
+        )
     except Exception as e:  # any failure of the hub call becomes one actionable message
         raise SourceError(
             f"{key}: could not load the dataset {src['id']!r} (config {src.get('config')!r}, "
             f"split {src.get('split')!r}) from the Hugging Face hub: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}. Without network, change {key} to a "
-            "local file (kind: jsonl, csv or parquet, with path) or kind: embedded") from e
+            "local file (kind: jsonl, csv or parquet, with path) or kind: embedded"
+        ) from e
     return pd.json_normalize(ds.to_pandas().to_dict(orient="records"), sep=".")
 
 
@@ -155,8 +171,10 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
         try:
             raw = raw.query(src["filter"])
         except Exception as e:
-            raise SourceError(f"{key}.filter: {src['filter']!r} failed on columns "
-                              f"{', '.join(map(str, raw.columns))}: {e}") from e
+            raise SourceError(
+                f"{key}.filter: {src['filter']!r} failed on columns "
+                f"{', '.join(map(str, raw.columns))}: {e}"
+            ) from e
     if src.get("limit"):
         raw = raw.head(src["limit"])
     mapping = {**DEFAULT_COLUMNS.get(role, {}), **(src.get("columns") or {})}
@@ -171,23 +189,33 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
         else:
             raise SourceError(
                 f"{key}: no column {name!r} for {role} {col!r} in {source_label(src)} (columns: "
-                f"{', '.join(map(str, raw.columns))}); map one with {key}.columns.{col}")
+                f"{', '.join(map(str, raw.columns))}); map one with {key}.columns.{col}"
+            )
     for col in ("text", "prompt", "chosen", "rejected"):
         if col in out:
             bad = out[col].isna() | ~out[col].map(lambda x: isinstance(x, str))
             if bad.any():
                 first = int(bad.to_numpy().argmax())
-                where = (f"line {raw[LINE].iloc[first]} of {src.get('path')}" if LINE in raw
-                         else f"row {first}")
+                where = (
+                    f"line {raw[LINE].iloc[first]} of {src.get('path')}"
+                    if LINE in raw
+                    else f"row {first}"
+                )
                 name = mapping.get(col, col)
-                raise SourceError(f"{key}: {int(bad.sum())} row(s) have no text in field {name!r} "
-                                  f"({role} {col!r}), the first at {where}; fix or drop them")
+                raise SourceError(
+                    f"{key}: {int(bad.sum())} row(s) have no text in field {name!r} "
+                    f"({role} {col!r}), the first at {where}; fix or drop them"
+                )
     if "label" in out and mapping.get("label", "label") in raw.columns:
         try:
-            out["label"] = (pd.to_numeric(out["label"]) >= src.get("label_threshold", 0.5)).astype("Int8")
+            out["label"] = (pd.to_numeric(out["label"]) >= src.get("label_threshold", 0.5)).astype(
+                "Int8"
+            )
         except (ValueError, TypeError) as e:
-            raise SourceError(f"{key}: label column {mapping.get('label', 'label')!r} must be "
-                              f"numeric or boolean: {e}") from e
+            raise SourceError(
+                f"{key}: label column {mapping.get('label', 'label')!r} must be "
+                f"numeric or boolean: {e}"
+            ) from e
     label = source_label(src)
     if "id" in mapping and mapping["id"] in raw.columns:
         ids = raw[mapping["id"]].astype(str)
@@ -214,13 +242,18 @@ def check_pairs(df: pd.DataFrame, where: str) -> pd.DataFrame:
     """
     missing = [c for c in ("prompt", "chosen", "rejected") if c not in df.columns]
     if missing:
-        raise PairsError(f"{where}: no column {', '.join(map(repr, missing))} (columns: "
-                         f"{', '.join(map(str, df.columns))}); a pairs table needs prompt, "
-                         "chosen and rejected")
+        raise PairsError(
+            f"{where}: no column {', '.join(map(repr, missing))} (columns: "
+            f"{', '.join(map(str, df.columns))}); a pairs table needs prompt, "
+            "chosen and rejected"
+        )
     if df.empty:
         raise PairsError(f"{where} holds no pairs")
-    ids = df["id"].astype(str) if "id" in df.columns else pd.Series(
-        [f"row {i}" for i in range(len(df))], index=df.index)
+    ids = (
+        df["id"].astype(str)
+        if "id" in df.columns
+        else pd.Series([f"row {i}" for i in range(len(df))], index=df.index)
+    )
     for col in ("prompt", "chosen", "rejected"):
         text = df[col]
         bad = text.isna() | ~text.map(lambda x: isinstance(x, str))
@@ -230,31 +263,35 @@ def check_pairs(df: pd.DataFrame, where: str) -> pd.DataFrame:
         empty = text.str.strip() == ""
         if empty.any():
             i = int(empty.to_numpy().argmax())
-            raise PairsError(f"{where}: pair {ids.iloc[i]!r} has an empty {col} text; fix or "
-                             "drop it")
+            raise PairsError(
+                f"{where}: pair {ids.iloc[i]!r} has an empty {col} text; fix or drop it"
+            )
     same = df["chosen"].str.strip() == df["rejected"].str.strip()
     if same.any():
         i = int(same.to_numpy().argmax())
-        raise PairsError(f"{where}: pair {ids.iloc[i]!r} has the same chosen and rejected text, "
-                         f"which teaches nothing ({int(same.sum())} such pairs); drop them")
+        raise PairsError(
+            f"{where}: pair {ids.iloc[i]!r} has the same chosen and rejected text, "
+            f"which teaches nothing ({int(same.sum())} such pairs); drop them"
+        )
     return df
 
 
 TABLE_DESCRIPTIONS = {
     "prompts": "Toxicity-eliciting prompts. id: unique text id; text: the prompt; source: where it "
-               "came from; toxicity: the source's own reference score (Perspective for RTP), null if none.",
+    "came from; toxicity: the source's own reference score (Perspective for RTP), null if none.",
     "pair_prompts": "Prompts for building DPO pairs (kept apart from the evaluation prompts). id; "
-                    "text; source; toxicity: the source's reference score, null if none.",
+    "text; source; toxicity: the source's reference score, null if none.",
     "wiki": "Wikipedia-like text for log-perplexity and F1. id; text: a paragraph or sentence; "
-            "title: article title, null if none; source.",
+    "title: article title, null if none; source.",
     "probe_texts": "Texts for the toxicity probe. id; text; label: 1 toxic, 0 clean, null = to be "
-                   "labelled by the toxicity scorer (train_probe); source.",
+    "labelled by the toxicity scorer (train_probe); source.",
     "pairs": "Preference pairs. id; prompt; chosen (preferred, less toxic); rejected; source.",
 }
 
 
-def prepare_table(role: str, sources: list[Mapping[str, Any]], out: str | Path, *,
-                  key: str | None = None) -> pd.DataFrame:
+def prepare_table(
+    role: str, sources: list[Mapping[str, Any]], out: str | Path, *, key: str | None = None
+) -> pd.DataFrame:
     """Concatenate a role's sources, drop repeated texts, and write one Parquet file.
 
     The file appears complete or not at all. Its key-value metadata holds the column
@@ -274,10 +311,14 @@ def prepare_table(role: str, sources: list[Mapping[str, Any]], out: str | Path, 
     df = df.drop_duplicates(subset=["id"], keep="first").reset_index(drop=True)
     if df.empty:
         raise SourceError(f"{key}: the sources hold no text")
-    write_parquet(df, out, metadata={
-        "dpotox.table": role,
-        "dpotox.description": TABLE_DESCRIPTIONS[role],
-        "dpotox.sources": json.dumps([dict(s) for s in sources]),
-        "dpotox.rows_dropped_as_repeats_or_empty": str(n_before - len(df)),
-    })
+    write_parquet(
+        df,
+        out,
+        metadata={
+            "dpotox.table": role,
+            "dpotox.description": TABLE_DESCRIPTIONS[role],
+            "dpotox.sources": json.dumps([dict(s) for s in sources]),
+            "dpotox.rows_dropped_as_repeats_or_empty": str(n_before - len(df)),
+        },
+    )
     return df

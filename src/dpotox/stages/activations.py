@@ -46,20 +46,32 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dpotox.engine.arch import Adapter
-from dpotox.plan.config import section_settings
-from dpotox.errors import DpotoxError
 from dpotox.engine.generate import Generation, encode_prompts, generate, inference_device
-from dpotox.engine.spec import Intervention
 from dpotox.engine.hooks import Context
+from dpotox.engine.spec import Intervention
+from dpotox.errors import DpotoxError
 from dpotox.io import atomic_dir, write_json
+from dpotox.plan.config import section_settings
 
 log = logging.getLogger("dpotox")
 
 META = "_meta.json"
-MEAN_SCHEMA = pa.schema([("prompt_id", pa.string()), ("neuron", pa.int32()),
-                         ("activation", pa.float32()), ("n_positions", pa.int32())])
-POSITION_SCHEMA = pa.schema([("prompt_id", pa.string()), ("position", pa.int32()),
-                             ("neuron", pa.int32()), ("activation", pa.float32())])
+MEAN_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("neuron", pa.int32()),
+        ("activation", pa.float32()),
+        ("n_positions", pa.int32()),
+    ]
+)
+POSITION_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("position", pa.int32()),
+        ("neuron", pa.int32()),
+        ("activation", pa.float32()),
+    ]
+)
 
 
 class ActivationsError(DpotoxError, ValueError):
@@ -96,8 +108,9 @@ class _LayerWriters:
             # Dictionary pages for the repetitive columns only: trying them on the float
             # activations (and their statistics) doubled the write time for nothing.
             keys = [f.name for f in self.schema if f.name != "activation"]
-            self.writers[layer] = pq.ParquetWriter(path, self.schema, use_dictionary=keys,
-                                                   write_statistics=keys)
+            self.writers[layer] = pq.ParquetWriter(
+                path, self.schema, use_dictionary=keys, write_statistics=keys
+            )
         self.writers[layer].write_table(pa.table(columns, schema=self.schema))
 
     def close(self) -> None:
@@ -115,12 +128,21 @@ class ParquetRecorder:
     as it is produced.
     """
 
-    def __init__(self, root: Path, n_layers: int, d_mlp: int, device: torch.device,
-                 positions_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        n_layers: int,
+        d_mlp: int,
+        device: torch.device,
+        positions_root: Path | None = None,
+    ) -> None:
         self.n_layers, self.d_mlp, self.device = n_layers, d_mlp, device
         self.means = _LayerWriters(root, MEAN_SCHEMA, n_layers)
-        self.positions = (_LayerWriters(positions_root, POSITION_SCHEMA, n_layers)
-                          if positions_root is not None else None)
+        self.positions = (
+            _LayerWriters(positions_root, POSITION_SCHEMA, n_layers)
+            if positions_root is not None
+            else None
+        )
         self.n_prompts = 0
         self.n_positions = 0
         self._neurons = pa.array(np.arange(d_mlp, dtype=np.int32))
@@ -129,15 +151,20 @@ class ParquetRecorder:
         b = len(ctx.prompt_ids)
         self.ids = pa.array(list(ctx.prompt_ids), pa.string())
         # Layer-major, so each layer's running sum is one contiguous block.
-        self.sums = torch.zeros(self.n_layers, b, self.d_mlp, dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(
+            self.n_layers, b, self.d_mlp, dtype=torch.float64, device=self.device
+        )
         self.counts = torch.zeros(b, dtype=torch.long, device=self.device)
         self.next_position = 0
 
     def record(self, layer: int, m: torch.Tensor, ctx: Context) -> None:
         if layer == 0:
             # Once per forward pass: which rows count, as a float64 column to weight by.
-            active = (ctx.active if ctx.active is not None
-                      else torch.ones(m.shape[0], dtype=torch.bool, device=m.device))
+            active = (
+                ctx.active
+                if ctx.active is not None
+                else torch.ones(m.shape[0], dtype=torch.bool, device=m.device)
+            )
             self.active = active
             self.weight = active.to(torch.float64)[:, None]
             self.position = self.next_position
@@ -149,28 +176,47 @@ class ParquetRecorder:
             rows = active.nonzero()[:, 0]
             vals = m[rows].float().cpu().numpy()  # [rows, positions, d_mlp]
             n_rows, n_pos, d = vals.shape
-            self.positions.write(layer, {
-                "prompt_id": pc.take(self.ids, pa.array(np.repeat(rows.cpu().numpy(), n_pos * d))),
-                "position": pa.array(np.tile(np.repeat(
-                    np.arange(self.position, self.position + n_pos, dtype=np.int32), d), n_rows)),
-                "neuron": pa.array(np.tile(np.arange(d, dtype=np.int32), n_rows * n_pos)),
-                "activation": pa.array(vals.reshape(-1)),
-            })
+            self.positions.write(
+                layer,
+                {
+                    "prompt_id": pc.take(
+                        self.ids, pa.array(np.repeat(rows.cpu().numpy(), n_pos * d))
+                    ),
+                    "position": pa.array(
+                        np.tile(
+                            np.repeat(
+                                np.arange(self.position, self.position + n_pos, dtype=np.int32), d
+                            ),
+                            n_rows,
+                        )
+                    ),
+                    "neuron": pa.array(np.tile(np.arange(d, dtype=np.int32), n_rows * n_pos)),
+                    "activation": pa.array(vals.reshape(-1)),
+                },
+            )
 
     def finish(self, ctx: Context) -> None:
         b = len(self.ids)
         if bool((self.counts == 0).any()):
-            raise ActivationsError("a prompt produced no position to average over; this is a "
-                                   "bug in the generation loop, not in the data")
+            raise ActivationsError(
+                "a prompt produced no position to average over; this is a "
+                "bug in the generation loop, not in the data"
+            )
         means = (self.sums / self.counts[:, None]).float().cpu().numpy()  # [L, b, d]
         rows = pa.array(np.repeat(np.arange(b), self.d_mlp))
         ids = pc.take(self.ids, rows)
         counts = pa.array(np.repeat(self.counts.cpu().numpy().astype(np.int32), self.d_mlp))
         neurons = pa.concat_arrays([self._neurons] * b)
         for layer in range(self.n_layers):
-            self.means.write(layer, {"prompt_id": ids, "neuron": neurons,
-                                     "activation": pa.array(means[layer].reshape(-1)),
-                                     "n_positions": counts})
+            self.means.write(
+                layer,
+                {
+                    "prompt_id": ids,
+                    "neuron": neurons,
+                    "activation": pa.array(means[layer].reshape(-1)),
+                    "n_positions": counts,
+                },
+            )
         self.n_prompts += b
         self.n_positions += int(self.counts.sum())
 
@@ -180,11 +226,19 @@ class ParquetRecorder:
             self.positions.close()
 
 
-def cache_generation(adapter: Adapter, tok: PreTrainedTokenizerBase,
-                     prompts: Sequence[Sequence[int]], ids: Sequence[str], out_dir: str | Path, *,
-                     spec: Intervention | None = None, new_tokens: int = 20, batch_size: int = 32,
-                     positions_dir: str | Path | None = None,
-                     meta: Mapping[str, Any] | None = None) -> tuple[Generation, dict[str, Any]]:
+def cache_generation(
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    out_dir: str | Path,
+    *,
+    spec: Intervention | None = None,
+    new_tokens: int = 20,
+    batch_size: int = 32,
+    positions_dir: str | Path | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> tuple[Generation, dict[str, Any]]:
     """Generate greedily from tokenised ``prompts`` under ``spec`` and cache the activations.
 
     Writes ``out_dir`` (and ``positions_dir`` if given) complete or not at all; ``meta`` is
@@ -197,13 +251,22 @@ def cache_generation(adapter: Adapter, tok: PreTrainedTokenizerBase,
     with contextlib.ExitStack() as stack:
         # Entered in this order, the positions folder is published before the means folder.
         staging = stack.enter_context(atomic_dir(out_dir))
-        pos_staging = (stack.enter_context(atomic_dir(positions_dir))
-                       if positions_dir is not None else None)
+        pos_staging = (
+            stack.enter_context(atomic_dir(positions_dir)) if positions_dir is not None else None
+        )
         recorder = ParquetRecorder(staging, adapter.n_layers, adapter.d_mlp, device, pos_staging)
         # Closed before the folders are published, or removed on error.
         stack.callback(recorder.close)
-        gen = generate(adapter, tok, prompts, ids, spec=spec, new_tokens=new_tokens,
-                       batch_size=batch_size, recorder=recorder)
+        gen = generate(
+            adapter,
+            tok,
+            prompts,
+            ids,
+            spec=spec,
+            new_tokens=new_tokens,
+            batch_size=batch_size,
+            recorder=recorder,
+        )
         recorder.close()
         info = {
             **(meta or {}),
@@ -218,11 +281,13 @@ def cache_generation(adapter: Adapter, tok: PreTrainedTokenizerBase,
             "generation_seconds": gen.seconds,
             "per_position": positions_dir is not None,
             "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
-            "columns": {"prompt_id": "prompt id (resources/data/prompts.parquet)",
-                        "neuron": "neuron index in the layer",
-                        "activation": "mean MLP activation m over the prompt's positions",
-                        "n_positions": "positions averaged (last prompt position + generated)",
-                        "layer": "partition key (folder layer=NN)"},
+            "columns": {
+                "prompt_id": "prompt id (resources/data/prompts.parquet)",
+                "neuron": "neuron index in the layer",
+                "activation": "mean MLP activation m over the prompt's positions",
+                "n_positions": "positions averaged (last prompt position + generated)",
+                "layer": "partition key (folder layer=NN)",
+            },
         }
         for root in (staging, pos_staging):
             if root is not None:
@@ -237,17 +302,26 @@ def read_meta(root: str | Path) -> dict[str, Any]:
     """The ``_meta.json`` of a complete cache, or a clear error if ``root`` is not one."""
     root = Path(root)
     if not root.is_dir():
-        raise ActivationsError(f"activation cache {root} does not exist; run rule "
-                               "cache_activations (or dpotox.stages.activations.cache_activations)")
+        raise ActivationsError(
+            f"activation cache {root} does not exist; run rule "
+            "cache_activations (or dpotox.stages.activations.cache_activations)"
+        )
     if not (root / META).is_file():
-        raise ActivationsError(f"activation cache {root} is incomplete (no {META}); delete it "
-                               "and run rule cache_activations again")
+        raise ActivationsError(
+            f"activation cache {root} is incomplete (no {META}); delete it "
+            "and run rule cache_activations again"
+        )
     meta = json.loads((root / META).read_text())
-    missing = [layer for layer in range(meta["n_layers"])
-               if not (layer_dir(root, layer) / "part-0.parquet").is_file()]
+    missing = [
+        layer
+        for layer in range(meta["n_layers"])
+        if not (layer_dir(root, layer) / "part-0.parquet").is_file()
+    ]
     if missing:
-        raise ActivationsError(f"activation cache {root} lacks layer {missing[0]} "
-                               f"({len(missing)} layers missing); run rule cache_activations again")
+        raise ActivationsError(
+            f"activation cache {root} lacks layer {missing[0]} "
+            f"({len(missing)} layers missing); run rule cache_activations again"
+        )
     return meta
 
 
@@ -255,18 +329,22 @@ def prompt_means(root: str | Path, layer: int) -> tuple[list[str], np.ndarray, n
     """``(prompt ids, means [n_prompts, d_mlp] float64, n_positions [n_prompts])`` of a layer."""
     meta = read_meta(root)
     if not 0 <= layer < meta["n_layers"]:
-        raise ActivationsError(f"layer {layer} is out of range; {root} holds layers "
-                               f"0..{meta['n_layers'] - 1}")
+        raise ActivationsError(
+            f"layer {layer} is out of range; {root} holds layers 0..{meta['n_layers'] - 1}"
+        )
     return _layer_means(root, meta, layer)
 
 
-def _layer_means(root: str | Path, meta: Mapping[str, Any],
-                 layer: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+def _layer_means(
+    root: str | Path, meta: Mapping[str, Any], layer: int
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     t = pq.read_table(layer_dir(root, layer) / "part-0.parquet")
     n, d = meta["n_prompts"], meta["d_mlp"]
     if t.num_rows != n * d:
-        raise ActivationsError(f"{layer_dir(root, layer)} has {t.num_rows} rows, expected "
-                               f"{n} prompts x {d} neurons; run rule cache_activations again")
+        raise ActivationsError(
+            f"{layer_dir(root, layer)} has {t.num_rows} rows, expected "
+            f"{n} prompts x {d} neurons; run rule cache_activations again"
+        )
     # Rows are written prompt by prompt, neuron by neuron: a reshape recovers the matrix.
     ids = t.column("prompt_id").take(pa.array(np.arange(0, n * d, d))).to_pylist()
     acts = t.column("activation").to_numpy().astype(np.float64).reshape(n, d)
@@ -289,24 +367,32 @@ def mean_activations(root: str | Path) -> np.ndarray:
 # -- the rule ----------------------------------------------------------------------------------
 
 
-def cache_activations(*, model_dir: str | Path, prompts_path: str | Path, cfg: Mapping[str, Any],
-                      out_dir: str | Path, positions_dir: str | Path | None = None,
-                      spec_path: str | Path | None = None, variant: str = "base",
-                      device: str = "cpu") -> dict[str, Any]:
+def cache_activations(
+    *,
+    model_dir: str | Path,
+    prompts_path: str | Path,
+    cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    positions_dir: str | Path | None = None,
+    spec_path: str | Path | None = None,
+    variant: str = "base",
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Rule ``cache_activations``: the evaluation prompts' activations of one model variant.
 
     The prompts, prompt length, continuation length and batch size are the ``evaluation``
     section's, so the cached positions are those of the evaluated continuations. Returns the
     metadata written to ``_meta.json``.
     """
-    from dpotox.stages.evaluate import EvalConfig, evaluation_prompts
     from dpotox.sources.models import load_prepared
+    from dpotox.stages.evaluate import EvalConfig, evaluation_prompts
 
     ec = EvalConfig.from_config(cfg)
     ac = ActivationsConfig.from_config(cfg)
     if ac.per_position and positions_dir is None:
-        raise ActivationsError("activations.per_position is set but no folder was given for "
-                               "the per-position cache")
+        raise ActivationsError(
+            "activations.per_position is set but no folder was given for the per-position cache"
+        )
     device = inference_device(device)
     t0 = time.perf_counter()
     spec = Intervention.load(spec_path) if spec_path else None
@@ -315,14 +401,38 @@ def cache_activations(*, model_dir: str | Path, prompts_path: str | Path, cfg: M
     model, tok = load_prepared(model_dir, device=device)
     adapter = Adapter(model)
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=ec.prompt_tokens)
-    log.info("caching %s: %d prompts, %d layers x %d neurons, spec %s", variant, len(ids),
-             adapter.n_layers, adapter.d_mlp, spec_path or "none")
+    log.info(
+        "caching %s: %d prompts, %d layers x %d neurons, spec %s",
+        variant,
+        len(ids),
+        adapter.n_layers,
+        adapter.d_mlp,
+        spec_path or "none",
+    )
     gen, info = cache_generation(
-        adapter, tok, tokens, ids, out_dir, spec=spec, new_tokens=ec.new_tokens,
-        batch_size=ec.batch_size, positions_dir=positions_dir if ac.per_position else None,
-        meta={"variant": variant, "model_dir": str(model_dir), "prompts": str(prompts_path),
-              "prompt_tokens": ec.prompt_tokens, "settings": asdict(ac)})
-    log.info("cached %d prompts x %d positions in %.1f s (generation %.1f s, %d tokens)",
-             info["n_prompts"], info["n_positions"], time.perf_counter() - t0, gen.seconds,
-             gen.n_new_tokens)
+        adapter,
+        tok,
+        tokens,
+        ids,
+        out_dir,
+        spec=spec,
+        new_tokens=ec.new_tokens,
+        batch_size=ec.batch_size,
+        positions_dir=positions_dir if ac.per_position else None,
+        meta={
+            "variant": variant,
+            "model_dir": str(model_dir),
+            "prompts": str(prompts_path),
+            "prompt_tokens": ec.prompt_tokens,
+            "settings": asdict(ac),
+        },
+    )
+    log.info(
+        "cached %d prompts x %d positions in %.1f s (generation %.1f s, %d tokens)",
+        info["n_prompts"],
+        info["n_positions"],
+        time.perf_counter() - t0,
+        gen.seconds,
+        gen.n_new_tokens,
+    )
     return info

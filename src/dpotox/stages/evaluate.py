@@ -22,11 +22,11 @@ import pandas as pd
 import torch
 
 from dpotox.engine.arch import Adapter
-from dpotox.plan.config import section_settings
 from dpotox.engine.generate import Generation, encode_prompts, generate_many, inference_device
+from dpotox.engine.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
 from dpotox.engine.spec import Intervention, InterventionError, check
 from dpotox.io import write_json, write_parquet
-from dpotox.engine.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
+from dpotox.plan.config import section_settings
 from dpotox.scoring import load_scorer
 from dpotox.sources.models import load_prepared
 
@@ -78,18 +78,31 @@ def _needs_rows(spec: Intervention | None, adapter: Adapter, ids: list[str]) -> 
     return None
 
 
-def evaluate(*, model_dir: str | Path, prompts_path: str | Path, wiki_path: str | Path,
-             cfg: Mapping[str, Any], condition: str, out_parquet: str | Path,
-             out_json: str | Path, spec_path: str | Path | None = None,
-             device: str = "cpu") -> dict[str, Any]:
+def evaluate(
+    *,
+    model_dir: str | Path,
+    prompts_path: str | Path,
+    wiki_path: str | Path,
+    cfg: Mapping[str, Any],
+    condition: str,
+    out_parquet: str | Path,
+    out_json: str | Path,
+    spec_path: str | Path | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Evaluate ``condition`` and write its two outputs; returns the summary written as JSON.
 
     Everything that can be checked (the spec against the model, every prompt) is checked
     before the model runs, and nothing is written unless every metric was computed.
     """
     return evaluate_conditions(
-        model_dir=model_dir, prompts_path=prompts_path, wiki_path=wiki_path, cfg=cfg,
-        conditions=[Condition(condition, spec_path, out_parquet, out_json)], device=device)[0]
+        model_dir=model_dir,
+        prompts_path=prompts_path,
+        wiki_path=wiki_path,
+        cfg=cfg,
+        conditions=[Condition(condition, spec_path, out_parquet, out_json)],
+        device=device,
+    )[0]
 
 
 @dataclass
@@ -102,9 +115,15 @@ class Condition:
     out_json: str | Path
 
 
-def evaluate_conditions(*, model_dir: str | Path, prompts_path: str | Path,
-                        wiki_path: str | Path, cfg: Mapping[str, Any],
-                        conditions: list[Condition], device: str = "cpu") -> list[dict[str, Any]]:
+def evaluate_conditions(
+    *,
+    model_dir: str | Path,
+    prompts_path: str | Path,
+    wiki_path: str | Path,
+    cfg: Mapping[str, Any],
+    conditions: list[Condition],
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
     """Evaluate several conditions of one model in one process; returns their summaries.
 
     The model, the scorer and the texts are loaded once, and the greedy continuations of
@@ -127,13 +146,27 @@ def evaluate_conditions(*, model_dir: str | Path, prompts_path: str | Path,
             check(spec, adapter, prompt_ids=ids)
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=ec.prompt_tokens)
     scorer = load_scorer(cfg.get("toxicity", {}), device=device)
-    log.info("%d condition(s) (%s): %d prompts, scorer %s", len(conditions),
-             ", ".join(c.name for c in conditions), len(ids), scorer.name)
+    log.info(
+        "%d condition(s) (%s): %d prompts, scorer %s",
+        len(conditions),
+        ", ".join(c.name for c in conditions),
+        len(ids),
+        scorer.name,
+    )
 
-    gens = generate_many(adapter, tok, tokens, ids, specs, new_tokens=ec.new_tokens,
-                         batch_size=ec.batch_size, stack_rows=ec.stack_rows)
-    win_ids, wins = windows(tok, ppl_df["text"].tolist(), ppl_df["id"].astype(str).tolist(),
-                            ec.ppl_window)
+    gens = generate_many(
+        adapter,
+        tok,
+        tokens,
+        ids,
+        specs,
+        new_tokens=ec.new_tokens,
+        batch_size=ec.batch_size,
+        stack_rows=ec.stack_rows,
+    )
+    win_ids, wins = windows(
+        tok, ppl_df["text"].tolist(), ppl_df["id"].astype(str).tolist(), ec.ppl_window
+    )
     f1_run = _f1_generations(adapter, tok, f1_df, specs, ec)
 
     results = []
@@ -141,15 +174,17 @@ def evaluate_conditions(*, model_dir: str | Path, prompts_path: str | Path,
         scores, tox, score_seconds = _toxicity(scorer, gen, ec, c.name)
         ppl_note, ppl = _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name)
         f1_mean = _f1(f1_run, j, c.name)
-        table = pd.DataFrame({
-            "id": ids,
-            "source": prompts["source"].astype(str).tolist(),
-            "prompt": prompts["text"].tolist(),
-            "continuation": gen.texts,
-            "score": scores,
-            "prompt_tokens": [len(t) for t in tokens],
-            "new_tokens": [len(t) for t in gen.new_tokens],
-        })
+        table = pd.DataFrame(
+            {
+                "id": ids,
+                "source": prompts["source"].astype(str).tolist(),
+                "prompt": prompts["text"].tolist(),
+                "continuation": gen.texts,
+                "score": scores,
+                "prompt_tokens": [len(t) for t in tokens],
+                "new_tokens": [len(t) for t in gen.new_tokens],
+            }
+        )
         f1_gen = f1_run.gens.get(j)
         summary: dict[str, Any] = {
             "condition": c.name,
@@ -196,8 +231,9 @@ def _load_specs(conditions: list[Condition]) -> list[Intervention | None]:
     specs = [Intervention.load(c.spec_path) if c.spec_path else None for c in conditions]
     for c, spec in zip(conditions, specs, strict=True):
         if spec is not None and c.name == "base" and spec.edits:
-            raise InterventionError("condition 'base' is the unmodified model; give the spec "
-                                    "another condition name")
+            raise InterventionError(
+                "condition 'base' is the unmodified model; give the spec another condition name"
+            )
     return specs
 
 
@@ -210,18 +246,44 @@ class _F1Run:
     gens: dict[int, Generation]
 
 
-def _f1_generations(adapter: Adapter, tok: Any, f1_df: pd.DataFrame,
-                    specs: list[Intervention | None], ec: EvalConfig) -> _F1Run:
+def _f1_generations(
+    adapter: Adapter,
+    tok: Any,
+    f1_df: pd.DataFrame,
+    specs: list[Intervention | None],
+    ec: EvalConfig,
+) -> _F1Run:
     """Generate from the Wikipedia F1 prompts under every spec that can run on them."""
-    items = f1_items(tok, f1_df["text"].tolist(), prompt_tokens=ec.prompt_tokens,
-                     new_tokens=ec.new_tokens, limit=ec.f1_texts)
+    items = f1_items(
+        tok,
+        f1_df["text"].tolist(),
+        prompt_tokens=ec.prompt_tokens,
+        new_tokens=ec.new_tokens,
+        limit=ec.f1_texts,
+    )
     f1_ids = [str(f1_df["id"].iloc[i]) for i, _, _ in items]
     notes = [_needs_rows(spec, adapter, f1_ids) for spec in specs]
     runs = [j for j, note in enumerate(notes) if note is None]
-    gens = dict(zip(runs, generate_many(
-        adapter, tok, [p for _, p, _ in items], f1_ids, [specs[j] for j in runs],
-        new_tokens=ec.new_tokens, batch_size=ec.batch_size, stack_rows=ec.stack_rows),
-        strict=True)) if runs else {}
+    gens = (
+        dict(
+            zip(
+                runs,
+                generate_many(
+                    adapter,
+                    tok,
+                    [p for _, p, _ in items],
+                    f1_ids,
+                    [specs[j] for j in runs],
+                    new_tokens=ec.new_tokens,
+                    batch_size=ec.batch_size,
+                    stack_rows=ec.stack_rows,
+                ),
+                strict=True,
+            )
+        )
+        if runs
+        else {}
+    )
     return _F1Run(items, notes, gens)
 
 
@@ -231,21 +293,47 @@ def _toxicity(scorer: Any, gen: Generation, ec: EvalConfig, name: str):
     scores = np.asarray(scorer.score(gen.texts), dtype=np.float64)
     seconds = time.perf_counter() - t0
     tox = bootstrap_ci(scores, samples=ec.bootstrap_samples, level=ec.ci_level, seed=ec.seed)
-    log.info("%s: generated %d tokens in %.1f s; toxicity %.4f [%.4f, %.4f]", name,
-             gen.n_new_tokens, gen.seconds, tox.mean, tox.low, tox.high)
+    log.info(
+        "%s: generated %d tokens in %.1f s; toxicity %.4f [%.4f, %.4f]",
+        name,
+        gen.n_new_tokens,
+        gen.seconds,
+        tox.mean,
+        tox.low,
+        tox.high,
+    )
     return scores, tox, seconds
 
 
-def _perplexity(adapter: Adapter, tok: Any, spec: Intervention | None, wins: Any,
-                win_ids: list[str], ec: EvalConfig, name: str):
+def _perplexity(
+    adapter: Adapter,
+    tok: Any,
+    spec: Intervention | None,
+    wins: Any,
+    win_ids: list[str],
+    ec: EvalConfig,
+    name: str,
+):
     """``(note, result)``: the log-perplexity under ``spec``, or why it cannot be computed."""
     note = _needs_rows(spec, adapter, sorted(set(win_ids)))
     if note is not None:
         return note, None
-    ppl = log_perplexity(adapter, wins, win_ids, spec=spec, batch_size=ec.ppl_batch_size,
-                         positions=ec.ppl_positions, pad_id=tok.pad_token_id or 0)
-    log.info("%s: log-perplexity %.4f over %d tokens in %.1f s", name, ppl.log_ppl,
-             ppl.n_tokens, ppl.seconds)
+    ppl = log_perplexity(
+        adapter,
+        wins,
+        win_ids,
+        spec=spec,
+        batch_size=ec.ppl_batch_size,
+        positions=ec.ppl_positions,
+        pad_id=tok.pad_token_id or 0,
+    )
+    log.info(
+        "%s: log-perplexity %.4f over %d tokens in %.1f s",
+        name,
+        ppl.log_ppl,
+        ppl.n_tokens,
+        ppl.seconds,
+    )
     return None, ppl
 
 
@@ -255,8 +343,9 @@ def _f1(run: _F1Run, j: int, name: str) -> float | None:
     if gen is None:
         return None
     mean = float(np.mean([f1(g, gold) for g, (_, _, gold) in zip(gen.texts, run.items)]))
-    log.info("%s: F1 %.4f over %d Wikipedia prompts in %.1f s", name, mean, len(run.items),
-             gen.seconds)
+    log.info(
+        "%s: F1 %.4f over %d Wikipedia prompts in %.1f s", name, mean, len(run.items), gen.seconds
+    )
     return mean
 
 
@@ -265,12 +354,16 @@ def _write(results: list[tuple[Condition, pd.DataFrame, dict[str, Any]]], second
     for c, table, summary in results:
         # With several conditions, the job's wall time; each part's own time is beside it.
         summary["seconds"] = seconds
-        write_parquet(table, c.out_parquet, metadata={
-            "dpotox.table": "eval",
-            "dpotox.description": "One row per evaluation prompt: id, source, prompt, "
-                                  "continuation (greedy, special tokens removed), score "
-                                  "(toxicity probability of the continuation), prompt_tokens, "
-                                  "new_tokens.",
-            "dpotox.summary": json.dumps(summary),
-        })
+        write_parquet(
+            table,
+            c.out_parquet,
+            metadata={
+                "dpotox.table": "eval",
+                "dpotox.description": "One row per evaluation prompt: id, source, prompt, "
+                "continuation (greedy, special tokens removed), score "
+                "(toxicity probability of the continuation), prompt_tokens, "
+                "new_tokens.",
+                "dpotox.summary": json.dumps(summary),
+            },
+        )
         write_json(summary, c.out_json)

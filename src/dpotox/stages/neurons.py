@@ -1,5 +1,5 @@
 """The neuron table: each MLP neuron's geometry against the probe and its projection before and
-after DPO (DESIGN section 1, Eq. 1/2 of the papers).
+after DPO (docs/design.md, "Alignment, mean activation, projection"; Eq. 1/2 of the papers).
 
 For neuron ``i`` of layer ``l`` with value vector ``v_i``, mean activation ``mbar_i`` (from the
 activation caches) and the unit probe direction ``u = w / |w|``:
@@ -30,13 +30,13 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpotox.stages.activations import mean_activations, read_meta
 from dpotox.engine.arch import Adapter
-from dpotox.plan.conditions import GROUPS, INCREASED, Ablation  # noqa: F401 (re-exported)
-from dpotox.plan.config import section_settings
-from dpotox.errors import NeuronsError  # noqa: F401 (re-exported)
 from dpotox.engine.spec import Intervention, ablate
+from dpotox.errors import NeuronsError
 from dpotox.io import write_parquet
+from dpotox.plan.conditions import INCREASED, Ablation
+from dpotox.plan.config import section_settings
+from dpotox.stages.activations import mean_activations, read_meta
 from dpotox.stages.probe import load_probe, top_tokens_batch
 
 log = logging.getLogger("dpotox")
@@ -59,7 +59,8 @@ class NeuronsConfig:
 
 @dataclass
 class ValueGeometry:
-    """Per-neuron geometry of one model's value vectors against a probe (float64, ``[L, d_mlp]``)."""
+    """Per-neuron geometry of one model's value vectors against a probe (float64,
+    ``[L, d_mlp]``)."""
 
     along: np.ndarray  # v_i . u: what a unit activation writes along the probe direction
     norm: np.ndarray  # |v_i|
@@ -86,8 +87,12 @@ def value_geometry(adapter: Adapter, w: torch.Tensor) -> ValueGeometry:
         cos.append(a / n.clamp_min(torch.finfo(torch.float64).tiny))
         b = adapter.out_bias(layer)
         bias.append(float(b.detach().double().cpu() @ u) if b is not None else 0.0)
-    return ValueGeometry(torch.stack(along).numpy(), torch.stack(norm).numpy(),
-                         torch.stack(cos).numpy(), np.asarray(bias))
+    return ValueGeometry(
+        torch.stack(along).numpy(),
+        torch.stack(norm).numpy(),
+        torch.stack(cos).numpy(),
+        np.asarray(bias),
+    )
 
 
 def value_cosines(base: Adapter, dpo: Adapter) -> np.ndarray:
@@ -105,39 +110,52 @@ def sign_groups(cos: np.ndarray, act: np.ndarray) -> np.ndarray:
     return np.char.add(np.where(cos > 0, "T", "A"), np.where(act >= 0, "P", "N")).astype(object)
 
 
-def neuron_frame(base: ValueGeometry, dpo: ValueGeometry, cos_base_dpo: np.ndarray,
-                 mbar_base: np.ndarray, mbar_dpo: np.ndarray) -> pd.DataFrame:
+def neuron_frame(
+    base: ValueGeometry,
+    dpo: ValueGeometry,
+    cos_base_dpo: np.ndarray,
+    mbar_base: np.ndarray,
+    mbar_dpo: np.ndarray,
+) -> pd.DataFrame:
     """One row per neuron (layer-major): the columns of ``neurons.parquet`` (see module doc)."""
     shape = base.along.shape
-    for name, arr in (("DPO value vectors", dpo.along), ("base mean activations", mbar_base),
-                      ("DPO mean activations", mbar_dpo), ("cos(v_base, v_dpo)", cos_base_dpo)):
+    for name, arr in (
+        ("DPO value vectors", dpo.along),
+        ("base mean activations", mbar_base),
+        ("DPO mean activations", mbar_dpo),
+        ("cos(v_base, v_dpo)", cos_base_dpo),
+    ):
         if arr.shape != shape:
-            raise NeuronsError(f"{name} have shape {arr.shape}, but the base model's value "
-                               f"vectors {shape} (layers x neurons): the inputs are of different models")
+            raise NeuronsError(
+                f"{name} have shape {arr.shape}, but the base model's value "
+                f"vectors {shape} (layers x neurons): the inputs are of different models"
+            )
     n_layers, d_mlp = shape
     proj_base = mbar_base * base.along
     proj_dpo = mbar_dpo * dpo.along
     delta = proj_base - proj_dpo
     edit = sign_groups(base.cos, mbar_base)
-    df = pd.DataFrame({
-        "layer": np.repeat(np.arange(n_layers, dtype=np.int32), d_mlp),
-        "neuron": np.tile(np.arange(d_mlp, dtype=np.int32), n_layers),
-        "cos": base.cos.ravel(),
-        "cos_dpo": dpo.cos.ravel(),
-        "norm_base": base.norm.ravel(),
-        "norm_dpo": dpo.norm.ravel(),
-        "cos_base_dpo": cos_base_dpo.ravel(),
-        "along_base": base.along.ravel(),
-        "along_dpo": dpo.along.ravel(),
-        "mbar_base": mbar_base.ravel(),
-        "mbar_dpo": mbar_dpo.ravel(),
-        "shift": (mbar_dpo - mbar_base).ravel(),
-        "proj_base": proj_base.ravel(),
-        "proj_dpo": proj_dpo.ravel(),
-        "delta": delta.ravel(),
-        "group": np.where(delta.ravel() > 0, edit.ravel(), INCREASED),
-        "edit_group": edit.ravel(),
-    })
+    df = pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(n_layers, dtype=np.int32), d_mlp),
+            "neuron": np.tile(np.arange(d_mlp, dtype=np.int32), n_layers),
+            "cos": base.cos.ravel(),
+            "cos_dpo": dpo.cos.ravel(),
+            "norm_base": base.norm.ravel(),
+            "norm_dpo": dpo.norm.ravel(),
+            "cos_base_dpo": cos_base_dpo.ravel(),
+            "along_base": base.along.ravel(),
+            "along_dpo": dpo.along.ravel(),
+            "mbar_base": mbar_base.ravel(),
+            "mbar_dpo": mbar_dpo.ravel(),
+            "shift": (mbar_dpo - mbar_base).ravel(),
+            "proj_base": proj_base.ravel(),
+            "proj_dpo": proj_dpo.ravel(),
+            "delta": delta.ravel(),
+            "group": np.where(delta.ravel() > 0, edit.ravel(), INCREASED),
+            "edit_group": edit.ravel(),
+        }
+    )
     # Rank 1 is the largest reduction / the most toxic-aligned value vector; ties keep the
     # (layer, neuron) order, so ranks are a permutation.
     df["rank_delta"] = df["delta"].rank(ascending=False, method="first").astype(np.int64)
@@ -151,20 +169,23 @@ def layer_frame(base: ValueGeometry, dpo: ValueGeometry, neurons: pd.DataFrame) 
     by = neurons.groupby("layer")
     pos = neurons["delta"].where(neurons["delta"] > 0, 0.0).groupby(neurons["layer"]).sum()
     neg = neurons["delta"].where(neurons["delta"] <= 0, 0.0).groupby(neurons["layer"]).sum()
-    return pd.DataFrame({
-        "layer": np.arange(len(base.bias_along), dtype=np.int32),
-        "bias_along_base": base.bias_along,
-        "bias_along_dpo": dpo.bias_along,
-        "mlp_proj_base": by["proj_base"].sum().to_numpy() + base.bias_along,
-        "mlp_proj_dpo": by["proj_dpo"].sum().to_numpy() + dpo.bias_along,
-        "reduction": by["delta"].sum().to_numpy() + base.bias_along - dpo.bias_along,
-        "reduction_by_reducing": pos.to_numpy(),
-        "increase_by_increasing": -neg.to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "layer": np.arange(len(base.bias_along), dtype=np.int32),
+            "bias_along_base": base.bias_along,
+            "bias_along_dpo": dpo.bias_along,
+            "mlp_proj_base": by["proj_base"].sum().to_numpy() + base.bias_along,
+            "mlp_proj_dpo": by["proj_dpo"].sum().to_numpy() + dpo.bias_along,
+            "reduction": by["delta"].sum().to_numpy() + base.bias_along - dpo.bias_along,
+            "reduction_by_reducing": pos.to_numpy(),
+            "increase_by_increasing": -neg.to_numpy(),
+        }
+    )
 
 
 def top_cosine_neurons(cos: np.ndarray, n: int, *, anti: bool = False) -> list[tuple[int, int]]:
-    """The ``n`` (layer, neuron) pairs with the largest cosine (smallest with ``anti``), best first."""
+    """The ``n`` (layer, neuron) pairs with the largest cosine (smallest with ``anti``), best
+    first."""
     flat = cos.ravel() if not anti else -cos.ravel()
     n = min(n, flat.size)
     # A stable sort keeps (layer, neuron) order among ties, as the table's ranks do.
@@ -178,13 +199,16 @@ def toxic_ablation(cos: np.ndarray, n: int) -> Intervention:
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in top_cosine_neurons(cos, n):
         by_layer.setdefault(layer, []).append(neuron)
-    return Intervention(Ablation(n).name, [ablate(layer, sorted(ns))
-                                              for layer, ns in sorted(by_layer.items())],
-                        f"the {n} value vectors most aligned with the probe, activations set to 0")
+    return Intervention(
+        Ablation(n).name,
+        [ablate(layer, sorted(ns)) for layer, ns in sorted(by_layer.items())],
+        f"the {n} value vectors most aligned with the probe, activations set to 0",
+    )
 
 
-def logit_lens(adapter: Adapter, tok: PreTrainedTokenizerBase, cos: np.ndarray, *,
-               k: int, n_tokens: int) -> pd.DataFrame:
+def logit_lens(
+    adapter: Adapter, tok: PreTrainedTokenizerBase, cos: np.ndarray, *, k: int, n_tokens: int
+) -> pd.DataFrame:
     """The top tokens of the ``k`` most toxic-aligned value vectors and of the ``k`` most
     anti-toxic ones, negated (the papers' Tables 14 and 15): the tokens whose unembedding has
     the largest dot product with the vector. ``cos``: ``[L, d_mlp]`` cos(v_i, w) of the
@@ -195,16 +219,32 @@ def logit_lens(adapter: Adapter, tok: PreTrainedTokenizerBase, cos: np.ndarray, 
         vectors = torch.stack([adapter.value_vectors(layer)[i] for layer, i in chosen])
         lists = top_tokens_batch(adapter, tok, -vectors if anti else vectors, n_tokens)
         for rank, ((layer, i), toks) in enumerate(zip(chosen, lists, strict=True), start=1):
-            rows.append({"kind": kind, "rank": rank, "layer": layer, "neuron": i,
-                         "cos": float(cos[layer, i]), "negated": anti,
-                         "top_tokens": [t for t, _ in toks]})
+            rows.append(
+                {
+                    "kind": kind,
+                    "rank": rank,
+                    "layer": layer,
+                    "neuron": i,
+                    "cos": float(cos[layer, i]),
+                    "negated": anti,
+                    "top_tokens": [t for t, _ in toks],
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def build_neuron_table(*, base_model: str | Path, dpo_model: str | Path, probe_path: str | Path,
-                       base_acts: str | Path, dpo_acts: str | Path, cfg: Mapping[str, Any],
-                       out_neurons: str | Path, out_layers: str | Path,
-                       out_tokens: str | Path) -> dict[str, Any]:
+def build_neuron_table(
+    *,
+    base_model: str | Path,
+    dpo_model: str | Path,
+    probe_path: str | Path,
+    base_acts: str | Path,
+    dpo_acts: str | Path,
+    cfg: Mapping[str, Any],
+    out_neurons: str | Path,
+    out_layers: str | Path,
+    out_tokens: str | Path,
+) -> dict[str, Any]:
     """Rule ``neuron_table``: write ``neurons.parquet``, ``layers.parquet`` and the logit-lens
     tokens (Parquet); returns a short summary for the log."""
     from dpotox.sources.models import load_prepared
@@ -213,36 +253,63 @@ def build_neuron_table(*, base_model: str | Path, dpo_model: str | Path, probe_p
     t0 = time.perf_counter()
     meta = {v: read_meta(p) for v, p in (("base", base_acts), ("dpo", dpo_acts))}
     if meta["base"]["n_prompts"] != meta["dpo"]["n_prompts"]:
-        raise NeuronsError(f"the base cache {base_acts} holds {meta['base']['n_prompts']} prompts "
-                           f"but the DPO cache {dpo_acts} {meta['dpo']['n_prompts']}; cache both "
-                           "with the same evaluation settings")
+        raise NeuronsError(
+            f"the base cache {base_acts} holds {meta['base']['n_prompts']} prompts "
+            f"but the DPO cache {dpo_acts} {meta['dpo']['n_prompts']}; cache both "
+            "with the same evaluation settings"
+        )
     base, tok = load_prepared(base_model, device="cpu")
     dpo, _ = load_prepared(dpo_model, device="cpu")
     a_base, a_dpo = Adapter(base), Adapter(dpo)
     w, _ = load_probe(probe_path, a_base.d_model)
     g_base, g_dpo = value_geometry(a_base, w), value_geometry(a_dpo, w)
-    neurons = neuron_frame(g_base, g_dpo, value_cosines(a_base, a_dpo),
-                           mean_activations(base_acts), mean_activations(dpo_acts))
+    neurons = neuron_frame(
+        g_base,
+        g_dpo,
+        value_cosines(a_base, a_dpo),
+        mean_activations(base_acts),
+        mean_activations(dpo_acts),
+    )
     tokens = logit_lens(a_base, tok, g_base.cos, k=nc.top_k_tokens, n_tokens=nc.n_tokens)
     layers = layer_frame(g_base, g_dpo, neurons)
-    common = {"dpotox.stages.probe": str(probe_path), "dpotox.base_model": str(base_model),
-              "dpotox.dpo_model": str(dpo_model), "dpotox.n_prompts": str(meta["base"]["n_prompts"])}
-    write_parquet(neurons, out_neurons, metadata={
-        "dpotox.table": "neurons", **common,
-        "dpotox.description": "One row per MLP neuron; columns in README.md (neurons.parquet)."})
-    write_parquet(layers, out_layers, metadata={
-        "dpotox.table": "layers", **common,
-        "dpotox.description": "One row per layer: bias terms and mean MLP output projected on "
-                              "the unit probe direction, base and DPO."})
+    common = {
+        "dpotox.stages.probe": str(probe_path),
+        "dpotox.base_model": str(base_model),
+        "dpotox.dpo_model": str(dpo_model),
+        "dpotox.n_prompts": str(meta["base"]["n_prompts"]),
+    }
+    write_parquet(
+        neurons,
+        out_neurons,
+        metadata={
+            "dpotox.table": "neurons",
+            **common,
+            "dpotox.description": "One row per MLP neuron; columns in docs/neurons.md (neurons.parquet).",
+        },
+    )
+    write_parquet(
+        layers,
+        out_layers,
+        metadata={
+            "dpotox.table": "layers",
+            **common,
+            "dpotox.description": "One row per layer: bias terms and mean MLP output projected on "
+            "the unit probe direction, base and DPO.",
+        },
+    )
     write_parquet(tokens, out_tokens, metadata={"dpotox.table": "value_vector_tokens", **common})
     reducing = neurons["delta"] > 0
-    return {"n_neurons": len(neurons), "n_reducing": int(reducing.sum()),
-            "net_reduction": float(neurons["delta"].sum()),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "n_neurons": len(neurons),
+        "n_reducing": int(reducing.sum()),
+        "net_reduction": float(neurons["delta"].sum()),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
-def write_toxic_ablation(*, model_dir: str | Path, probe_path: str | Path, n: int,
-                         out: str | Path) -> Intervention:
+def write_toxic_ablation(
+    *, model_dir: str | Path, probe_path: str | Path, n: int, out: str | Path
+) -> Intervention:
     """Rule ``toxic_ablation_spec``: write :func:`toxic_ablation` of the base model as a spec."""
     from dpotox.sources.models import load_prepared
 
@@ -250,8 +317,10 @@ def write_toxic_ablation(*, model_dir: str | Path, probe_path: str | Path, n: in
     adapter = Adapter(model)
     total = adapter.n_layers * adapter.d_mlp
     if not 1 <= n <= total:
-        raise NeuronsError(f"cannot ablate {n} neurons: the model has {total} "
-                           f"({adapter.n_layers} layers x {adapter.d_mlp}); lower neurons.ablate_top_n")
+        raise NeuronsError(
+            f"cannot ablate {n} neurons: the model has {total} "
+            f"({adapter.n_layers} layers x {adapter.d_mlp}); lower neurons.ablate_top_n"
+        )
     w, _ = load_probe(probe_path, adapter.d_model)
     spec = toxic_ablation(value_geometry(adapter, w).cos, n)
     spec.save(out)

@@ -35,18 +35,19 @@ import pandas as pd
 import torch
 
 from dpotox.engine.arch import Adapter
-from dpotox.plan.config import section_settings
-from dpotox.errors import PairsError
-from dpotox.stages.evaluate import EvalConfig, evaluation_prompts, split_wiki
 from dpotox.engine.generate import encode_prompts, generate, inference_device
-from dpotox.engine.spec import AddResidual, Intervention
-from dpotox.io import write_json, write_parquet
 from dpotox.engine.metrics import f1_items
+from dpotox.engine.spec import AddResidual, Intervention
+from dpotox.errors import PairsError
+from dpotox.io import write_json, write_parquet
+from dpotox.plan.config import section_settings
 from dpotox.scoring import load_scorer
-from dpotox.sources.tables import check_pairs
 from dpotox.sources.models import load_prepared
+from dpotox.sources.tables import check_pairs
+from dpotox.stages.evaluate import EvalConfig, evaluation_prompts, split_wiki
 
 log = logging.getLogger("dpotox")
+
 
 @dataclass
 class PairsConfig:
@@ -91,8 +92,9 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def rtp_pair_prompts(prompts: pd.DataFrame, n_eval: int, n: int, seed: int,
-                     pool: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict[str, int]]:
+def rtp_pair_prompts(
+    prompts: pd.DataFrame, n_eval: int, n: int, seed: int, pool: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, dict[str, int]]:
     """Up to ``n`` prompts for pairs, none of them an evaluation prompt (by row or by text).
 
     The candidates are ``pool`` (``data.pair_prompts``) if given, else the rows of ``prompts``
@@ -101,23 +103,33 @@ def rtp_pair_prompts(prompts: pd.DataFrame, n_eval: int, n: int, seed: int,
     """
     eval_rows = evaluation_prompts(prompts, n_eval)
     eval_texts = set(eval_rows["text"].map(_norm))
-    rest = prompts.iloc[len(eval_rows):] if pool is None else pool
+    rest = prompts.iloc[len(eval_rows) :] if pool is None else pool
     same_text = rest["text"].map(_norm).isin(eval_texts)
     available = int(len(rest) - same_text.sum())
     rest = rest[~same_text].sample(frac=1.0, random_state=seed).head(n).reset_index(drop=True)
     overlap = int(rest["text"].map(_norm).isin(eval_texts).sum())
-    return rest, {"eval_prompts": len(eval_rows), "available": available,
-                  "dropped_same_text_as_eval": int(same_text.sum()), "eval_overlap": overlap,
-                  "from": "data.prompts" if pool is None else "data.pair_prompts"}
+    return rest, {
+        "eval_prompts": len(eval_rows),
+        "available": available,
+        "dropped_same_text_as_eval": int(same_text.sum()),
+        "eval_overlap": overlap,
+        "from": "data.prompts" if pool is None else "data.pair_prompts",
+    }
 
 
-def wiki_pair_prompts(wiki: pd.DataFrame, tok: Any, ec: EvalConfig, pc: PairsConfig
-                      ) -> tuple[pd.DataFrame, list[list[int]], dict[str, int]]:
+def wiki_pair_prompts(
+    wiki: pd.DataFrame, tok: Any, ec: EvalConfig, pc: PairsConfig
+) -> tuple[pd.DataFrame, list[list[int]], dict[str, int]]:
     """Wikipedia prompts that the evaluation uses for neither perplexity nor F1."""
     ppl_df, f1_df = split_wiki(wiki, ec.ppl_texts, ec.seed)
     used = set(ppl_df["id"].astype(str))
-    f1_used = f1_items(tok, f1_df["text"].tolist(), prompt_tokens=ec.prompt_tokens,
-                       new_tokens=ec.new_tokens, limit=ec.f1_texts)
+    f1_used = f1_items(
+        tok,
+        f1_df["text"].tolist(),
+        prompt_tokens=ec.prompt_tokens,
+        new_tokens=ec.new_tokens,
+        limit=ec.f1_texts,
+    )
     used |= {str(f1_df["id"].iloc[i]) for i, _, _ in f1_used}
     free = wiki[~wiki["id"].astype(str).isin(used)]
     free = free.sample(frac=1.0, random_state=pc.seed).reset_index(drop=True)
@@ -127,68 +139,113 @@ def wiki_pair_prompts(wiki: pd.DataFrame, tok: Any, ec: EvalConfig, pc: PairsCon
         ids = tok(text, add_special_tokens=True)["input_ids"]
         if len(ids) >= pc.prompt_tokens:
             rows.append(i)
-            tokens.append(ids[:pc.prompt_tokens])
+            tokens.append(ids[: pc.prompt_tokens])
             if len(rows) == pc.n_prompts:
                 break
     chosen = free.iloc[rows].reset_index(drop=True)
     overlap = int(chosen["id"].astype(str).isin(used).sum())
-    return chosen, tokens, {"eval_texts": len(used), "available": len(free),
-                            "eval_overlap": overlap}
+    return (
+        chosen,
+        tokens,
+        {"eval_texts": len(used), "available": len(free), "eval_overlap": overlap},
+    )
 
 
 # -- builders --------------------------------------------------------------------------------
 
 
-def best_of_n(adapter: Adapter, tok: Any, prompts: pd.DataFrame, scorer: Any,
-              pc: PairsConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def best_of_n(
+    adapter: Adapter, tok: Any, prompts: pd.DataFrame, scorer: Any, pc: PairsConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(pairs, all samples)`` by best-of-n sampling (see the module docstring)."""
     ids = prompts["id"].astype(str).tolist()
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=pc.prompt_tokens)
     rep_ids = [f"{pid}#{k}" for pid in ids for k in range(pc.n_samples)]
     rep_tokens = [t for t in tokens for _ in range(pc.n_samples)]
-    gen = generate(adapter, tok, rep_tokens, rep_ids, new_tokens=pc.new_tokens,
-                   batch_size=pc.batch_size, temperature=pc.temperature, seed=pc.seed)
-    log.info("sampled %d continuations (%d tokens) in %.1f s", len(rep_ids), gen.n_new_tokens,
-             gen.seconds)
+    gen = generate(
+        adapter,
+        tok,
+        rep_tokens,
+        rep_ids,
+        new_tokens=pc.new_tokens,
+        batch_size=pc.batch_size,
+        temperature=pc.temperature,
+        seed=pc.seed,
+    )
+    log.info(
+        "sampled %d continuations (%d tokens) in %.1f s",
+        len(rep_ids),
+        gen.n_new_tokens,
+        gen.seconds,
+    )
     # Kept as decoded, leading space included: DPO appends the continuation to the prompt,
     # and " word" and "word" are different tokens.
     texts = list(gen.texts)
-    samples = pd.DataFrame({
-        "id": np.repeat(ids, pc.n_samples),
-        "sample": np.tile(np.arange(pc.n_samples), len(ids)),
-        "source": np.repeat(prompts["source"].astype(str).to_numpy(), pc.n_samples),
-        "prompt": np.repeat([tok.decode(t, skip_special_tokens=True) for t in tokens],
-                            pc.n_samples),
-        "continuation": texts,
-    })
+    samples = pd.DataFrame(
+        {
+            "id": np.repeat(ids, pc.n_samples),
+            "sample": np.tile(np.arange(pc.n_samples), len(ids)),
+            "source": np.repeat(prompts["source"].astype(str).to_numpy(), pc.n_samples),
+            "prompt": np.repeat(
+                [tok.decode(t, skip_special_tokens=True) for t in tokens], pc.n_samples
+            ),
+            "continuation": texts,
+        }
+    )
     samples["score"] = _scores(samples["continuation"], scorer)
     rows = []
     for pid, group in samples.dropna(subset=["score"]).groupby("id", sort=False):
         if group["continuation"].str.strip().nunique() < 2:
             continue
         lo, hi = group["score"].idxmin(), group["score"].idxmax()
-        rows.append({"id": pid, "source": group.at[lo, "source"], "prompt": group.at[lo, "prompt"],
-                     "chosen": group.at[lo, "continuation"], "rejected": group.at[hi, "continuation"],
-                     "chosen_score": group.at[lo, "score"], "rejected_score": group.at[hi, "score"],
-                     "n_candidates": len(group)})
+        rows.append(
+            {
+                "id": pid,
+                "source": group.at[lo, "source"],
+                "prompt": group.at[lo, "prompt"],
+                "chosen": group.at[lo, "continuation"],
+                "rejected": group.at[hi, "continuation"],
+                "chosen_score": group.at[lo, "score"],
+                "rejected_score": group.at[hi, "score"],
+                "n_candidates": len(group),
+            }
+        )
     return pd.DataFrame(rows), samples
 
 
-def steered(adapter: Adapter, tok: Any, prompts: pd.DataFrame, tokens: list[list[int]],
-            direction: torch.Tensor, scorer: Any, pc: PairsConfig) -> pd.DataFrame:
+def steered(
+    adapter: Adapter,
+    tok: Any,
+    prompts: pd.DataFrame,
+    tokens: list[list[int]],
+    direction: torch.Tensor,
+    scorer: Any,
+    pc: PairsConfig,
+) -> pd.DataFrame:
     """Pairs of greedy continuations without and with a push along ``direction``."""
     layer = pc.steer_layer % adapter.n_layers
     ids = prompts["id"].astype(str).tolist()
-    push = Intervention("steer-toward-toxicity", [AddResidual(
-        layer=layer, vector=direction / direction.norm(), alpha=pc.steer_alpha)])
+    push = Intervention(
+        "steer-toward-toxicity",
+        [AddResidual(layer=layer, vector=direction / direction.norm(), alpha=pc.steer_alpha)],
+    )
     plain = generate(adapter, tok, tokens, ids, new_tokens=pc.new_tokens, batch_size=pc.batch_size)
-    pushed = generate(adapter, tok, tokens, ids, spec=push, new_tokens=pc.new_tokens,
-                      batch_size=pc.batch_size)
-    log.info("greedy continuations with and without the push in %.1f s",
-             plain.seconds + pushed.seconds)
-    df = pd.DataFrame({"id": ids, "source": prompts["source"].astype(str).tolist(),
-                       "prompt": [tok.decode(t, skip_special_tokens=True) for t in tokens],
-                       "chosen": plain.texts, "rejected": pushed.texts, "n_candidates": 2})
+    pushed = generate(
+        adapter, tok, tokens, ids, spec=push, new_tokens=pc.new_tokens, batch_size=pc.batch_size
+    )
+    log.info(
+        "greedy continuations with and without the push in %.1f s", plain.seconds + pushed.seconds
+    )
+    df = pd.DataFrame(
+        {
+            "id": ids,
+            "source": prompts["source"].astype(str).tolist(),
+            "prompt": [tok.decode(t, skip_special_tokens=True) for t in tokens],
+            "chosen": plain.texts,
+            "rejected": pushed.texts,
+            "n_candidates": 2,
+        }
+    )
     _score_sides(df, scorer)
     c, r = df["chosen"].str.strip(), df["rejected"].str.strip()
     ok = (c != "") & (r != "") & (c != r)
@@ -209,20 +266,38 @@ def _score_sides(df: pd.DataFrame, scorer: Any) -> None:
 
 
 def sides_as_samples(df: pd.DataFrame) -> pd.DataFrame:
-    """The two sides of each pair in the long shape of best-of-n's samples (0 chosen, 1 rejected)."""
-    parts = [pd.DataFrame({"id": df["id"].astype(str), "sample": k, "source": df["source"],
-                           "prompt": df["prompt"], "continuation": df[side],
-                           "score": df[f"{side}_score"]})
-             for k, side in enumerate(("chosen", "rejected"))]
+    """The two sides of each pair in the long shape of best-of-n's samples (0 chosen, 1
+    rejected)."""
+    parts = [
+        pd.DataFrame(
+            {
+                "id": df["id"].astype(str),
+                "sample": k,
+                "source": df["source"],
+                "prompt": df["prompt"],
+                "continuation": df[side],
+                "score": df[f"{side}_score"],
+            }
+        )
+        for k, side in enumerate(("chosen", "rejected"))
+    ]
     return pd.concat(parts).sort_values(["id", "sample"], kind="stable").reset_index(drop=True)
 
 
-def make_pairs(*, model_dir: str | Path, cfg: Mapping[str, Any], out_parquet: str | Path,
-               out_json: str | Path, prompts_path: str | Path | None = None,
-               wiki_path: str | Path | None = None, pairs_path: str | Path | None = None,
-               probe_path: str | Path | None = None,
-               pair_prompts_path: str | Path | None = None, samples_path: str | Path,
-               device: str = "cpu") -> dict[str, Any]:
+def make_pairs(
+    *,
+    model_dir: str | Path,
+    cfg: Mapping[str, Any],
+    out_parquet: str | Path,
+    out_json: str | Path,
+    prompts_path: str | Path | None = None,
+    wiki_path: str | Path | None = None,
+    pairs_path: str | Path | None = None,
+    probe_path: str | Path | None = None,
+    pair_prompts_path: str | Path | None = None,
+    samples_path: str | Path,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Build (or read) the preference pairs and write them with a JSON report.
 
     Inputs by method: ``best-of-n`` reads ``pair_prompts_path`` if given (else the rows of
@@ -248,40 +323,69 @@ def make_pairs(*, model_dir: str | Path, cfg: Mapping[str, Any], out_parquet: st
     if pc.method == "jsonl":
         df, samples, keep = _read_pairs(pairs_path, eval_texts, scorer, report)
     else:
-        df, samples, keep = _build_pairs(model_dir, device, prompts, eval_texts, scorer, pc, ec,
-                                         report, pair_prompts_path, wiki_path, probe_path)
+        df, samples, keep = _build_pairs(
+            model_dir,
+            device,
+            prompts,
+            eval_texts,
+            scorer,
+            pc,
+            ec,
+            report,
+            pair_prompts_path,
+            wiki_path,
+            probe_path,
+        )
     df["gap"] = df["rejected_score"] - df["chosen_score"]
     n_candidates = len(df)
     pairs = df[keep].reset_index(drop=True)
     if pairs.empty:
-        raise PairsError(f"none of {n_candidates} candidate pairs has a toxicity gap above "
-                         f"dpo.pairs.margin = {pc.margin} (largest gap "
-                         f"{df['gap'].max():.3f}); lower the margin, or raise n_samples or "
-                         "n_prompts")
+        raise PairsError(
+            f"none of {n_candidates} candidate pairs has a toxicity gap above "
+            f"dpo.pairs.margin = {pc.margin} (largest gap "
+            f"{df['gap'].max():.3f}); lower the margin, or raise n_samples or "
+            "n_prompts"
+        )
     check_pairs(pairs, "the built pairs")
-    pairs = pairs[["id", "source", "prompt", "chosen", "rejected", "chosen_score",
-                   "rejected_score", "gap", "n_candidates"]]
-    report.update({
-        "n_candidates": n_candidates,
-        "n_pairs": len(pairs),
-        "kept_fraction": len(pairs) / n_candidates,
-        "mean_gap": float(pairs["gap"].mean()),
-        "mean_chosen_score": float(pairs["chosen_score"].mean()),
-        "mean_rejected_score": float(pairs["rejected_score"].mean()),
-        "scorer": scorer.name,
-        "settings": asdict(pc),
-        "seconds": time.perf_counter() - t0,
-    })
+    pairs = pairs[
+        [
+            "id",
+            "source",
+            "prompt",
+            "chosen",
+            "rejected",
+            "chosen_score",
+            "rejected_score",
+            "gap",
+            "n_candidates",
+        ]
+    ]
+    report.update(
+        {
+            "n_candidates": n_candidates,
+            "n_pairs": len(pairs),
+            "kept_fraction": len(pairs) / n_candidates,
+            "mean_gap": float(pairs["gap"].mean()),
+            "mean_chosen_score": float(pairs["chosen_score"].mean()),
+            "mean_rejected_score": float(pairs["rejected_score"].mean()),
+            "scorer": scorer.name,
+            "settings": asdict(pc),
+            "seconds": time.perf_counter() - t0,
+        }
+    )
     _write(pairs, samples, report, out_parquet, out_json, samples_path)
     return report
 
 
-def _read_pairs(pairs_path: str | Path | None, eval_texts: set[str], scorer: Any,
-                report: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+def _read_pairs(
+    pairs_path: str | Path | None, eval_texts: set[str], scorer: Any, report: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     """Method ``jsonl``: the prepared pairs file, less pairs with an evaluation prompt, scored."""
     if pairs_path is None:
-        raise PairsError("dpo.pairs.method is jsonl but data.pairs is null; set data.pairs "
-                         "to Lee et al.'s JSONL file (or use method best-of-n)")
+        raise PairsError(
+            "dpo.pairs.method is jsonl but data.pairs is null; set data.pairs "
+            "to Lee et al.'s JSONL file (or use method best-of-n)"
+        )
     df = check_pairs(pd.read_parquet(pairs_path), f"{pairs_path} (from data.pairs)").copy()
     same = df["prompt"].map(_norm).isin(eval_texts)
     df = df[~same].reset_index(drop=True)
@@ -289,28 +393,42 @@ def _read_pairs(pairs_path: str | Path | None, eval_texts: set[str], scorer: Any
         raise PairsError(f"every pair of data.pairs ({pairs_path}) has an evaluation prompt")
     _score_sides(df, scorer)
     df["n_candidates"] = 2
-    report["prompts"] = {"dropped_same_text_as_eval": int(same.sum()),
-                         "eval_overlap": int(df["prompt"].map(_norm).isin(eval_texts).sum())}
+    report["prompts"] = {
+        "dropped_same_text_as_eval": int(same.sum()),
+        "eval_overlap": int(df["prompt"].map(_norm).isin(eval_texts).sum()),
+    }
     # A file's pairs are kept whatever their score gap: they are the user's choice.
     return df, sides_as_samples(df), pd.Series(True, index=df.index)
 
 
-def _build_pairs(model_dir: str | Path, device: str, prompts: pd.DataFrame, eval_texts: set[str],
-                 scorer: Any, pc: PairsConfig, ec: EvalConfig, report: dict[str, Any],
-                 pair_prompts_path: str | Path | None, wiki_path: str | Path | None,
-                 probe_path: str | Path | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+def _build_pairs(
+    model_dir: str | Path,
+    device: str,
+    prompts: pd.DataFrame,
+    eval_texts: set[str],
+    scorer: Any,
+    pc: PairsConfig,
+    ec: EvalConfig,
+    report: dict[str, Any],
+    pair_prompts_path: str | Path | None,
+    wiki_path: str | Path | None,
+    probe_path: str | Path | None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
     """Methods ``best-of-n`` and ``steered``: pairs from the model's own continuations; kept
     where the rejected side is more toxic than the chosen one by more than the margin."""
     model, tok = load_prepared(model_dir, device=device)
     adapter = Adapter(model)
     if pc.method == "best-of-n":
         pool = pd.read_parquet(pair_prompts_path) if pair_prompts_path else None
-        chosen_prompts, report["prompts"] = rtp_pair_prompts(prompts, ec.n_prompts,
-                                                             pc.n_prompts, pc.seed, pool)
+        chosen_prompts, report["prompts"] = rtp_pair_prompts(
+            prompts, ec.n_prompts, pc.n_prompts, pc.seed, pool
+        )
         if chosen_prompts.empty:
-            raise PairsError(f"no prompts are left for pairs after the {ec.n_prompts} "
-                             "evaluation prompts; set data.pair_prompts, add prompt "
-                             "sources or lower evaluation.n_prompts")
+            raise PairsError(
+                f"no prompts are left for pairs after the {ec.n_prompts} "
+                "evaluation prompts; set data.pair_prompts, add prompt "
+                "sources or lower evaluation.n_prompts"
+            )
         df, samples = best_of_n(adapter, tok, chosen_prompts, scorer, pc)
         report["n_samples"] = int(len(samples))
     elif pc.method == "steered":
@@ -320,32 +438,51 @@ def _build_pairs(model_dir: str | Path, device: str, prompts: pd.DataFrame, eval
             raise PairsError("dpo.pairs.method steered needs the wiki table and the probe")
         w, _ = load_probe(probe_path, d_model=adapter.d_model)
         wiki_prompts, tokens, report["prompts"] = wiki_pair_prompts(
-            pd.read_parquet(wiki_path), tok, ec, pc)
+            pd.read_parquet(wiki_path), tok, ec, pc
+        )
         df = steered(adapter, tok, wiki_prompts, tokens, w, scorer, pc)
         samples = sides_as_samples(df)
-        report["prompts"]["eval_overlap"] += int(df["prompt"].map(_norm)
-                                                 .isin(eval_texts).sum())
+        report["prompts"]["eval_overlap"] += int(df["prompt"].map(_norm).isin(eval_texts).sum())
     else:
-        raise PairsError(f"dpo.pairs.method: unknown method {pc.method!r}; allowed: "
-                         "best-of-n, steered, jsonl")
+        raise PairsError(
+            f"dpo.pairs.method: unknown method {pc.method!r}; allowed: best-of-n, steered, jsonl"
+        )
     if df.empty:
-        raise PairsError(f"no prompt gave two different non-empty continuations "
-                         f"(dpo.pairs.method {pc.method}); check the model and dpo.pairs")
+        raise PairsError(
+            f"no prompt gave two different non-empty continuations "
+            f"(dpo.pairs.method {pc.method}); check the model and dpo.pairs"
+        )
     return df, samples, (df["rejected_score"] - df["chosen_score"]) > pc.margin
 
 
-def _write(pairs: pd.DataFrame, samples: pd.DataFrame, report: dict[str, Any],
-           out_parquet: str | Path, out_json: str | Path, samples_path: str | Path) -> None:
-    write_parquet(samples, samples_path, metadata={
-        "dpotox.table": "pair_samples",
-        "dpotox.description": "Every scored continuation of make_pairs: id (prompt id), sample "
-                              "(best-of-n: sample number; other methods: 0 chosen side, 1 "
-                              "rejected side), source, prompt, continuation, score (toxicity "
-                              "probability; null for an empty continuation)."})
-    write_parquet(pairs, out_parquet, metadata={
-        "dpotox.table": "pairs",
-        "dpotox.description": "Preference pairs: id (prompt id), source, prompt, chosen (less "
-                              "toxic), rejected, chosen_score and rejected_score (toxicity "
-                              "probabilities), gap (rejected minus chosen), n_candidates.",
-        "dpotox.report": json.dumps(report)})
+def _write(
+    pairs: pd.DataFrame,
+    samples: pd.DataFrame,
+    report: dict[str, Any],
+    out_parquet: str | Path,
+    out_json: str | Path,
+    samples_path: str | Path,
+) -> None:
+    write_parquet(
+        samples,
+        samples_path,
+        metadata={
+            "dpotox.table": "pair_samples",
+            "dpotox.description": "Every scored continuation of make_pairs: id (prompt id), sample "
+            "(best-of-n: sample number; other methods: 0 chosen side, 1 "
+            "rejected side), source, prompt, continuation, score (toxicity "
+            "probability; null for an empty continuation).",
+        },
+    )
+    write_parquet(
+        pairs,
+        out_parquet,
+        metadata={
+            "dpotox.table": "pairs",
+            "dpotox.description": "Preference pairs: id (prompt id), source, prompt, chosen (less "
+            "toxic), rejected, chosen_score and rejected_score (toxicity "
+            "probabilities), gap (rejected minus chosen), n_candidates.",
+            "dpotox.report": json.dumps(report),
+        },
+    )
     write_json(report, out_json)

@@ -41,10 +41,10 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from dpotox.engine.arch import Adapter
-from dpotox.plan.config import section_settings
-from dpotox.errors import DpotoxError, SourceError
 from dpotox.engine.generate import left_pad
+from dpotox.errors import DpotoxError, SourceError
 from dpotox.io import atomic_path, write_json, write_parquet
+from dpotox.plan.config import section_settings
 from dpotox.sources import assets
 
 log = logging.getLogger("dpotox")
@@ -88,16 +88,19 @@ def label_texts(df: pd.DataFrame, score: Any, pc: ProbeConfig) -> pd.DataFrame:
     for texts without a label. Ambiguous texts (between the two thresholds) are dropped.
     """
     if pc.clean_threshold > pc.label_threshold:
-        raise ProbeError(f"probe.clean_threshold ({pc.clean_threshold}) is above "
-                         f"probe.label_threshold ({pc.label_threshold}); lower it")
+        raise ProbeError(
+            f"probe.clean_threshold ({pc.clean_threshold}) is above "
+            f"probe.label_threshold ({pc.label_threshold}); lower it"
+        )
     df = df.copy()
     df["score"] = pd.Series(np.nan, index=df.index, dtype="float64")
     todo = df["label"].isna()
     if todo.any():
         df.loc[todo, "score"] = np.asarray(score(df.loc[todo, "text"].tolist()), dtype=np.float64)
         s = df.loc[todo, "score"]
-        df.loc[todo, "label"] = np.where(s >= pc.label_threshold, 1,
-                                         np.where(s < pc.clean_threshold, 0, -1))
+        df.loc[todo, "label"] = np.where(
+            s >= pc.label_threshold, 1, np.where(s < pc.clean_threshold, 0, -1)
+        )
     df["label"] = df["label"].astype("int64")
     return df[df["label"] >= 0].reset_index(drop=True)
 
@@ -117,14 +120,19 @@ def balanced_sample(df: pd.DataFrame, pc: ProbeConfig) -> tuple[pd.DataFrame, di
     usable = per_origin[per_origin > 0]
     by_source = df.groupby(["source", "label"]).size().unstack(fill_value=0)
     report: dict[str, Any] = {
-        "labelled": {s: {"clean": int(r.get(0, 0)), "toxic": int(r.get(1, 0))}
-                     for s, r in by_source.iterrows()},
+        "labelled": {
+            s: {"clean": int(r.get(0, 0)), "toxic": int(r.get(1, 0))}
+            for s, r in by_source.iterrows()
+        },
         "origins": {s: assets.origin(s) for s in by_source.index},
-        "origins_left_out": sorted(set(counts.index) - set(usable.index))}
+        "origins_left_out": sorted(set(counts.index) - set(usable.index)),
+    }
     if usable.empty:
-        raise ProbeError("no source has both toxic and clean texts, so no balanced probe data can "
-                         f"be drawn (labelled per source: {report['labelled']}); add a source with "
-                         "both to data.probe_texts or move probe.label_threshold / clean_threshold")
+        raise ProbeError(
+            "no source has both toxic and clean texts, so no balanced probe data can "
+            f"be drawn (labelled per source: {report['labelled']}); add a source with "
+            "both to data.probe_texts or move probe.label_threshold / clean_threshold"
+        )
     take = _allocate(usable, pc.n_per_class)
     rng = np.random.default_rng(pc.seed)
     parts = []
@@ -139,11 +147,14 @@ def balanced_sample(df: pd.DataFrame, pc: ProbeConfig) -> tuple[pd.DataFrame, di
     out = pd.concat(parts, ignore_index=True)
     report["drawn_per_class"] = {o: int(k) for o, k in take.items()}
     drawn = out.groupby(["source", "label"]).size().unstack(fill_value=0)
-    report["drawn"] = {s: {"clean": int(r.get(0, 0)), "toxic": int(r.get(1, 0))}
-                       for s, r in drawn.iterrows()}
+    report["drawn"] = {
+        s: {"clean": int(r.get(0, 0)), "toxic": int(r.get(1, 0))} for s, r in drawn.iterrows()
+    }
     if (out["split"] == "test").sum() == 0 or (out["split"] == "train").sum() == 0:
-        raise ProbeError(f"only {len(out)} probe texts were drawn, too few for a train/test split "
-                         "at probe.test_fraction; raise probe.n_per_class or add sources")
+        raise ProbeError(
+            f"only {len(out)} probe texts were drawn, too few for a train/test split "
+            "at probe.test_fraction; raise probe.n_per_class or add sources"
+        )
     return out, report
 
 
@@ -161,19 +172,27 @@ def _allocate(capacity: pd.Series, n: int) -> pd.Series:
 
 
 @torch.inference_mode()
-def pooled_features(adapter: Adapter, tok: PreTrainedTokenizerBase, texts: Sequence[str], *,
-                    max_tokens: int, batch_size: int) -> torch.Tensor:
+def pooled_features(
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_tokens: int,
+    batch_size: int,
+) -> torch.Tensor:
     """``[n, d_model]`` float32: the final-norm residual, mean over each text's real tokens."""
     model = adapter.model
     device = next(model.parameters()).device
     body = model.base_model  # the decoder stack with its final norm, without the unembedding
-    encoded = [tok(t, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
-               for t in texts]
+    encoded = [
+        tok(t, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
+        for t in texts
+    ]
     out = torch.empty(len(texts), adapter.d_model, dtype=torch.float32)
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
+        rows = order[s : s + batch_size]
         ids, mask = left_pad([encoded[i] for i in rows], pad, device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         h = body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
@@ -182,14 +201,21 @@ def pooled_features(adapter: Adapter, tok: PreTrainedTokenizerBase, texts: Seque
     return out
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float,
-                 max_iter: int) -> tuple[torch.Tensor, float]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, *, l2: float, max_iter: int
+) -> tuple[torch.Tensor, float]:
     """``(w, b)`` minimising mean log-loss + ``l2 / 2 * |w|^2`` (L-BFGS, float64)."""
     x, y = x.double(), y.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
+    opt = torch.optim.LBFGS(
+        [w, b],
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -202,8 +228,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float,
     return w.detach(), float(b.detach())
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, pc: ProbeConfig
-              ) -> tuple[torch.Tensor, float, float, dict[str, float], np.ndarray]:
+def fit_probe(
+    x: torch.Tensor, y: torch.Tensor, pc: ProbeConfig
+) -> tuple[torch.Tensor, float, float, dict[str, float], np.ndarray]:
     """``(w, b, l2, cv accuracy per l2, out-of-fold logits)``: standardise, pick ``l2`` by
     k-fold cross-validation, refit on all of ``x``.
 
@@ -233,8 +260,9 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, pc: ProbeConfig
     return w.float(), b, best, cv, oof[str(best)]
 
 
-def _fit_standardised(x: torch.Tensor, y: torch.Tensor, l2: float,
-                      max_iter: int) -> tuple[torch.Tensor, float]:
+def _fit_standardised(
+    x: torch.Tensor, y: torch.Tensor, l2: float, max_iter: int
+) -> tuple[torch.Tensor, float]:
     # Residual dimensions differ in scale by orders of magnitude (a few carry most of the
     # norm); the penalty should not favour the large ones, so fit on z-scores and map back.
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-8)
@@ -253,20 +281,24 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def top_tokens(adapter: Adapter, tok: PreTrainedTokenizerBase, w: torch.Tensor,
-               k: int = 20) -> list[tuple[str, float]]:
+def top_tokens(
+    adapter: Adapter, tok: PreTrainedTokenizerBase, w: torch.Tensor, k: int = 20
+) -> list[tuple[str, float]]:
     """The ``k`` tokens whose unembedding has the largest dot product with ``w`` (Table 1)."""
     return top_tokens_batch(adapter, tok, w.reshape(1, -1), k)[0]
 
 
-def top_tokens_batch(adapter: Adapter, tok: PreTrainedTokenizerBase, vectors: torch.Tensor,
-                     k: int = 20) -> list[list[tuple[str, float]]]:
+def top_tokens_batch(
+    adapter: Adapter, tok: PreTrainedTokenizerBase, vectors: torch.Tensor, k: int = 20
+) -> list[list[tuple[str, float]]]:
     """:func:`top_tokens` of each row of ``vectors`` ``[n, d_model]``, in one product with the
     unembedding (converted once: for a bf16 8B model that conversion is 2 GB)."""
     emb = adapter.unembedding().detach().float().cpu()
     top = torch.topk(vectors.detach().float().cpu() @ emb.T, k, dim=1)
-    return [[(tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx, strict=True)]
-            for vals, idx in zip(top.values, top.indices, strict=True)]
+    return [
+        [(tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx, strict=True)]
+        for vals, idx in zip(top.values, top.indices, strict=True)
+    ]
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -275,8 +307,11 @@ def top_tokens_batch(adapter: Adapter, tok: PreTrainedTokenizerBase, vectors: to
 def save_probe(path: str | Path, w: torch.Tensor, b: float, meta: Mapping[str, Any]) -> Path:
     """Write ``weight`` ``[d_model]`` and ``bias`` ``[1]`` as safetensors, atomically."""
     with atomic_path(path) as tmp:
-        save_file({"weight": w.contiguous().float(), "bias": torch.tensor([b], dtype=torch.float32)},
-                  str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+        save_file(
+            {"weight": w.contiguous().float(), "bias": torch.tensor([b], dtype=torch.float32)},
+            str(tmp),
+            metadata={k: json.dumps(v) for k, v in meta.items()},
+        )
     return Path(path)
 
 
@@ -292,8 +327,10 @@ def load_probe(path: str | Path, d_model: int | None = None) -> tuple[torch.Tens
     if "weight" not in t or t["weight"].dim() != 1:
         raise ProbeError(f"probe file {path} has no 1-D tensor 'weight' (has {sorted(t)})")
     if d_model is not None and t["weight"].shape[0] != d_model:
-        raise ProbeError(f"probe file {path} has width {t['weight'].shape[0]} but the model's "
-                         f"residual stream has {d_model}: it was trained for another model")
+        raise ProbeError(
+            f"probe file {path} has width {t['weight'].shape[0]} but the model's "
+            f"residual stream has {d_model}: it was trained for another model"
+        )
     return t["weight"], float(t.get("bias", torch.zeros(1))[0])
 
 
@@ -309,8 +346,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[str, Any],
-                out_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
+def train_probe(
+    *,
+    model_dir: str | Path,
+    texts_path: str | Path,
+    cfg: Mapping[str, Any],
+    out_dir: str | Path,
+    device: str = "cpu",
+) -> dict[str, Any]:
     """Label, sample, embed, fit; write ``probe.safetensors``, ``metrics.json``,
     ``data.parquet`` and ``top_tokens.csv`` into ``out_dir``. Returns the metrics."""
     from dpotox.engine.generate import inference_device
@@ -327,12 +370,17 @@ def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[s
     scorer = load_scorer(cfg.get("toxicity", {}), device=device) if need_scores else None
     labelled = label_texts(texts, scorer.score if scorer else (lambda t: []), pc)
     sample, report = balanced_sample(labelled, pc)
-    log.info("probe data: %d texts (%d per class) from %s", len(sample), len(sample) // 2,
-             report["drawn"])
+    log.info(
+        "probe data: %d texts (%d per class) from %s",
+        len(sample),
+        len(sample) // 2,
+        report["drawn"],
+    )
     model, tok = load_prepared(model_dir, device=device)
     adapter = Adapter(model)
-    x = pooled_features(adapter, tok, sample["text"].tolist(), max_tokens=pc.max_tokens,
-                        batch_size=pc.batch_size)
+    x = pooled_features(
+        adapter, tok, sample["text"].tolist(), max_tokens=pc.max_tokens, batch_size=pc.batch_size
+    )
     y = torch.tensor(sample["label"].to_numpy(), dtype=torch.float32)
     train = torch.tensor((sample["split"] == "train").to_numpy())
     w, b, l2, cv, oof = fit_probe(x[train], y[train], pc)
@@ -360,37 +408,55 @@ def train_probe(*, model_dir: str | Path, texts_path: str | Path, cfg: Mapping[s
     per_source = {}
     for s in sorted(sample["source"].unique()):
         src = (sample["source"] == s).to_numpy()
-        per_source[s] = {"n_test_toxic": int((test & src & (lab == 1)).sum()),
-                         "n_test_clean": int((test & src & (lab == 0)).sum()),
-                         "test_accuracy": acc(test & src),
-                         "test_balanced_accuracy": balanced_acc(test & src),
-                         "train_accuracy": acc(~test & src),
-                         "cv_balanced_accuracy": balanced_acc(~test & src, oof_pred)}
+        per_source[s] = {
+            "n_test_toxic": int((test & src & (lab == 1)).sum()),
+            "n_test_clean": int((test & src & (lab == 0)).sum()),
+            "test_accuracy": acc(test & src),
+            "test_balanced_accuracy": balanced_acc(test & src),
+            "train_accuracy": acc(~test & src),
+            "cv_balanced_accuracy": balanced_acc(~test & src, oof_pred),
+        }
     tokens = top_tokens(adapter, tok, w)
     metrics = {
-        "n": len(sample), "n_train": int((~test).sum()), "n_test": int(test.sum()),
+        "n": len(sample),
+        "n_train": int((~test).sum()),
+        "n_test": int(test.sum()),
         "class_balance": {"toxic": int(lab.sum()), "clean": int((lab == 0).sum())},
-        "train_accuracy": acc(~test), "test_accuracy": acc(test),
-        "train_auc": auc(logits[~test], lab[~test]), "test_auc": auc(logits[test], lab[test]),
-        "per_source": per_source, "sources": report,
+        "train_accuracy": acc(~test),
+        "test_accuracy": acc(test),
+        "train_auc": auc(logits[~test], lab[~test]),
+        "test_auc": auc(logits[test], lab[test]),
+        "per_source": per_source,
+        "sources": report,
         "labels_from": "scorer " + scorer.name if scorer else "the source's label column",
-        "l2": l2, "cv_accuracy": cv, "weight_norm": float(w.norm()), "bias": b,
-        "top_tokens": [t for t, _ in tokens], "settings": asdict(pc),
+        "l2": l2,
+        "cv_accuracy": cv,
+        "weight_norm": float(w.norm()),
+        "bias": b,
+        "top_tokens": [t for t, _ in tokens],
+        "settings": asdict(pc),
         "seconds": time.perf_counter() - t0,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet(sample[["id", "source", "origin", "text", "label", "score", "split",
-                          "probe_logit"]],
-                  out_dir / "data.parquet", metadata={
-                      "dpotox.table": "probe_data",
-                      "dpotox.description": "Probe texts: id, source, origin (the dataset the "
-                      "source samples; classes are balanced per origin), text, label (1 toxic, 0 "
-                      "clean), score (scorer probability; null where the source gave the label), "
-                      "split (train/test), probe_logit (w.x + b of the trained probe)."})
+    write_parquet(
+        sample[["id", "source", "origin", "text", "label", "score", "split", "probe_logit"]],
+        out_dir / "data.parquet",
+        metadata={
+            "dpotox.table": "probe_data",
+            "dpotox.description": "Probe texts: id, source, origin (the dataset the "
+            "source samples; classes are balanced per origin), text, label (1 toxic, 0 "
+            "clean), score (scorer probability; null where the source gave the label), "
+            "split (train/test), probe_logit (w.x + b of the trained probe).",
+        },
+    )
     with atomic_path(out_dir / "top_tokens.csv") as tmp:
         pd.DataFrame(tokens, columns=["token", "dot_with_probe"]).to_csv(tmp, index=False)
     write_json(_json_safe(metrics), out_dir / "metrics.json", allow_nan=False)
-    save_probe(out_dir / "probe.safetensors", w, b, {"test_accuracy": metrics["test_accuracy"],
-                                                     "d_model": adapter.d_model})
+    save_probe(
+        out_dir / "probe.safetensors",
+        w,
+        b,
+        {"test_accuracy": metrics["test_accuracy"], "d_model": adapter.d_model},
+    )
     return metrics

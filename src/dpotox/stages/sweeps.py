@@ -22,8 +22,9 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dpotox.stages.activations import prompt_means, read_meta
 from dpotox.engine.arch import Adapter
+from dpotox.engine.spec import AddResidual, Intervention, ScaleKeys, ScaleNeurons, SetNeurons
+
 # The condition names and the grid they come from live apart, importable without torch: the
 # Snakefile plans with them.
 from dpotox.plan.conditions import (
@@ -38,7 +39,7 @@ from dpotox.plan.conditions import (
     SweepsConfig,
     parse,
 )
-from dpotox.engine.spec import AddResidual, Intervention, ScaleKeys, ScaleNeurons, SetNeurons
+from dpotox.stages.activations import prompt_means, read_meta
 from dpotox.stages.neurons import sign_groups, unit, value_geometry
 from dpotox.stages.probe import load_probe, top_tokens_batch
 
@@ -47,13 +48,19 @@ log = logging.getLogger("dpotox")
 # -- neuron sets -------------------------------------------------------------------------------
 
 
-def _by_layer(rows: pd.DataFrame, values: np.ndarray | None = None
-              ) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
+def _by_layer(
+    rows: pd.DataFrame, values: np.ndarray | None = None
+) -> list[tuple[int, np.ndarray, np.ndarray | None]]:
     """``(layer, neurons, values)`` per layer, neurons ascending."""
     rows = rows.assign(_v=values if values is not None else 0.0).sort_values(["layer", "neuron"])
-    return [(int(layer), g["neuron"].to_numpy(np.int64),
-             g["_v"].to_numpy() if values is not None else None)
-            for layer, g in rows.groupby("layer", sort=True)]
+    return [
+        (
+            int(layer),
+            g["neuron"].to_numpy(np.int64),
+            g["_v"].to_numpy() if values is not None else None,
+        )
+        for layer, g in rows.groupby("layer", sort=True)
+    ]
 
 
 def top_by(neurons: pd.DataFrame, n: int, column: str, *, ascending: bool = False) -> pd.DataFrame:
@@ -64,12 +71,15 @@ def top_by(neurons: pd.DataFrame, n: int, column: str, *, ascending: bool = Fals
 
 def _check_n(neurons: pd.DataFrame, n: int, key: str) -> None:
     if not 1 <= n <= len(neurons):
-        raise SweepError(f"config key 'sweeps.{key}': {n} neurons asked for, but the model has "
-                         f"{len(neurons)}; give a number from 1 to {len(neurons)}")
+        raise SweepError(
+            f"config key 'sweeps.{key}': {n} neurons asked for, but the model has "
+            f"{len(neurons)}; give a number from 1 to {len(neurons)}"
+        )
 
 
-def patch_set(neurons: pd.DataFrame, name: str, interpretable: pd.DataFrame | None = None
-              ) -> pd.DataFrame:
+def patch_set(
+    neurons: pd.DataFrame, name: str, interpretable: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """The rows of ``neurons`` that patch set ``name`` patches (see module doc)."""
     if name == "all":
         return neurons
@@ -82,27 +92,37 @@ def patch_set(neurons: pd.DataFrame, name: str, interpretable: pd.DataFrame | No
     if name.startswith("toxic-") and name[6:].isdigit():
         _check_n(neurons, int(name[6:]), "patch_toxic")
         return top_by(neurons, int(name[6:]), "cos")
-    raise SweepError(f"config key 'sweeps.patch_sets': unknown patch set {name!r}; choose from "
-                     f"{', '.join([*GROUP_SETS, 'all'])}")
+    raise SweepError(
+        f"config key 'sweeps.patch_sets': unknown patch set {name!r}; choose from "
+        f"{', '.join([*GROUP_SETS, 'all'])}"
+    )
 
 
 def patch(name: str, rows: pd.DataFrame, description: str) -> Intervention:
     """Set each neuron of ``rows`` to its DPO mean activation (``mbar_dpo``)."""
-    edits = [SetNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
-             for layer, idx, vals in _by_layer(rows, rows["mbar_dpo"].to_numpy())]
+    edits = [
+        SetNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
+        for layer, idx, vals in _by_layer(rows, rows["mbar_dpo"].to_numpy())
+    ]
     return Intervention(name, edits, description)
 
 
-def patch_per_prompt(name: str, rows: pd.DataFrame, dpo_acts: str | Path,
-                     description: str) -> Intervention:
+def patch_per_prompt(
+    name: str, rows: pd.DataFrame, dpo_acts: str | Path, description: str
+) -> Intervention:
     """Set each neuron of ``rows`` to the DPO model's mean activation over that prompt's own
     generation positions (one row of values per prompt, from the DPO activation cache)."""
     edits = []
     for layer, idx, _ in _by_layer(rows):
         ids, means, _ = prompt_means(dpo_acts, layer)
-        edits.append(SetNeurons(layer, torch.from_numpy(idx),
-                                torch.from_numpy(means[:, idx].astype(np.float32)),
-                                prompt_ids=tuple(ids)))
+        edits.append(
+            SetNeurons(
+                layer,
+                torch.from_numpy(idx),
+                torch.from_numpy(means[:, idx].astype(np.float32)),
+                prompt_ids=tuple(ids),
+            )
+        )
     return Intervention(name, edits, description)
 
 
@@ -113,18 +133,22 @@ def positive_toxic(neurons: pd.DataFrame, n: int) -> pd.DataFrame:
     return top_by(pos, n, "cos")
 
 
-def edit_selection(neurons: pd.DataFrame, cos: np.ndarray, beta: float, selection: str
-                   ) -> pd.DataFrame:
+def edit_selection(
+    neurons: pd.DataFrame, cos: np.ndarray, beta: float, selection: str
+) -> pd.DataFrame:
     """Activation editing's neurons: in each sign(cos) x sign(base activation) group, the
     fraction ``beta`` with the largest |cos| (``cos``) or smallest |activation| (``act``).
     Returns the chosen rows with ``factor_sign`` = sign(cos) * sign(activation)."""
     if selection not in SELECTIONS:
-        raise SweepError(f"config key 'sweeps.edit_selections': {selection!r} is not one of "
-                         f"{', '.join(SELECTIONS)}")
+        raise SweepError(
+            f"config key 'sweeps.edit_selections': {selection!r} is not one of "
+            f"{', '.join(SELECTIONS)}"
+        )
     if not 0 < beta <= 1:
         raise SweepError(f"activation editing: beta {beta} is not a fraction in (0, 1]")
     df = neurons[["layer", "neuron", "mbar_base"]].assign(
-        _cos=cos.ravel(), _group=sign_groups(cos.ravel(), neurons["mbar_base"].to_numpy()))
+        _cos=cos.ravel(), _group=sign_groups(cos.ravel(), neurons["mbar_base"].to_numpy())
+    )
     df["_key"] = df["_cos"].abs() if selection == "cos" else -df["mbar_base"].abs()
     chosen = []
     for _, g in df.groupby("_group", sort=True):
@@ -132,29 +156,42 @@ def edit_selection(neurons: pd.DataFrame, cos: np.ndarray, beta: float, selectio
         chosen.append(g.sort_values("_key", ascending=False, kind="stable").head(k))
     out = pd.concat(chosen)
     out["factor_sign"] = np.where(out["_cos"] > 0, 1.0, -1.0) * np.where(
-        out["mbar_base"] >= 0, 1.0, -1.0)
+        out["mbar_base"] >= 0, 1.0, -1.0
+    )
     return out
 
 
-def edit(name: str, neurons: pd.DataFrame, cos: np.ndarray, beta: float, alpha: float,
-         selection: str, description: str) -> Intervention:
+def edit(
+    name: str,
+    neurons: pd.DataFrame,
+    cos: np.ndarray,
+    beta: float,
+    alpha: float,
+    selection: str,
+    description: str,
+) -> Intervention:
     """Scale the chosen neurons by ``1 - alpha * sign(cos) * sign(activation)``: toxic-aligned
     writes shrink, anti-toxic ones grow (see :func:`edit_selection`)."""
     if not 0 < alpha < 1:
-        raise SweepError(f"activation editing: alpha {alpha} must be in (0, 1) (a factor "
-                         "1 - alpha at or below 0 would flip or zero the neurons)")
+        raise SweepError(
+            f"activation editing: alpha {alpha} must be in (0, 1) (a factor "
+            "1 - alpha at or below 0 would flip or zero the neurons)"
+        )
     rows = edit_selection(neurons, cos, beta, selection)
     factors = 1.0 - alpha * rows["factor_sign"].to_numpy()
-    edits = [ScaleNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
-             for layer, idx, vals in _by_layer(rows, factors)]
+    edits = [
+        ScaleNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
+        for layer, idx, vals in _by_layer(rows, factors)
+    ]
     return Intervention(name, edits, description)
 
 
 # -- directions --------------------------------------------------------------------------------
 
 
-def word_contrast(adapter: Adapter, tok: PreTrainedTokenizerBase, toxic: Sequence[str],
-                  neutral: Sequence[str]) -> torch.Tensor:
+def word_contrast(
+    adapter: Adapter, tok: PreTrainedTokenizerBase, toxic: Sequence[str], neutral: Sequence[str]
+) -> torch.Tensor:
     """Mean input embedding of the ``toxic`` words minus that of the ``neutral`` words (the
     probe-free direction). A word is embedded as it appears mid-sentence (with a leading
     space) and, if it splits into several tokens, as the mean of their embeddings."""
@@ -174,14 +211,21 @@ def word_contrast(adapter: Adapter, tok: PreTrainedTokenizerBase, toxic: Sequenc
     return mean(toxic, "toxic_words") - mean(neutral, "neutral_words")
 
 
-def interpretable_toxic(adapter: Adapter, tok: PreTrainedTokenizerBase, candidates: pd.DataFrame,
-                        score: Any, *, n_tokens: int, threshold: float) -> tuple[pd.DataFrame,
-                                                                                  pd.DataFrame]:
+def interpretable_toxic(
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    candidates: pd.DataFrame,
+    score: Any,
+    *,
+    n_tokens: int,
+    threshold: float,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``candidates`` whose value vector has a toxic token among its ``n_tokens`` nearest
     unembedded tokens, a token being toxic if ``score`` (the toxicity scorer) gives its text
     at least ``threshold``. Returns ``(chosen rows, judged tokens table)``."""
-    vectors = torch.stack([adapter.value_vectors(int(r.layer))[int(r.neuron)]
-                           for r in candidates.itertuples()])
+    vectors = torch.stack(
+        [adapter.value_vectors(int(r.layer))[int(r.neuron)] for r in candidates.itertuples()]
+    )
     lists = top_tokens_batch(adapter, tok, vectors, n_tokens)
     texts = sorted({t.strip() for toks in lists for t, _ in toks if t.strip()})
     judged = dict(zip(texts, map(float, score(texts)), strict=True)) if texts else {}
@@ -189,17 +233,32 @@ def interpretable_toxic(adapter: Adapter, tok: PreTrainedTokenizerBase, candidat
     for r, toks in zip(candidates.itertuples(), lists, strict=True):
         toxic = [t for t, _ in toks if judged.get(t.strip(), 0.0) >= threshold]
         keep.append(bool(toxic))
-        rows.append({"layer": int(r.layer), "neuron": int(r.neuron), "cos": float(r.cos),
-                     "top_tokens": [t for t, _ in toks], "toxic_tokens": toxic})
+        rows.append(
+            {
+                "layer": int(r.layer),
+                "neuron": int(r.neuron),
+                "cos": float(r.cos),
+                "top_tokens": [t for t, _ in toks],
+                "toxic_tokens": toxic,
+            }
+        )
     return candidates[np.asarray(keep, dtype=bool)], pd.DataFrame(rows)
 
 
 # -- the rule ----------------------------------------------------------------------------------
 
 
-def build_specs(*, neurons_path: str | Path, model_dir: str | Path, probe_path: str | Path,
-                dpo_acts: str | Path, cfg: Mapping[str, Any], conditions: Sequence[str],
-                out_dir: str | Path, judged_path: str | Path | None = None) -> dict[str, int]:
+def build_specs(
+    *,
+    neurons_path: str | Path,
+    model_dir: str | Path,
+    probe_path: str | Path,
+    dpo_acts: str | Path,
+    cfg: Mapping[str, Any],
+    conditions: Sequence[str],
+    out_dir: str | Path,
+    judged_path: str | Path | None = None,
+) -> dict[str, int]:
     """Rule ``sweep_specs``: write ``{out_dir}/{condition}.json`` for every condition in
     ``conditions`` (names as :func:`spec_conditions` makes them); returns neurons per spec.
 
@@ -215,8 +274,10 @@ def build_specs(*, neurons_path: str | Path, model_dir: str | Path, probe_path: 
     adapter = Adapter(model)
     total = adapter.n_layers * adapter.d_mlp
     if len(neurons) != total:
-        raise SweepError(f"{neurons_path} has {len(neurons)} neurons but {model_dir} has {total} "
-                         "(layers x d_mlp): the neuron table is of another model")
+        raise SweepError(
+            f"{neurons_path} has {len(neurons)} neurons but {model_dir} has {total} "
+            "(layers x d_mlp): the neuron table is of another model"
+        )
     w, _ = load_probe(probe_path, adapter.d_model)
     cos_probe = neurons["cos"].to_numpy().reshape(adapter.n_layers, adapter.d_mlp)
     meta = read_meta(dpo_acts)
@@ -228,67 +289,118 @@ def build_specs(*, neurons_path: str | Path, model_dir: str | Path, probe_path: 
         scorer = load_scorer(cfg.get("toxicity", {}), device="cpu")
         pool = max(sc.patch_toxic) if sc.patch_toxic else 256
         interpretable, judged = interpretable_toxic(
-            adapter, tok, top_by(neurons, pool, "cos"), scorer.score,
-            n_tokens=sc.interpretable_tokens, threshold=sc.interpretable_threshold)
-        log.info("interpretable toxic neurons: %d of the top %d by cosine (scorer %s)",
-                 len(interpretable), pool, scorer.name)
+            adapter,
+            tok,
+            top_by(neurons, pool, "cos"),
+            scorer.score,
+            n_tokens=sc.interpretable_tokens,
+            threshold=sc.interpretable_threshold,
+        )
+        log.info(
+            "interpretable toxic neurons: %d of the top %d by cosine (scorer %s)",
+            len(interpretable),
+            pool,
+            scorer.name,
+        )
     cos_free = None
     if any(isinstance(c, Editing) and c.direction == "free" for c in parsed):
         contrast = word_contrast(adapter, tok, sc.toxic_words, sc.neutral_words)
         cos_free = value_geometry(adapter, contrast).cos
-        log.info("probe-free direction: cos with the probe %.3f",
-                 float(unit(contrast) @ unit(w)))
+        log.info("probe-free direction: cos with the probe %.3f", float(unit(contrast) @ unit(w)))
 
-    specs = [make_spec(c, neurons, sc, adapter=adapter, w=w, cos_probe=cos_probe,
-                       cos_free=cos_free, interpretable=interpretable, dpo_acts=dpo_acts)
-             for c in conditions]
+    specs = [
+        make_spec(
+            c,
+            neurons,
+            sc,
+            adapter=adapter,
+            w=w,
+            cos_probe=cos_probe,
+            cos_free=cos_free,
+            interpretable=interpretable,
+            dpo_acts=dpo_acts,
+        )
+        for c in conditions
+    ]
     out_dir = Path(out_dir)
     for spec in specs:
         spec.save(out_dir / f"{spec.name}.json")
     if judged_path is not None and judged is not None:
         from dpotox.io import write_parquet
+
         write_parquet(judged, judged_path, metadata={"dpotox.table": "interpretable_toxic"})
     counts = {s.name: s.n_neurons for s in specs}
     log.info("wrote %d specs to %s in %.1f s", len(specs), out_dir, time.perf_counter() - t0)
     return counts
 
 
-def make_spec(name: str, neurons: pd.DataFrame, sc: SweepsConfig, *, adapter: Adapter,
-              w: torch.Tensor, cos_probe: np.ndarray, cos_free: np.ndarray | None,
-              interpretable: pd.DataFrame | None, dpo_acts: str | Path) -> Intervention:
+def make_spec(
+    name: str,
+    neurons: pd.DataFrame,
+    sc: SweepsConfig,
+    *,
+    adapter: Adapter,
+    w: torch.Tensor,
+    cos_probe: np.ndarray,
+    cos_free: np.ndarray | None,
+    interpretable: pd.DataFrame | None,
+    dpo_acts: str | Path,
+) -> Intervention:
     """The spec of one condition name (see :mod:`dpotox.plan.conditions`)."""
     match parse(name):
         case Ablation(n=n, positive=True):
             rows = positive_toxic(neurons, n)
-            return Intervention(name, [SetNeurons(layer, torch.from_numpy(idx), torch.tensor(0.0))
-                                       for layer, idx, _ in _by_layer(rows)],
-                                f"the {n} most probe-aligned value vectors with a positive base "
-                                "activation, set to 0")
+            return Intervention(
+                name,
+                [
+                    SetNeurons(layer, torch.from_numpy(idx), torch.tensor(0.0))
+                    for layer, idx, _ in _by_layer(rows)
+                ],
+                f"the {n} most probe-aligned value vectors with a positive base "
+                "activation, set to 0",
+            )
         case KeyScaling(top=k, factor=f):
             _check_n(neurons, k, "scale_keys_top")
             rows = top_by(neurons, k, "cos")
-            return Intervention(name, [ScaleKeys(layer, torch.from_numpy(idx), torch.tensor(f))
-                                       for layer, idx, _ in _by_layer(rows)],
-                                f"the DPO model with the key vectors of the {k} most toxic-aligned "
-                                f"neurons scaled x{f:g}")
+            return Intervention(
+                name,
+                [
+                    ScaleKeys(layer, torch.from_numpy(idx), torch.tensor(f))
+                    for layer, idx, _ in _by_layer(rows)
+                ],
+                f"the DPO model with the key vectors of the {k} most toxic-aligned "
+                f"neurons scaled x{f:g}",
+            )
         case Patching(neurons=set_name, per_prompt=per_prompt):
             rows = patch_set(neurons, set_name, interpretable)
             what = f"patch set {set_name} ({len(rows)} neurons)"
             if per_prompt:
-                return patch_per_prompt(name, rows, dpo_acts,
-                                        f"{what} set to each prompt's own DPO mean activations")
+                return patch_per_prompt(
+                    name, rows, dpo_acts, f"{what} set to each prompt's own DPO mean activations"
+                )
             return patch(name, rows, f"{what} set to their DPO mean activations")
         case Steering(alpha=alpha):
-            return Intervention(name, [AddResidual(adapter.n_layers - 1, unit(w).float(), -alpha,
-                                                   where="all")],
-                                f"subtract {alpha:g} x the unit probe direction after the last layer")
+            return Intervention(
+                name,
+                [AddResidual(adapter.n_layers - 1, unit(w).float(), -alpha, where="all")],
+                f"subtract {alpha:g} x the unit probe direction after the last layer",
+            )
         case Editing(direction=source, selection=selection, beta=beta, alpha=alpha):
             cos = cos_probe if source == "probe" else cos_free
             if cos is None:
                 raise SweepError(f"condition {name}: the probe-free direction was not computed")
-            return edit(name, neurons, cos, beta, alpha, selection,
-                        f"activation editing ({source}): fraction {beta:g} of each group by "
-                        f"{'|cos|' if selection == 'cos' else 'ascending |activation|'}, "
-                        f"scale alpha {alpha:g}")
-    raise SweepError(f"condition {name!r} is not built by rule sweep_specs (ablate-toxic-N is "
-                     "rule toxic_ablation_spec's; base and dpo are models)")
+            return edit(
+                name,
+                neurons,
+                cos,
+                beta,
+                alpha,
+                selection,
+                f"activation editing ({source}): fraction {beta:g} of each group by "
+                f"{'|cos|' if selection == 'cos' else 'ascending |activation|'}, "
+                f"scale alpha {alpha:g}",
+            )
+    raise SweepError(
+        f"condition {name!r} is not built by rule sweep_specs (ablate-toxic-N is "
+        "rule toxic_ablation_spec's; base and dpo are models)"
+    )

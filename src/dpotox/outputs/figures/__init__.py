@@ -23,9 +23,10 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from dpotox.plan.config import section_settings
 from dpotox.errors import DpotoxError
+from dpotox.plan.config import section_settings
 from dpotox.plan.outputs import FIGURES, TABLE_SOURCES
+
 
 class FigureError(DpotoxError, ValueError):
     """A table a figure reads is missing or lacks a column; the message names the rule to rerun."""
@@ -52,8 +53,9 @@ def load_tables(name: str, paths: Mapping[str, str | Path]) -> dict[str, pd.Data
     for table, columns in FIGURES[name].tables.items():
         path, rule = Path(paths[table]), TABLE_SOURCES[table][1]
         if not path.is_file():
-            raise FigureError(f"figure {name}: {path} does not exist; run rule {rule} first "
-                              f"(snakemake {path})")
+            raise FigureError(
+                f"figure {name}: {path} does not exist; run rule {rule} first (snakemake {path})"
+            )
         if path.suffix == ".parquet":  # the schema first, then only the columns drawn
             have = set(pq.read_schema(path).names)
             df = None
@@ -63,9 +65,11 @@ def load_tables(name: str, paths: Mapping[str, str | Path]) -> dict[str, pd.Data
             df = pd.read_csv(path)
             have = set(df.columns)
         if missing := [c for c in columns if c not in have]:
-            raise FigureError(f"figure {name}: {path} lacks column(s) {', '.join(missing)}; it "
-                              f"was written by an older dpotox: rerun rule {rule} "
-                              f"(snakemake {path} --forcerun {rule})")
+            raise FigureError(
+                f"figure {name}: {path} lacks column(s) {', '.join(missing)}; it "
+                f"was written by an older dpotox: rerun rule {rule} "
+                f"(snakemake {path} --forcerun {rule})"
+            )
         if df is None:
             df = pd.read_parquet(path, columns=list(columns))
         if df.empty:
@@ -74,8 +78,13 @@ def load_tables(name: str, paths: Mapping[str, str | Path]) -> dict[str, pd.Data
     return out
 
 
-def render_figure(name: str, tables: Mapping[str, Mapping[str, str | Path]], png: str | Path,
-                  pdf: str | Path, cfg: Mapping[str, Any] | None = None) -> tuple[int, int]:
+def render_figure(
+    name: str,
+    tables: Mapping[str, Mapping[str, str | Path]],
+    png: str | Path,
+    pdf: str | Path,
+    cfg: Mapping[str, Any] | None = None,
+) -> tuple[int, int]:
     """Draw figure ``name`` with a row of panels per model (``tables``: model -> table name
     -> path, in row order) and write it as PNG and PDF. Returns the PNG's size in pixels."""
     from dpotox.outputs.figures import style

@@ -12,20 +12,32 @@ from matplotlib.axes import Axes
 
 from dpotox.outputs.figures.style import EDIT_STYLES, MODEL_COLORS
 
-METRICS = (("log_ppl", "log-perplexity on WikiText-2 (nats per token)"),
-           ("f1", "F1 of continuations of Wikipedia sentences"))
+METRICS = (
+    ("log_ppl", "log-perplexity on WikiText-2 (nats per token)"),
+    ("f1", "F1 of continuations of Wikipedia sentences"),
+)
 
 
-def _points(ax: Axes, rows: pd.DataFrame, x: str, color: str, marker: str, label: str,
-            size: float = 6) -> None:
+def _points(
+    ax: Axes, rows: pd.DataFrame, x: str, color: str, marker: str, label: str, size: float = 6
+) -> None:
     """Rows as points at (metric ``x``, toxicity) with the toxicity CI as error bars. Rows
     without the metric (the summary said why none was measured) are left out."""
     rows = rows[rows[x].notna()]
     if rows.empty:
         return
     yerr = np.vstack([rows["toxicity"] - rows["ci_low"], rows["ci_high"] - rows["toxicity"]])
-    ax.errorbar(rows[x], rows["toxicity"], yerr=yerr, fmt=marker, color=color, markersize=size,
-                capsize=2, elinewidth=0.8, label=label)
+    ax.errorbar(
+        rows[x],
+        rows["toxicity"],
+        yerr=yerr,
+        fmt=marker,
+        color=color,
+        markersize=size,
+        capsize=2,
+        elinewidth=0.8,
+        label=label,
+    )
 
 
 def editing_tradeoff(axes: Sequence[Axes], t: Mapping[str, pd.DataFrame], *, legend: bool) -> None:
@@ -40,10 +52,14 @@ def editing_tradeoff(axes: Sequence[Axes], t: Mapping[str, pd.DataFrame], *, leg
         for method, (color, marker, lab) in EDIT_STYLES.items():
             _points(ax, df[df["method"] == method], x, color, marker, lab)
         for _, r in df[df[x].notna() & df["alpha"].notna()].iterrows():
-            text = (f"a={r['alpha']:g}" if r["method"] == "steering"
-                    else f"{r['beta']:g}/{r['alpha']:g}")
-            ax.annotate(text, (r[x], r["toxicity"]), xytext=(4, 3), textcoords="offset points",
-                        fontsize=7)
+            text = (
+                f"a={r['alpha']:g}"
+                if r["method"] == "steering"
+                else f"{r['beta']:g}/{r['alpha']:g}"
+            )
+            ax.annotate(
+                text, (r[x], r["toxicity"]), xytext=(4, 3), textcoords="offset points", fontsize=7
+            )
         ax.set(xlabel=xlabel, ylabel="toxicity (mean score, 95% CI)")
     axes[0].set_title("labels: beta/alpha")
     if legend:

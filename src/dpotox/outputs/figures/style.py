@@ -16,29 +16,49 @@ import matplotlib
 
 matplotlib.use("Agg")  # jobs run headless (SLURM nodes, CI); no display is ever needed
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-from dpotox.io import atomic_path  # noqa: E402
+from dpotox.io import atomic_path
 
 OKABE_ITO = {
-    "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
-    "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000",
+    "orange": "#E69F00",
+    "sky": "#56B4E9",
+    "green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "purple": "#CC79A7",
+    "black": "#000000",
     "grey": "#999999",
 }
 GROUPS = ("TP", "TN", "AP", "AN")
 # The papers name each DPO group by its alignment, its pre-DPO activation sign and the
 # direction DPO moved it: TP_- (toxic, positive, activated less), TN_+, AP_+, AN_-.
-GROUP_LABELS = {"TP": "TP$_-$", "TN": "TN$_+$", "AP": "AP$_+$", "AN": "AN$_-$",
-                "increased": "projection rose"}
-GROUP_COLORS = {"TP": OKABE_ITO["vermillion"], "TN": OKABE_ITO["orange"],
-                "AP": OKABE_ITO["sky"], "AN": OKABE_ITO["blue"], "increased": OKABE_ITO["grey"]}
-MODEL_COLORS = {"base": OKABE_ITO["vermillion"], "ablated": OKABE_ITO["orange"],
-                "dpo": OKABE_ITO["green"], "steering": OKABE_ITO["purple"]}
+GROUP_LABELS = {
+    "TP": "TP$_-$",
+    "TN": "TN$_+$",
+    "AP": "AP$_+$",
+    "AN": "AN$_-$",
+    "increased": "projection rose",
+}
+GROUP_COLORS = {
+    "TP": OKABE_ITO["vermillion"],
+    "TN": OKABE_ITO["orange"],
+    "AP": OKABE_ITO["sky"],
+    "AN": OKABE_ITO["blue"],
+    "increased": OKABE_ITO["grey"],
+}
+MODEL_COLORS = {
+    "base": OKABE_ITO["vermillion"],
+    "ablated": OKABE_ITO["orange"],
+    "dpo": OKABE_ITO["green"],
+    "steering": OKABE_ITO["purple"],
+}
 EDIT_STYLES = {  # method -> (colour, marker, legend label)
     "edit-probe-cos": (OKABE_ITO["blue"], "o", "editing, probe, by |cos|"),
     "edit-probe-act": (OKABE_ITO["sky"], "s", "editing, probe, by ascending |activation|"),
@@ -73,8 +93,13 @@ def panels(n_rows: int, n_cols: int, title: str) -> Iterator[tuple[Figure, np.nd
     The layout engine keeps the size fixed, so every PNG has the size :func:`figure_pixels`
     gives (``bbox_inches="tight"`` would crop it)."""
     with plt.rc_context(_RC):
-        fig, axes = plt.subplots(n_rows, n_cols, figsize=figure_inches(n_rows, n_cols),
-                                 squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            n_rows,
+            n_cols,
+            figsize=figure_inches(n_rows, n_cols),
+            squeeze=False,
+            layout="constrained",
+        )
         fig.suptitle(title, fontsize="medium")
         try:
             yield fig, axes
@@ -91,8 +116,7 @@ def save(fig: Figure, png: str | Path, pdf: str | Path, *, dpi: int) -> None:
 
 def group_legend(where: Axes | Figure, groups: Sequence[str] = GROUPS, **kwargs) -> None:
     """A legend of the DPO groups' colours, named as in the papers, on a panel or a figure."""
-    handles = [Patch(color=GROUP_COLORS[g], label=GROUP_LABELS[g])
-               for g in groups]
+    handles = [Patch(color=GROUP_COLORS[g], label=GROUP_LABELS[g]) for g in groups]
     where.legend(handles=handles, **kwargs)
 
 

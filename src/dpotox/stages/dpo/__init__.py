@@ -45,5 +45,13 @@ from dpotox.errors import DPOError
 from dpotox.stages.dpo.run import RUN_MARKER, checkpoints, log_table, split_pairs, train_dpo
 from dpotox.stages.dpo.settings import DPOSettings, accumulation_per_process
 
-__all__ = ["RUN_MARKER", "DPOError", "DPOSettings", "accumulation_per_process", "checkpoints",
-           "log_table", "split_pairs", "train_dpo"]
+__all__ = [
+    "RUN_MARKER",
+    "DPOError",
+    "DPOSettings",
+    "accumulation_per_process",
+    "checkpoints",
+    "log_table",
+    "split_pairs",
+    "train_dpo",
+]

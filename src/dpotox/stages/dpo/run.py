@@ -32,13 +32,25 @@ RUN_MARKER = "dpotox-run.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Keys of the Trainer's log rows that describe speed, not training; left out of the log table.
 _NOT_METRICS = re.compile(r"(_runtime|_per_second|total_flos|^train_loss)$")
-_LOG_COLUMNS = ["step", "epoch", "split", "loss", "dpo_loss", "kl", "rewards/margins",
-                "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate",
-                "grad_norm"]
+_LOG_COLUMNS = [
+    "step",
+    "epoch",
+    "split",
+    "loss",
+    "dpo_loss",
+    "kl",
+    "rewards/margins",
+    "rewards/accuracies",
+    "rewards/chosen",
+    "rewards/rejected",
+    "learning_rate",
+    "grad_norm",
+]
 
 
-def split_pairs(pairs: pd.DataFrame, validation_fraction: float,
-                seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_pairs(
+    pairs: pd.DataFrame, validation_fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(train, validation)``: a seeded random split, each keeping the input order.
 
     The validation split has ``round(n * validation_fraction)`` pairs, at least one, and
@@ -49,8 +61,10 @@ def split_pairs(pairs: pd.DataFrame, validation_fraction: float,
     """
     n = len(pairs)
     if n < 2:
-        raise DPOError(f"DPO needs at least 2 preference pairs (one to train on, one to "
-                       f"validate), got {n}; build more pairs (dpo.pairs) or give data.pairs")
+        raise DPOError(
+            f"DPO needs at least 2 preference pairs (one to train on, one to "
+            f"validate), got {n}; build more pairs (dpo.pairs) or give data.pairs"
+        )
     n_val = min(n - 1, max(1, round(n * validation_fraction)))
     order = np.random.default_rng(seed).permutation(n)
     val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
@@ -85,10 +99,12 @@ def _run_fingerprint(model_dir: Path, pairs: pd.DataFrame, settings: DPOSettings
             h.update(str(text).encode())
             h.update(b"\0")
     weights = model_dir / "model.safetensors"
-    return {"settings": settings.to_dict(),
-            "pairs_sha256": h.hexdigest(),
-            "base_source_sha256": hashlib.sha256((model_dir / "source.json").read_bytes()).hexdigest(),
-            "base_weights_bytes": weights.stat().st_size if weights.is_file() else None}
+    return {
+        "settings": settings.to_dict(),
+        "pairs_sha256": h.hexdigest(),
+        "base_source_sha256": hashlib.sha256((model_dir / "source.json").read_bytes()).hexdigest(),
+        "base_weights_bytes": weights.stat().st_size if weights.is_file() else None,
+    }
 
 
 def _clear_checkpoints(checkpoint_dir: Path) -> None:
@@ -101,15 +117,22 @@ def _clear_checkpoints(checkpoint_dir: Path) -> None:
         (checkpoint_dir / name).unlink(missing_ok=True)
 
 
-def _claim_checkpoints(checkpoint_dir: Path, fingerprint: dict[str, Any], logger: logging.Logger) -> None:
+def _claim_checkpoints(
+    checkpoint_dir: Path, fingerprint: dict[str, Any], logger: logging.Logger
+) -> None:
     """Keep the checkpoints only if they come from this very run (same pairs, base, settings)."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     marker = checkpoint_dir / RUN_MARKER
     fingerprint = json.loads(json.dumps(fingerprint))  # compare as it reads back from the file
     previous = json.loads(marker.read_text()) if marker.is_file() else None
-    if previous != fingerprint and (checkpoints(checkpoint_dir) or any(checkpoint_dir.glob("checkpoint-*"))):
-        logger.warning("%s holds checkpoints of another run (different pairs, base model or "
-                       "settings); removing them and starting from step 0", checkpoint_dir)
+    if previous != fingerprint and (
+        checkpoints(checkpoint_dir) or any(checkpoint_dir.glob("checkpoint-*"))
+    ):
+        logger.warning(
+            "%s holds checkpoints of another run (different pairs, base model or "
+            "settings); removing them and starting from step 0",
+            checkpoint_dir,
+        )
         _clear_checkpoints(checkpoint_dir)
     write_json(fingerprint, marker, indent=2)
 
@@ -124,16 +147,25 @@ def log_table(log_history: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     for entry in log_history:
         if "eval_loss" in entry:
             split = "eval"
-            metrics = {k.removeprefix("eval_"): v for k, v in entry.items()
-                       if k.startswith("eval_") and not _NOT_METRICS.search(k)}
+            metrics = {
+                k.removeprefix("eval_"): v
+                for k, v in entry.items()
+                if k.startswith("eval_") and not _NOT_METRICS.search(k)
+            }
         elif "loss" in entry:
             split = "train"
-            metrics = {k: v for k, v in entry.items()
-                       if k not in ("step", "epoch") and not _NOT_METRICS.search(k)}
+            metrics = {
+                k: v
+                for k, v in entry.items()
+                if k not in ("step", "epoch") and not _NOT_METRICS.search(k)
+            }
         else:  # the end-of-training summary
             continue
-        row = {"step": int(entry["step"]), "epoch": float(entry.get("epoch", float("nan"))),
-               "split": split}
+        row = {
+            "step": int(entry["step"]),
+            "epoch": float(entry.get("epoch", float("nan"))),
+            "split": split,
+        }
         row.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         rows.append(row)
     table = pd.DataFrame(rows, columns=None if rows else _LOG_COLUMNS[:3])
@@ -150,14 +182,27 @@ def _eval_at(table: pd.DataFrame, step: int | None) -> dict[str, float]:
     if rows.empty:
         return {}
     row = rows.iloc[-1]
-    return {"eval_loss": float(row["loss"]), "eval_reward_accuracy": float(row["rewards/accuracies"]),
-            "eval_reward_margin": float(row["rewards/margins"]), "eval_kl": float(row["kl"])}
+    return {
+        "eval_loss": float(row["loss"]),
+        "eval_reward_accuracy": float(row["rewards/accuracies"]),
+        "eval_reward_margin": float(row["rewards/margins"]),
+        "eval_kl": float(row["kl"]),
+    }
 
 
-def train_dpo(model_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path,
-              settings: DPOSettings, *, checkpoint_dir: str | Path, log_path: str | Path,
-              device: str = "auto", log: logging.Logger | None = None,
-              callbacks: Sequence[Any] = (), keep_checkpoints: bool = False) -> dict[str, Any]:
+def train_dpo(
+    model_dir: str | Path,
+    pairs: pd.DataFrame,
+    out_dir: str | Path,
+    settings: DPOSettings,
+    *,
+    checkpoint_dir: str | Path,
+    log_path: str | Path,
+    device: str = "auto",
+    log: logging.Logger | None = None,
+    callbacks: Sequence[Any] = (),
+    keep_checkpoints: bool = False,
+) -> dict[str, Any]:
     """Fine-tune the prepared model in ``model_dir`` with DPO on ``pairs``; write the best model.
 
     ``pairs`` needs text columns ``prompt``, ``chosen``, ``rejected`` (others are ignored); a
@@ -196,8 +241,16 @@ def train_dpo(model_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path,
     # On CPUs the processes of `accelerate launch` form a group only when the state says CPU.
     state = PartialState(cpu=resolve_device(device) == "cpu")
     resume_step, resume_path = _claim(checkpoint_dir, model_dir, pairs, settings, state, logger)
-    trainer = make_trainer(model_dir, train, val, settings, checkpoint_dir=checkpoint_dir,
-                           device=device, callbacks=callbacks, logger=logger)
+    trainer = make_trainer(
+        model_dir,
+        train,
+        val,
+        settings,
+        checkpoint_dir=checkpoint_dir,
+        device=device,
+        callbacks=callbacks,
+        logger=logger,
+    )
     _log_start(trainer.args, model_dir, len(train), len(val), settings, logger)
     _train_or_restore(trainer, resume_step, resume_path, logger)
     table = log_table(trainer.state.log_history)
@@ -209,15 +262,25 @@ def train_dpo(model_dir: str | Path, pairs: pd.DataFrame, out_dir: str | Path,
         with contextlib.suppress(OSError):
             checkpoint_dir.rmdir()  # only if nothing else is in it
     summary.setdefault("seconds", round(time.time() - t0, 1))
-    logger.info("DPO done: %d steps%s, best validation loss %s at step %s, %.1f s",
-                summary["steps"], " (stopped early)" if summary["stopped_early"] else "",
-                round(summary["best_eval_loss"], 4) if summary["best_eval_loss"] is not None
-                else None, summary["best_step"], summary["seconds"])
+    logger.info(
+        "DPO done: %d steps%s, best validation loss %s at step %s, %.1f s",
+        summary["steps"],
+        " (stopped early)" if summary["stopped_early"] else "",
+        round(summary["best_eval_loss"], 4) if summary["best_eval_loss"] is not None else None,
+        summary["best_step"],
+        summary["seconds"],
+    )
     return summary
 
 
-def _claim(checkpoint_dir: Path, model_dir: Path, pairs: pd.DataFrame, settings: DPOSettings,
-           state: Any, logger: logging.Logger) -> tuple[int, Path | None]:
+def _claim(
+    checkpoint_dir: Path,
+    model_dir: Path,
+    pairs: pd.DataFrame,
+    settings: DPOSettings,
+    state: Any,
+    logger: logging.Logger,
+) -> tuple[int, Path | None]:
     """Keep only this run's checkpoints (process 0 decides); the latest one to resume from."""
     if state.is_main_process:
         _claim_checkpoints(checkpoint_dir, _run_fingerprint(model_dir, pairs, settings), logger)
@@ -226,19 +289,36 @@ def _claim(checkpoint_dir: Path, model_dir: Path, pairs: pd.DataFrame, settings:
     return found[-1] if found else (0, None)
 
 
-def _log_start(args: Any, model_dir: Path, n_train: int, n_val: int, settings: DPOSettings,
-               logger: logging.Logger) -> None:
-    logger.info("DPO on %s: %d train / %d validation pairs, device %s%s, %s lr %.3g, beta %.3g, "
-                "kl_weight %.3g, effective batch %d (%d pairs x %d accumulated x %d processes)",
-                model_dir, n_train, n_val, args.device,
-                " (bf16)" if args.bf16 else "", settings.optimizer, settings.learning_rate,
-                settings.beta, settings.kl_weight,
-                args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-                args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size)
+def _log_start(
+    args: Any,
+    model_dir: Path,
+    n_train: int,
+    n_val: int,
+    settings: DPOSettings,
+    logger: logging.Logger,
+) -> None:
+    logger.info(
+        "DPO on %s: %d train / %d validation pairs, device %s%s, %s lr %.3g, beta %.3g, "
+        "kl_weight %.3g, effective batch %d (%d pairs x %d accumulated x %d processes)",
+        model_dir,
+        n_train,
+        n_val,
+        args.device,
+        " (bf16)" if args.bf16 else "",
+        settings.optimizer,
+        settings.learning_rate,
+        settings.beta,
+        settings.kl_weight,
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+    )
 
 
-def _train_or_restore(trainer: Any, resume_step: int, resume_path: Path | None,
-                      logger: logging.Logger) -> None:
+def _train_or_restore(
+    trainer: Any, resume_step: int, resume_path: Path | None, logger: logging.Logger
+) -> None:
     """Train (from ``resume_path`` if given), or restore the best model of a finished run."""
     from transformers.trainer_callback import TrainerState
 
@@ -247,9 +327,14 @@ def _train_or_restore(trainer: Any, resume_step: int, resume_path: Path | None,
     if resume_path is not None and _finished(resume_path):
         # The Trainer would take one more step before noticing it is done; restore the best
         # model as its end of training does, and go on to write the outputs.
-        logger.info("%s ends a finished run (step %d); writing its best model", resume_path, resume_step)
+        logger.info(
+            "%s ends a finished run (step %d); writing its best model", resume_path, resume_step
+        )
         trainer.state = TrainerState.load_from_json(str(resume_path / "trainer_state.json"))
-        if trainer.state.best_model_checkpoint and Path(trainer.state.best_model_checkpoint).is_dir():
+        if (
+            trainer.state.best_model_checkpoint
+            and Path(trainer.state.best_model_checkpoint).is_dir()
+        ):
             with quiet_progress_bars():
                 trainer._load_best_model()
         return
@@ -259,8 +344,9 @@ def _train_or_restore(trainer: Any, resume_step: int, resume_path: Path | None,
         trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
 
 
-def _summary(st: Any, table: pd.DataFrame, resume_step: int, n_train: int,
-             n_val: int) -> dict[str, Any]:
+def _summary(
+    st: Any, table: pd.DataFrame, resume_step: int, n_train: int, n_val: int
+) -> dict[str, Any]:
     """What :func:`train_dpo` returns and writes into the model's ``source.json``."""
     best_step = None
     if st.best_model_checkpoint:
@@ -278,15 +364,24 @@ def _summary(st: Any, table: pd.DataFrame, resume_step: int, n_train: int,
         "n_train": n_train,
         "n_val": n_val,
         **{k: v for k, v in best.items() if k != "eval_loss"},
-        "train_reward_accuracy": (float(last_train["rewards/accuracies"].iloc[0])
-                                  if len(last_train) else None),
+        "train_reward_accuracy": (
+            float(last_train["rewards/accuracies"].iloc[0]) if len(last_train) else None
+        ),
         "train_kl": float(last_train["kl"].iloc[0]) if len(last_train) else None,
     }
 
 
-def _publish(trainer: Any, out_dir: Path, log_path: str | Path, model_dir: Path,
-             settings: DPOSettings, table: pd.DataFrame, summary: dict[str, Any], state: Any,
-             t0: float) -> None:
+def _publish(
+    trainer: Any,
+    out_dir: Path,
+    log_path: str | Path,
+    model_dir: Path,
+    settings: DPOSettings,
+    table: pd.DataFrame,
+    summary: dict[str, Any],
+    state: Any,
+    t0: float,
+) -> None:
     """Write the model folder (complete or absent) and the log; process 0 writes, every process
     takes part in saving (sharded weights are gathered)."""
     import trl
@@ -303,11 +398,22 @@ def _publish(trainer: Any, out_dir: Path, log_path: str | Path, model_dir: Path,
             (staging / "training_args.bin").unlink(missing_ok=True)
             summary["seconds"] = round(time.time() - t0, 1)
             meta = json.loads((model_dir / "source.json").read_text())
-            meta["dtype"] = str(next(trainer.accelerator.unwrap_model(trainer.model).parameters()).dtype
-                                ).removeprefix("torch.")
-            meta["dpo"] = {"base_model": str(model_dir), "settings": settings.to_dict(),
-                           **summary, "trl": trl.__version__}
+            meta["dtype"] = str(
+                next(trainer.accelerator.unwrap_model(trainer.model).parameters()).dtype
+            ).removeprefix("torch.")
+            meta["dpo"] = {
+                "base_model": str(model_dir),
+                "settings": settings.to_dict(),
+                **summary,
+                "trl": trl.__version__,
+            }
             write_json(meta, staging / "source.json", indent=2)
-            write_parquet(table, log_path, metadata={
-                "dpo_settings": json.dumps(settings.to_dict()),
-                "resumed_from_step": str(summary["resumed_from_step"]), "base_model": str(model_dir)})
+            write_parquet(
+                table,
+                log_path,
+                metadata={
+                    "dpo_settings": json.dumps(settings.to_dict()),
+                    "resumed_from_step": str(summary["resumed_from_step"]),
+                    "base_model": str(model_dir),
+                },
+            )

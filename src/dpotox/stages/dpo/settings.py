@@ -78,9 +78,17 @@ class DPOSettings:
             bad("validation_fraction", "a number in (0, 1)")
         if self.optimizer not in ("rmsprop", "adamw"):
             bad("optimizer", "one of 'rmsprop', 'adamw'")
-        for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size",
-                     "max_prompt_length", "max_completion_length", "epochs", "eval_steps",
-                     "early_stopping_patience", "save_steps"):
+        for name in (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "eval_batch_size",
+            "max_prompt_length",
+            "max_completion_length",
+            "epochs",
+            "eval_steps",
+            "early_stopping_patience",
+            "save_steps",
+        ):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
         for name, low in (("warmup_steps", 0), ("seed", 0), ("max_length", 2)):
@@ -96,12 +104,14 @@ class DPOSettings:
             out.append(
                 f"config keys 'dpo.max_prompt_length' ({self.max_prompt_length}) + "
                 f"'dpo.max_completion_length' ({self.max_completion_length}) exceed "
-                f"'dpo.max_length' ({self.max_length}); raise dpo.max_length or shorten the others")
+                f"'dpo.max_length' ({self.max_length}); raise dpo.max_length or shorten the others"
+            )
         if self.save_steps % self.eval_steps:
             out.append(
                 f"config key 'dpo.save_steps' ({self.save_steps}) must be a multiple of "
                 f"'dpo.eval_steps' ({self.eval_steps}): the best model is restored from a "
-                "checkpoint taken at a validation step")
+                "checkpoint taken at a validation step"
+            )
         return out
 
     @classmethod
@@ -113,22 +123,30 @@ class DPOSettings:
             ConfigError: an unknown key, or a value out of range (the message names the key).
         """
         if model not in config.get("models", {}):
-            raise ConfigError(f"no model {model!r} under 'models'; known: "
-                              f"{', '.join(config.get('models', {})) or 'none'}")
+            raise ConfigError(
+                f"no model {model!r} under 'models'; known: "
+                f"{', '.join(config.get('models', {})) or 'none'}"
+            )
         defaults = {f.name: f.default for f in fields(cls)}
         section = {k: v for k, v in (config.get("dpo") or {}).items() if k != "pairs"}
         unknown = sorted(set(section) - set(defaults) - {"seed"})
         if unknown:
-            raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))} under 'dpo'; "
-                              f"allowed: {', '.join(sorted(set(defaults) - {'seed'}))}, pairs")
+            raise ConfigError(
+                f"unknown key(s) {', '.join(map(repr, unknown))} under 'dpo'; "
+                f"allowed: {', '.join(sorted(set(defaults) - {'seed'}))}, pairs"
+            )
         section = {**{k: v for k, v in defaults.items() if k != "seed"}, **section}
         per_model = config["models"][model].get("dpo") or {}
         merged = {"models": config["models"], "dpo": section}
-        for key, rule, ok in (("kl_weight", "a number >= 0", lambda v: v >= 0),
-                              ("learning_rate", "a number > 0", lambda v: v > 0)):
+        for key, rule, ok in (
+            ("kl_weight", "a number >= 0", lambda v: v >= 0),
+            ("learning_rate", "a number > 0", lambda v: v > 0),
+        ):
             if key in per_model and not (_is_number(per_model[key]) and ok(per_model[key])):
-                raise ConfigError(f"config key 'models.{model}.dpo.{key}': got "
-                                  f"{per_model[key]!r}, expected {rule}")
+                raise ConfigError(
+                    f"config key 'models.{model}.dpo.{key}': got "
+                    f"{per_model[key]!r}, expected {rule}"
+                )
             section[key] = model_setting(merged, model, "dpo", key)
         return cls(**section, seed=config.get("seed", 0))
 
@@ -153,10 +171,10 @@ def accumulation_per_process(settings: DPOSettings, n_processes: int) -> int:
     """
     steps = settings.gradient_accumulation_steps
     if steps % n_processes:
-        raise DPOError(f"config key 'dpo.gradient_accumulation_steps' is {steps}, which {n_processes} "
-                       f"GPUs cannot share: the effective batch (batch_size x "
-                       f"gradient_accumulation_steps) is split over the GPUs; make it a multiple "
-                       f"of {n_processes}, or set models.<model>.resources.gpu")
+        raise DPOError(
+            f"config key 'dpo.gradient_accumulation_steps' is {steps}, which {n_processes} "
+            f"GPUs cannot share: the effective batch (batch_size x "
+            f"gradient_accumulation_steps) is split over the GPUs; make it a multiple "
+            f"of {n_processes}, or set models.<model>.resources.gpu"
+        )
     return steps // n_processes
-
-

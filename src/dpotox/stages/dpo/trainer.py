@@ -25,8 +25,9 @@ _log = logging.getLogger("dpotox")
 
 
 @contextlib.contextmanager
-def _capture_log_probs(module: torch.nn.Module, store: dict[str, torch.Tensor],
-                       key: str) -> Iterator[None]:
+def _capture_log_probs(
+    module: torch.nn.Module, store: dict[str, torch.Tensor], key: str
+) -> Iterator[None]:
     """Keep the per-token log-probs of ``module``'s first fused-LM-head forward in ``store``."""
 
     def hook(_mod, _args, kwargs, output):
@@ -40,8 +41,9 @@ def _capture_log_probs(module: torch.nn.Module, store: dict[str, torch.Tensor],
         handle.remove()
 
 
-def k3_kl(policy_logps: torch.Tensor, ref_logps: torch.Tensor,
-          mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def k3_kl(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, count)`` of the k3 estimate ``exp(r) - r - 1``, ``r = ref - policy``, over ``mask``.
 
     Each term is >= 0 and its gradient flows into ``policy_logps`` only. Computed in float32.
@@ -60,9 +62,15 @@ class KLDPOTrainer(DPOTrainer):
     """``DPOTrainer`` plus separate prompt/completion token budgets and a k3 KL penalty
     (see the module docstring)."""
 
-    def __init__(self, *args: Any, kl_weight: float, max_prompt_length: int,
-                 max_completion_length: int, precompute_ref: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        kl_weight: float,
+        max_prompt_length: int,
+        max_completion_length: int,
+        precompute_ref: bool = False,
+        **kwargs: Any,
+    ) -> None:
         # Set before super().__init__, which tokenises the datasets through _prepare_dataset.
         self.kl_weight = kl_weight
         self.max_prompt_length = max_prompt_length
@@ -88,7 +96,8 @@ class KLDPOTrainer(DPOTrainer):
         def collate(examples):
             out = base_collate(examples)
             out["ref_token_logps"] = torch.tensor(
-                [v for key in REF_TOKENS for ex in examples for v in ex[key]])
+                [v for key in REF_TOKENS for ex in examples for v in ex[key]]
+            )
             return out
 
         self.data_collator = collate
@@ -96,33 +105,45 @@ class KLDPOTrainer(DPOTrainer):
         self.ref_model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        _log.info("reference log-probs of %d train and %d validation pairs computed in %.1f s; "
-                  "reference model freed", len(self.train_dataset), len(self.eval_dataset),
-                  time.time() - t0)
+        _log.info(
+            "reference log-probs of %d train and %d validation pairs computed in %.1f s; "
+            "reference model freed",
+            len(self.train_dataset),
+            len(self.eval_dataset),
+            time.time() - t0,
+        )
 
     def _with_reference(self, dataset):
         from torch.utils.data import DataLoader
 
         # Every process runs every batch: under FSDP each forward needs all processes.
-        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size,
-                            collate_fn=self.data_collator, shuffle=False)
-        rows: dict[str, list] = {k: [] for k in (*REF_TOKENS, "ref_chosen_logps",
-                                                 "ref_rejected_logps")}
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
+        )
+        rows: dict[str, list] = {
+            k: [] for k in (*REF_TOKENS, "ref_chosen_logps", "ref_rejected_logps")
+        }
         with torch.no_grad(), self.accelerator.autocast():
             for batch in loader:
                 batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
                 mask = batch["completion_mask"][:, 1:]
                 labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-                logps = self.ref_model(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"], use_cache=False,
-                                       labels=labels, fused_lm_head=True).log_probs
-                logps = logps[:, -mask.size(1):]
+                logps = self.ref_model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    use_cache=False,
+                    labels=labels,
+                    fused_lm_head=True,
+                ).log_probs
+                logps = logps[:, -mask.size(1) :]
                 n = len(logps) // 2
                 for i, (lp, m) in enumerate(zip(logps, mask.bool())):
                     side = 0 if i < n else 1
                     rows[REF_TOKENS[side]].append(lp[m].float().cpu().tolist())
-                    rows[("ref_chosen_logps", "ref_rejected_logps")[side]].append(
-                        float(lp.sum()))
+                    rows[("ref_chosen_logps", "ref_rejected_logps")[side]].append(float(lp.sum()))
         for name, values in rows.items():
             dataset = dataset.add_column(name, values)
         return dataset
@@ -141,8 +162,9 @@ class KLDPOTrainer(DPOTrainer):
         eos_id = self._tokenizer.eos_token_id
         bos_id = self._tokenizer.bos_token_id
         # Whether the raw texts already end with EOS, before TRL appends one to every completion.
-        dataset = dataset.map(lambda ex: {"_had_eos": [ex["chosen"].endswith(eos),
-                                                       ex["rejected"].endswith(eos)]})
+        dataset = dataset.map(
+            lambda ex: {"_had_eos": [ex["chosen"].endswith(eos), ex["rejected"].endswith(eos)]}
+        )
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         max_p, max_c = self.max_prompt_length, self.max_completion_length
 
@@ -150,7 +172,7 @@ class KLDPOTrainer(DPOTrainer):
             prompt = ex["prompt_ids"]
             if len(prompt) > max_p:
                 keep_bos = int(bos_id is not None and prompt[0] == bos_id)
-                prompt = prompt[:keep_bos] + prompt[len(prompt) - (max_p - keep_bos):]
+                prompt = prompt[:keep_bos] + prompt[len(prompt) - (max_p - keep_bos) :]
             out = {"prompt_ids": prompt}
             for key, had_eos in zip(("chosen_ids", "rejected_ids"), ex["_had_eos"], strict=True):
                 ids = ex[key]
@@ -162,8 +184,13 @@ class KLDPOTrainer(DPOTrainer):
         n_long = sum(len(p) > max_p for p in dataset["prompt_ids"])
         dataset = dataset.map(budget, remove_columns=["_had_eos"])
         if n_long:
-            _log.info("%s: %d of %d prompts cut to their last %d tokens", dataset_name, n_long,
-                     len(dataset), max_p)
+            _log.info(
+                "%s: %d of %d prompts cut to their last %d tokens",
+                dataset_name,
+                n_long,
+                len(dataset),
+                max_p,
+            )
         return dataset
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -171,21 +198,27 @@ class KLDPOTrainer(DPOTrainer):
         captured: dict[str, torch.Tensor] = {}
         ref_tokens = inputs.get("ref_token_logps")
         inputs = {k: v for k, v in inputs.items() if k != "ref_token_logps"}
-        ref_hook = (contextlib.nullcontext() if self.precompute_ref_logps
-                    else _capture_log_probs(self.ref_model, captured, "ref"))
+        ref_hook = (
+            contextlib.nullcontext()
+            if self.precompute_ref_logps
+            else _capture_log_probs(self.ref_model, captured, "ref")
+        )
         with _capture_log_probs(model, captured, "policy"), ref_hook:
             result = super()._compute_loss(model, inputs, return_outputs)
         loss, outputs = result if return_outputs else (result, None)
         if set(captured) != ({"policy"} if self.precompute_ref_logps else {"policy", "ref"}):
-            raise RuntimeError("TRL's DPO loss no longer runs fused policy and reference forwards; "
-                               "the KL term of dpotox.stages.dpo needs updating for this TRL version")
+            raise RuntimeError(
+                "TRL's DPO loss no longer runs fused policy and reference forwards; "
+                "the KL term of dpotox.stages.dpo needs updating for this TRL version"
+            )
         mask = inputs["completion_mask"][:, 1:]  # log-probs are of tokens 1..L-1
         n = mask.size(1)
         policy = captured["policy"][:, -n:]
         if self.precompute_ref_logps:
             if ref_tokens is None or ref_tokens.numel() != int(mask.sum()):
-                raise RuntimeError("precomputed reference log-probs do not match the batch's "
-                                   "completion tokens")
+                raise RuntimeError(
+                    "precomputed reference log-probs do not match the batch's completion tokens"
+                )
             ref = torch.zeros_like(policy, dtype=torch.float32)
             ref[mask.bool()] = ref_tokens.to(ref.device, torch.float32)
         else:
@@ -196,7 +229,8 @@ class KLDPOTrainer(DPOTrainer):
         gather = self.accelerator.gather
         total = gather(n_tokens.detach()).sum()
         self._metrics[mode]["kl"].append(
-            (gather(kl_sum.detach()).sum() / total.clamp(min=1)).item())
+            (gather(kl_sum.detach()).sum() / total.clamp(min=1)).item()
+        )
         self._metrics[mode]["dpo_loss"].append(gather(loss.detach()).mean().item())
         if self.kl_weight:
             loss = loss + self.kl_weight * kl
@@ -225,18 +259,27 @@ class _LogProgress(TrainerCallback):
         if not state.is_world_process_zero:
             return
         if "eval_loss" in logs:
-            self.logger.info("step %d validation: loss %.4f, reward accuracy %.3f, margin %.4f, "
-                             "kl %.3g", state.global_step, logs["eval_loss"],
-                             logs.get("eval_rewards/accuracies", float("nan")),
-                             logs.get("eval_rewards/margins", float("nan")),
-                             logs.get("eval_kl", float("nan")))
+            self.logger.info(
+                "step %d validation: loss %.4f, reward accuracy %.3f, margin %.4f, kl %.3g",
+                state.global_step,
+                logs["eval_loss"],
+                logs.get("eval_rewards/accuracies", float("nan")),
+                logs.get("eval_rewards/margins", float("nan")),
+                logs.get("eval_kl", float("nan")),
+            )
         elif "loss" in logs and (state.global_step % self.every == 0 or state.global_step == 1):
-            self.logger.info("step %d/%d train: loss %.4f, reward accuracy %.3f, margin %.4f, "
-                             "kl %.3g, lr %.3g, grad norm %.3g", state.global_step, state.max_steps,
-                             logs["loss"], logs.get("rewards/accuracies", float("nan")),
-                             logs.get("rewards/margins", float("nan")), logs.get("kl", float("nan")),
-                             logs.get("learning_rate", float("nan")),
-                             logs.get("grad_norm", float("nan")))
+            self.logger.info(
+                "step %d/%d train: loss %.4f, reward accuracy %.3f, margin %.4f, "
+                "kl %.3g, lr %.3g, grad norm %.3g",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+                logs.get("rewards/accuracies", float("nan")),
+                logs.get("rewards/margins", float("nan")),
+                logs.get("kl", float("nan")),
+                logs.get("learning_rate", float("nan")),
+                logs.get("grad_norm", float("nan")),
+            )
 
 
 def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
@@ -257,7 +300,9 @@ def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
         weight_decay=0.0,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.eval_batch_size,
-        gradient_accumulation_steps=accumulation_per_process(settings, PartialState().num_processes),
+        gradient_accumulation_steps=accumulation_per_process(
+            settings, PartialState().num_processes
+        ),
         max_grad_norm=settings.max_grad_norm,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
@@ -291,9 +336,17 @@ def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
     )
 
 
-def make_trainer(model_dir: str | Path, train: pd.DataFrame, validation: pd.DataFrame,
-                 settings: DPOSettings, *, checkpoint_dir: str | Path, device: str = "auto",
-                 callbacks: Sequence[TrainerCallback] = (), logger: logging.Logger | None = None):
+def make_trainer(
+    model_dir: str | Path,
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    settings: DPOSettings,
+    *,
+    checkpoint_dir: str | Path,
+    device: str = "auto",
+    callbacks: Sequence[TrainerCallback] = (),
+    logger: logging.Logger | None = None,
+):
     """A ready trainer: policy (float32 master weights, training mode) and a frozen reference,
     both loaded from the prepared folder ``model_dir``, on the ``prompt``/``chosen``/``rejected``
     columns of ``train`` and ``validation``. Texts are joined as ``prompt + completion``,
@@ -310,19 +363,31 @@ def make_trainer(model_dir: str | Path, train: pd.DataFrame, validation: pd.Data
     policy.train()
     reference.requires_grad_(False)
     cols = ["prompt", "chosen", "rejected"]
-    train_ds = datasets.Dataset.from_pandas(train[cols].reset_index(drop=True), preserve_index=False)
-    val_ds = datasets.Dataset.from_pandas(validation[cols].reset_index(drop=True), preserve_index=False)
+    train_ds = datasets.Dataset.from_pandas(
+        train[cols].reset_index(drop=True), preserve_index=False
+    )
+    val_ds = datasets.Dataset.from_pandas(
+        validation[cols].reset_index(drop=True), preserve_index=False
+    )
     with quiet_progress_bars():
         trainer = KLDPOTrainer(
-            model=policy, ref_model=reference, args=dpo_config(settings, Path(checkpoint_dir), device),
-            train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience),
-                       _SaveOnImprovement(),
-                       _LogProgress(logger or _log, max(1, min(settings.eval_steps, 10))),
-                       *callbacks],
-            kl_weight=settings.kl_weight, max_prompt_length=settings.max_prompt_length,
+            model=policy,
+            ref_model=reference,
+            args=dpo_config(settings, Path(checkpoint_dir), device),
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            processing_class=tok,
+            callbacks=[
+                EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience),
+                _SaveOnImprovement(),
+                _LogProgress(logger or _log, max(1, min(settings.eval_steps, 10))),
+                *callbacks,
+            ],
+            kl_weight=settings.kl_weight,
+            max_prompt_length=settings.max_prompt_length,
             max_completion_length=settings.max_completion_length,
-            precompute_ref=settings.precompute_ref_log_probs)
+            precompute_ref=settings.precompute_ref_log_probs,
+        )
     # With tqdm off, the Trainer prints every log dict to stdout; _LogProgress reports instead.
     trainer.remove_callback(PrinterCallback)
     return trainer
@@ -344,5 +409,3 @@ def quiet_progress_bars() -> Iterator[None]:
             datasets.enable_progress_bars()
         if tf_on:
             tf_logging.enable_progress_bar()
-
-
