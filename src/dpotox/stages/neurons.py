@@ -284,7 +284,8 @@ def build_neuron_table(
         metadata={
             "dpotox.table": "neurons",
             **common,
-            "dpotox.description": "One row per MLP neuron; columns in docs/neurons.md (neurons.parquet).",
+            "dpotox.description": "One row per MLP neuron; columns in docs/neurons.md "
+            "(neurons.parquet).",
         },
     )
     write_parquet(

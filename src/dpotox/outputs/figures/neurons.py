@@ -1,6 +1,6 @@
-"""Figures of the neuron-level analysis (docs/design.md, "The science"): projections on the probe, the DPO
-groups, activations. Each function fills one model's row of panels from its tables (see
-:data:`dpotox.outputs.figures.FIGURES` for which)."""
+"""Figures of the neuron-level analysis (docs/design.md, "The science"): projections on the
+probe, the DPO groups, activations. Each function fills one model's row of panels from its
+tables (see :data:`dpotox.plan.outputs.FIGURES` for which)."""
 
 from __future__ import annotations
 
