@@ -56,3 +56,29 @@ def test_planning_modules_import_nothing_outside_plan():
                 assert node.module.startswith(("dpotox.plan", "dpotox.errors")), (
                     f"{path.name} imports {node.module}"
                 )
+
+
+def test_no_file_names_a_path_the_repository_lacks():
+    """Docs, comments and configs name repository paths that exist (outputs under results/,
+    resources/, logs/ and benchmarks/ are made by runs, and templates with {...} or * are
+    patterns, so neither is checked)."""
+    import re
+
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    roots = "src|docs|workflow|config|tests|bench|profiles|envs|requirements|\\.ci"
+    pattern = re.compile(rf"(?<![\w/.$-])((?:{roots})/[\w./-]*[\w/])")
+    missing = []
+    for name in tracked:
+        path = REPO / name
+        if path.suffix in (".svg", ".csv", ".parquet", ".png", ".pdf"):
+            continue
+        text = path.read_text(errors="replace")
+        for m in pattern.finditer(text):
+            target = m.group(1)
+            if text[m.end() : m.end() + 1] in "{*<" or "profiles/default" in target:
+                continue  # a pattern; profiles/default is named to say it must not exist
+            if not ((REPO / target).exists() or (path.parent / target).exists()):
+                missing.append(f"{name}: {target}")
+    assert not missing, "paths that do not exist:\n" + "\n".join(missing)

@@ -30,9 +30,10 @@ Two things TRL 1.16 does not do are added by subclassing its trainer:
 
 Launching
 ---------
-One process (CPU, or one GPU): call :func:`train_dpo`; the Snakemake script
-``workflow/scripts/train_dpo.py`` does. Several GPUs: run the same call in every process of
-``accelerate launch --num_processes N <script>`` (or ``torchrun``), with identical arguments.
+One process (CPU, or one GPU): call :func:`train_dpo`; rule ``train_dpo`` runs it as
+``python -m dpotox train-dpo``. Several GPUs: run the same call in every process of
+``accelerate launch --num_processes N -m dpotox train-dpo ...`` (or ``torchrun``), with
+identical arguments; the rule does so when a model asks for several GPUs.
 The Trainer then runs DDP (or FSDP/DeepSpeed from the accelerate config); ``batch_size`` is
 per device and each process accumulates ``gradient_accumulation_steps / N`` micro-batches, so
 the effective batch is ``batch_size * gradient_accumulation_steps`` whatever N is (the
