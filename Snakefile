@@ -24,7 +24,8 @@ sys.path.insert(0, _SRC)
 # (update(): an assignment by key reads to snakemake --lint as a variable the workflow needs.)
 os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p))
 
-from dpotox.plan.config import missing_paths, validate_config
+from dpotox.plan.checks import rows_needed
+from dpotox.plan.config import missing_paths, read_yaml, validate_config
 from dpotox.errors import ConfigError
 from dpotox.plan.resources import requests
 from dpotox.plan.conditions import (
@@ -52,6 +53,14 @@ if not config:
 
     configfile: "config/config.yaml"
 
+
+# Snakemake has read the files already, but its YAML keeps the last of a key given twice
+# without a word: read them again to refuse that, naming both lines.
+for _file in workflow.overwrite_configfiles or []:
+    try:
+        read_yaml(_file)
+    except ConfigError as e:
+        raise WorkflowError(str(e)) from None
 
 try:
     validate_config(config, check_paths=False)

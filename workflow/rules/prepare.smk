@@ -33,5 +33,6 @@ rule prepare_data:
         "../../envs/dpotox.yaml"
     params:
         sources=lambda wildcards: config["data"][wildcards.dataset],
+        min_rows=lambda wildcards: rows_needed(config, wildcards.dataset),
     script:
         "../scripts/prepare_data.py"

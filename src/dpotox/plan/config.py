@@ -56,7 +56,13 @@ def _extend_with_defaults(validator_class: type) -> type:
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-_DefaultFillingValidator = _extend_with_defaults(Draft202012Validator)
+# JSON Schema counts 1.0 as an integer; a job then fails deep inside with a TypeError.
+_STRICT_TYPES = Draft202012Validator.TYPE_CHECKER.redefine(
+    "integer", lambda _checker, x: isinstance(x, int) and not isinstance(x, bool)
+)
+_DefaultFillingValidator = jsonschema.validators.extend(
+    _extend_with_defaults(Draft202012Validator), type_checker=_STRICT_TYPES
+)
 
 
 def _key(path: Iterable[Any]) -> str:
@@ -97,17 +103,31 @@ def _allowed(error: jsonschema.ValidationError) -> str:
     return str(error.validator_value)
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
+def _allowed_keys(schema: Mapping[str, Any], instance: Any) -> set[str]:
+    """The keys an object may have under ``schema``: its own properties and those of every
+    ``if``/``then`` branch whose condition it meets (a source's keys depend on its kind)."""
+    allowed = set(schema.get("properties", {}))
+    for branch in schema.get("allOf", []):
+        cond = branch.get("if")
+        if cond is not None and Draft202012Validator(cond).is_valid(instance):
+            allowed |= set(branch.get("then", {}).get("properties", {}))
+    return allowed
+
+
+def _describe(error: jsonschema.ValidationError) -> str | None:
     key = _key(error.absolute_path)
     v = error.validator
     if v in ("additionalProperties", "unevaluatedProperties"):
-        allowed = sorted(error.schema.get("properties", {}))
+        allowed = sorted(_allowed_keys(error.schema, error.instance))
         extra = (
             sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
         )
-        names = ", ".join(repr(x) for x in extra) or error.message
-        hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
-        return f"unknown key {names} under '{key}'{hint}"
+        if not extra:
+            return None  # every key is known: another error says what is wrong with a value
+        kind = error.instance.get("kind") if isinstance(error.instance, dict) else None
+        where = f"a source of kind {kind!r}" if isinstance(kind, str) else f"'{key}'"
+        names = ", ".join(repr(x) for x in extra)
+        return f"unknown key {names} under '{key}'; allowed keys of {where}: {', '.join(allowed)}"
     if v == "required":
         return f"'{key}' is missing required key {error.message.split(' is a required')[0]}"
     if v == "not" and "description" in error.schema:
@@ -165,11 +185,15 @@ def validate_config(
         if e.validator == "unevaluatedProperties" and tuple(e.absolute_path) in bad_kind_paths:
             continue
         msg = _describe(e)
-        if msg not in messages:
+        if msg is not None and msg not in messages:
             messages.append(msg)
     if messages:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(messages))
     _normalise(config)
+    from dpotox.plan.checks import relation_problems  # it reads the conditions, which read us
+
+    if problems := relation_problems(config):
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     if check_paths:
         _check_paths(config)
     return config
@@ -221,6 +245,53 @@ def _check_paths(config: Mapping[str, Any]) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{self.name}, line {line}: key {key!r} is given twice (first at line "
+                    f"{seen[key]}); the second would silently replace the first: merge them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content; a syntax error, a duplicate key or a file that is not text is
+    a :class:`ConfigError` naming the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text file (byte {e.start} is not UTF-8); give a YAML config file"
+        ) from None
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = e.problem or "not valid YAML"
+        if e.context and e.context_mark and e.context_mark is not mark:
+            cm = e.context_mark
+            problem += f" ({e.context} at line {cm.line + 1}, column {cm.column + 1})"
+        raise ConfigError(f"{path}{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
 def load_config(
     *paths: str | Path, overrides: Mapping[str, Any] | None = None, check_paths: bool = True
 ) -> dict[str, Any]:
@@ -228,11 +299,7 @@ def load_config(
     validate."""
     config: dict[str, Any] = {}
     for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        with p.open() as fh:
-            loaded = yaml.safe_load(fh) or {}
+        loaded = read_yaml(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of keys at the top level")
         _deep_update(config, loaded)

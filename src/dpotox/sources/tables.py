@@ -290,12 +290,19 @@ TABLE_DESCRIPTIONS = {
 
 
 def prepare_table(
-    role: str, sources: list[Mapping[str, Any]], out: str | Path, *, key: str | None = None
+    role: str,
+    sources: list[Mapping[str, Any]],
+    out: str | Path,
+    *,
+    key: str | None = None,
+    min_rows: tuple[int, str] | None = None,
 ) -> pd.DataFrame:
     """Concatenate a role's sources, drop repeated texts, and write one Parquet file.
 
     The file appears complete or not at all. Its key-value metadata holds the column
     descriptions and the sources, so it explains itself when opened without dpotox.
+    ``min_rows``: ``(rows, why)`` a later rule needs (:func:`dpotox.plan.checks.rows_needed`);
+    fewer is an error now rather than after hours of model jobs.
     """
     key = key or f"data.{role}"
     frames = [read_source(s, role, key=f"{key}[{i}]") for i, s in enumerate(sources)]
@@ -311,6 +318,8 @@ def prepare_table(
     df = df.drop_duplicates(subset=["id"], keep="first").reset_index(drop=True)
     if df.empty:
         raise SourceError(f"{key}: the sources hold no text")
+    if min_rows is not None and len(df) < min_rows[0]:
+        raise SourceError(f"{key}: the sources hold {len(df)} usable rows; {min_rows[1]}")
     write_parquet(
         df,
         out,

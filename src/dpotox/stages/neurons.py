@@ -195,7 +195,17 @@ def top_cosine_neurons(cos: np.ndarray, n: int, *, anti: bool = False) -> list[t
 
 
 def toxic_ablation(cos: np.ndarray, n: int) -> Intervention:
-    """Zero the ``n`` most toxic-aligned neurons (by cosine) at the generation positions."""
+    """Zero the ``n`` most toxic-aligned neurons (by cosine) at the generation positions.
+
+    Raises:
+        NeuronsError: ``n`` is more than the model's neurons (a count silently cut to all of
+            them would keep a name that says otherwise).
+    """
+    if not 1 <= n <= cos.size:
+        raise NeuronsError(
+            f"{Ablation(n)}: {n} neurons asked for, but the model has {cos.size} MLP neurons; "
+            "lower sweeps.ablate_toxic / neurons.ablate_top_n to at most that"
+        )
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in top_cosine_neurons(cos, n):
         by_layer.setdefault(layer, []).append(neuron)
