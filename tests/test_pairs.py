@@ -70,7 +70,7 @@ def test_lee_jsonl_keeps_every_pair_of_a_prompt_and_names_bad_lines(tmp_path):
 
     missing = [LEE[0], None, {"prompt_text": "A", "unpert_gen_text": "b"}]
     src = {"kind": "jsonl", "path": str(write_jsonl(tmp_path / "m.jsonl", missing))}
-    with pytest.raises(SourceError, match=r"field 'pert_gen_text'.*line 3 of .*m.jsonl"):
+    with pytest.raises(SourceError, match=r"field 'pert_gen_text'.*m\.jsonl line 3"):
         prepare_table("pairs", [src], tmp_path / "m.parquet")
     assert not (tmp_path / "m.parquet").exists()
 

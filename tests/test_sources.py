@@ -128,7 +128,11 @@ def test_invalid_utf8_is_named(tmp_path, kind):
     f = tmp_path / f"bad.{kind}"
     head = b'{"text": "fine"}\n' if kind == "jsonl" else b"text\nfine\n"
     f.write_bytes(head + (b'{"text": "caf\xe9"}\n' if kind == "jsonl" else b"caf\xe9\n"))
-    message = "line 2 is not valid UTF-8" if kind == "jsonl" else "cannot read .*bad.csv as csv"
+    message = (
+        "line 2 is not valid UTF-8"
+        if kind == "jsonl"
+        else r"bad\.csv line 3 is not valid UTF-8 \(byte 0xe9 at column 4\)"
+    )
     with pytest.raises(SourceError, match=message):
         read_source({"kind": kind, "path": str(f)}, "prompts", key="data.prompts[0]")
 
@@ -165,11 +169,11 @@ def test_parquet_and_pairs_default_columns(tmp_path):
 
 def test_non_text_rows_are_rejected(tmp_path):
     f = _jsonl(tmp_path / "p.jsonl", [{"text": "a"}, {"text": None}])
-    with pytest.raises(SourceError, match=r"no text in field 'text' .* at line 2 of .*p\.jsonl"):
+    with pytest.raises(SourceError, match=r"no text in field 'text' .* at .*p\.jsonl line 2"):
         read_source({"kind": "jsonl", "path": str(f)}, "prompts", key="data.prompts[0]")
     f = tmp_path / "p.parquet"
     pd.DataFrame({"text": ["a", None]}).to_parquet(f)
-    with pytest.raises(SourceError, match="the first at row 1"):
+    with pytest.raises(SourceError, match=r"the first at .*p\.parquet row 2"):
         read_source({"kind": "parquet", "path": str(f)}, "prompts", key="data.prompts[0]")
 
 

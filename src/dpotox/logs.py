@@ -7,9 +7,22 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from dpotox.errors import DpotoxError
+
+
+def _check_prepared_inputs(smk: Any) -> None:
+    """Every prepared data table a job reads was made from this config's sources."""
+    data = (getattr(smk, "config", None) or {}).get("data") or {}
+    for path in smk.input:
+        p = Path(str(path))
+        if p.parent.as_posix().endswith("resources/data") and p.suffix == ".parquet":
+            if data.get(p.stem):
+                from dpotox.sources.tables import check_prepared
+
+                check_prepared(p, p.stem, data[p.stem])
 
 
 @contextmanager
@@ -31,6 +44,7 @@ def rule_log(smk: Any) -> Iterator[logging.Logger]:
     t0 = time.time()
     log.info("rule %s, wildcards %s", smk.rule, dict(smk.wildcards.items()))
     try:
+        _check_prepared_inputs(smk)
         yield log
     except DpotoxError as e:
         log.error("%s", e)

@@ -8,7 +8,10 @@ concatenates a role's sources, drops repeated texts and writes one Parquet file.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ import pandas as pd
 from dpotox.errors import PairsError, SourceError
 from dpotox.io import write_parquet
 from dpotox.sources import assets
+
+log = logging.getLogger("dpotox")
 
 # role -> {column: required?}. ``id`` and ``source`` are always added.
 ROLE_COLUMNS: dict[str, dict[str, bool]] = {
@@ -74,6 +79,38 @@ def read_jsonl(path: Path, *, key: str) -> pd.DataFrame:
     # Kept until read_source has checked the rows, so that errors can name the line.
     df[LINE] = lines
     return df
+
+
+def _read_csv(path: Path, key: str) -> pd.DataFrame:
+    """A CSV file; bytes that are not UTF-8 and rows that do not parse name the line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise SourceError(
+            f"{key}: {path} line {line} is not valid UTF-8 (byte {data[e.start]:#04x} at column "
+            f"{column}); re-encode the file as UTF-8 or drop that line"
+        ) from None
+    try:
+        return pd.read_csv(io.StringIO(text))
+    except pd.errors.ParserError as e:
+        raise SourceError(f"{key}: {path} is not a valid CSV file: {e}") from None
+    except pd.errors.EmptyDataError:
+        raise SourceError(f"{key}: {path} holds no rows") from None
+
+
+def _where(src: Mapping[str, Any], raw: pd.DataFrame, i: int) -> str:
+    """Row ``i`` of a source as a person finds it: the 1-based line of a JSONL or CSV file
+    (CSV: the header is line 1, and a field spanning lines shifts it), else the 1-based row."""
+    if LINE in raw:
+        return f"{src.get('path')} line {raw[LINE].iloc[i]}"
+    if src["kind"] == "csv":
+        return f"{src['path']} row {i + 1} (line {i + 2})"
+    if src["kind"] == "parquet":
+        return f"{src['path']} row {i + 1}"
+    return f"{source_label(src)} row {i + 1}"
 
 
 def _read_embedded(name: str, key: str) -> pd.DataFrame:
@@ -136,9 +173,9 @@ def _read_raw(src: Mapping[str, Any], key: str) -> pd.DataFrame:
         raise SourceError(f"{key}.path: {path} does not exist or is not a file")
     if kind == "jsonl":
         return read_jsonl(path, key=key)
+    if kind == "csv":
+        return _read_csv(path, key)
     try:
-        if kind == "csv":
-            return pd.read_csv(path, encoding="utf-8", encoding_errors="strict")
         if kind == "parquet":
             return pd.read_parquet(path)
     except Exception as e:
@@ -196,31 +233,36 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
             bad = out[col].isna() | ~out[col].map(lambda x: isinstance(x, str))
             if bad.any():
                 first = int(bad.to_numpy().argmax())
-                where = (
-                    f"line {raw[LINE].iloc[first]} of {src.get('path')}"
-                    if LINE in raw
-                    else f"row {first}"
-                )
+                where = _where(src, raw, first)
                 name = mapping.get(col, col)
                 raise SourceError(
                     f"{key}: {int(bad.sum())} row(s) have no text in field {name!r} "
                     f"({role} {col!r}), the first at {where}; fix or drop them"
                 )
     if "label" in out and mapping.get("label", "label") in raw.columns:
-        try:
-            out["label"] = (pd.to_numeric(out["label"]) >= src.get("label_threshold", 0.5)).astype(
-                "Int8"
-            )
-        except (ValueError, TypeError) as e:
-            raise SourceError(
-                f"{key}: label column {mapping.get('label', 'label')!r} must be "
-                f"numeric or boolean: {e}"
-            ) from e
+        # A missing label stays missing: train_probe labels such texts with the scorer.
+        name = mapping.get("label", "label")
+        values = _numbers(out["label"], src, raw, key, name, nullable=True)
+        out["label"] = (
+            (values >= src.get("label_threshold", 0.5)).astype("Int8").mask(values.isna())
+        )
+    if "toxicity" in out and mapping.get("toxicity", "toxicity") in raw.columns:
+        name = mapping.get("toxicity", "toxicity")
+        out["toxicity"] = _numbers(out["toxicity"], src, raw, key, name, nullable=True).astype(
+            "Float64"
+        )
     label = source_label(src)
-    if "id" in mapping and mapping["id"] in raw.columns:
-        ids = raw[mapping["id"]].astype(str)
-    elif "id" in raw.columns:
-        ids = raw["id"].astype(str)
+    id_field = mapping.get("id", "id")
+    if id_field in raw.columns:
+        ids = raw[id_field].astype(str)
+        repeated = ids.duplicated(keep=False)
+        if repeated.any():
+            first, second = (int(i) for i in repeated.to_numpy().nonzero()[0][:2])
+            raise SourceError(
+                f"{key}: id {ids.iloc[first]!r} (field {id_field!r}) is given twice, at "
+                f"{_where(src, raw, first)} and {_where(src, raw, second)}; ids name one row "
+                f"each: make them unique, or map no id ({key}.columns.id) to number the rows"
+            )
     elif LINE in raw.columns:
         ids = raw[LINE].map(lambda n: f"{label}:line{n}")
     else:
@@ -228,6 +270,59 @@ def read_source(src: Mapping[str, Any], role: str, *, key: str) -> pd.DataFrame:
     out.insert(0, "id", ids.to_numpy())
     out["source"] = label
     return out.reset_index(drop=True)
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a float (booleans 0/1; numeric text, as a CSV column with a word in it holds),
+    NaN if missing, None if it is not a number."""
+    if v is None or v is pd.NA:
+        return math.nan
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+def _numbers(
+    col: pd.Series,
+    src: Mapping[str, Any],
+    raw: pd.DataFrame,
+    key: str,
+    name: str,
+    *,
+    nullable: bool,
+) -> pd.Series:
+    """``col`` as floats in [0, 1]; the first value that is not a number, not finite or out of
+    range is an error naming the file, its line (or row) and the field. ``nullable``: a
+    missing value is allowed (the source has no score for that row) and stays NaN."""
+    values = []
+    for i, v in enumerate(col.tolist()):
+        x = _number(v)
+        if x is None:
+            problem = f"is {v!r} ({type(v).__name__}), not a number"
+        elif math.isnan(x):
+            if nullable:
+                values.append(x)
+                continue
+            problem = "is missing"
+        elif not math.isfinite(x):
+            problem = f"is {x!r}"
+        elif not 0 <= x <= 1:
+            problem = f"is {v!r}, outside [0, 1]"
+        else:
+            values.append(x)
+            continue
+        raise SourceError(
+            f"{key}: {_where(src, raw, i)}, field {name!r}: the value {problem}; give a number "
+            "from 0 to 1 (a probability or a 0/1 label)"
+        )
+    return pd.Series(values, index=col.index, dtype="float64")
 
 
 def check_pairs(df: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -289,6 +384,19 @@ TABLE_DESCRIPTIONS = {
 }
 
 
+def _distinct_ids(frames: list[pd.DataFrame], key: str) -> None:
+    """Give each source's rows ids no other source of the role uses: a source listed twice,
+    or two sources whose ids overlap, get the source's place (``[i]``) in front of theirs."""
+    seen: set[str] = set()
+    for i, df in enumerate(frames):
+        ids = set(df["id"])
+        if ids & seen:
+            df["id"] = f"{key}[{i}]:" + df["id"].astype(str)
+            df["source"] = df["source"] + f"#{i}"
+            ids = set(df["id"])
+        seen |= ids
+
+
 def prepare_table(
     role: str,
     sources: list[Mapping[str, Any]],
@@ -306,16 +414,27 @@ def prepare_table(
     """
     key = key or f"data.{role}"
     frames = [read_source(s, role, key=f"{key}[{i}]") for i, s in enumerate(sources)]
+    _distinct_ids(frames, key)
     df = pd.concat(frames, ignore_index=True)
-    n_before = len(df)
+    dropped: dict[str, int] = {}
     if role == "pairs":
         # A pair is a unit: a prompt may have several, and a bad one is an error, not a drop.
         check_pairs(df, key)
-        df = df.drop_duplicates(subset=["prompt", "chosen", "rejected"], keep="first")
+        keep = ~df.duplicated(subset=["prompt", "chosen", "rejected"], keep="first")
+        dropped["repeated_pair"] = int((~keep).sum())
+        df = df[keep]
     else:
         df["text"] = df["text"].str.strip()
-        df = df[df["text"] != ""].drop_duplicates(subset=["text"], keep="first")
-    df = df.drop_duplicates(subset=["id"], keep="first").reset_index(drop=True)
+        empty = df["text"] == ""
+        repeated = ~empty & df.duplicated(subset=["text"], keep="first")
+        dropped["empty_text"] = int(empty.sum())
+        dropped["repeated_text"] = int((repeated & ~empty).sum())
+        df = df[~empty & ~repeated]
+    df = df.reset_index(drop=True)
+    if any(dropped.values()):
+        log.info(
+            "%s: dropped %s", key, ", ".join(f"{n} row(s) ({why})" for why, n in dropped.items())
+        )
     if df.empty:
         raise SourceError(f"{key}: the sources hold no text")
     if min_rows is not None and len(df) < min_rows[0]:
@@ -327,7 +446,29 @@ def prepare_table(
             "dpotox.table": role,
             "dpotox.description": TABLE_DESCRIPTIONS[role],
             "dpotox.sources": json.dumps([dict(s) for s in sources]),
-            "dpotox.rows_dropped_as_repeats_or_empty": str(n_before - len(df)),
+            "dpotox.rows_dropped": json.dumps(dropped),
         },
     )
     return df
+
+
+def check_prepared(path: str | Path, dataset: str, sources: list[Mapping[str, Any]]) -> None:
+    """Stop if the prepared table ``path`` was made from other sources than ``data.<dataset>``
+    of this config (a copied table, or one Snakemake did not see change).
+
+    Raises:
+        SourceError: naming the table, the config key and the command that rebuilds it.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    meta = pq.read_schema(path).metadata or {}
+    recorded = meta.get(b"dpotox.sources")
+    fix = f"rebuild it: snakemake {path} --forcerun prepare_data"
+    if recorded is None:
+        raise SourceError(f"{path} does not say which sources it was prepared from; {fix}")
+    if json.loads(recorded) != json.loads(json.dumps([dict(s) for s in sources])):
+        raise SourceError(
+            f"{path} was prepared from other sources than data.{dataset} of this config "
+            f"(it holds {recorded.decode()}); {fix}"
+        )
