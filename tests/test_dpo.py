@@ -515,7 +515,7 @@ def test_resume_after_an_interruption(llama_dir, tmp_path):
     out, ckpt = tmp_path / "run" / "dpo", tmp_path / "run" / "ckpt"
     assert not out.exists() and not (tmp_path / "run" / "log.parquet").exists()
     assert [step for step, _ in checkpoints(ckpt)] == [2]
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".dpo")]  # no staging left
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
     summary, table, _ = run(llama_dir, tmp_path, **changes)
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
@@ -525,9 +525,24 @@ def test_resume_after_an_interruption(llama_dir, tmp_path):
     straight, straight_table, _ = run(llama_dir, tmp_path, name="straight", **changes)
     assert straight["resumed_from_step"] == 0
     pd.testing.assert_series_equal(table["loss"], straight_table["loss"], rtol=1e-5)
+    # The token count goes on from the checkpoint's instead of starting at 0 again.
+    pd.testing.assert_series_equal(table["num_tokens"], straight_table["num_tokens"])
     resumed, uninterrupted = load_prepared(out)[0], load_prepared(tmp_path / "straight" / "dpo")[0]
     for (name, a), b in zip(resumed.state_dict().items(), uninterrupted.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_unreadable_checkpoint_is_skipped_on_resume(llama_dir, tmp_path):
+    changes = dict(max_steps=6, eval_steps=2, save_steps=2)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run(llama_dir, tmp_path, callbacks=[Interrupt(5)], **changes)
+    ckpt = tmp_path / "run" / "ckpt"
+    assert [step for step, _ in checkpoints(ckpt)] == [2, 4]
+    (ckpt / "checkpoint-4" / "trainer_state.json").write_text("")  # a kill during the save
+    summary, table, _ = run(llama_dir, tmp_path, **changes)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
+    straight, straight_table, _ = run(llama_dir, tmp_path, name="straight", **changes)
+    pd.testing.assert_series_equal(table["loss"], straight_table["loss"], rtol=1e-5)
 
 
 def test_checkpoints_of_another_run_are_not_resumed(llama_dir, tmp_path):

@@ -13,6 +13,7 @@ from dpotox.engine.arch import Adapter
 from dpotox.engine.generate import greedy
 from dpotox.engine.hooks import applied
 from dpotox.engine.spec import AddResidual, ScaleKeys, ScaleNeurons, SetNeurons
+from dpotox.errors import ConfigError
 from dpotox.plan.conditions import (
     SweepError,
     SweepsConfig,
@@ -73,8 +74,13 @@ def test_condition_names_follow_the_grids():
     assert "ablate-toxic-10" not in spec_conditions(cfg, "m")
     cfg["models"]["m"]["steer_alphas"] = [3]  # a per-model grid wins
     assert "steer-probe-a3" in sweep_conditions(cfg, "m")
+    # validate_config refuses the config; sweep_conditions itself on an unchecked one.
+    with pytest.raises(ConfigError, match="sweeps.per_prompt.*'tp-an'.*toxic-8"):
+        _cfg(patch_toxic=[8], patch_sets=["tp"], per_prompt=["tp-an"])
+    unchecked = copy.deepcopy(cfg)
+    unchecked["sweeps"].update(patch_toxic=[8], patch_sets=["tp"], per_prompt=["tp-an"])
     with pytest.raises(SweepError, match="sweeps.per_prompt.*'tp-an'.*toxic-8"):
-        sweep_conditions(_cfg(patch_toxic=[8], patch_sets=["tp"], per_prompt=["tp-an"]), "m")
+        sweep_conditions(unchecked, "m")
     # Conditions on the DPO model get jobs of their own.
     a, b, c = "patch-tp", "patch-all", "steer-probe-a1"
     x, y = "dpo-scale-keys-top7-x2", "dpo-scale-keys-top7-x5"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import shutil
@@ -23,11 +25,31 @@ def share(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+# Folders being written live in this folder beside their target, one level deeper than it,
+# so that no glob over the outputs (activations/*/layer=*/*.parquet) reads a half-written one.
+PARTIAL = ".partial"
+
+
+def clear_stale(path: str | Path) -> None:
+    """Remove what an interrupted writer of ``path`` left: staging folders and temporary
+    files of this output only (one job writes one output, so none of them is in use)."""
+    path = Path(path)
+    for old in (path.parent / PARTIAL).glob(f"{glob.escape(path.name)}.*"):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+    for old in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        if old.is_file():
+            old.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary name beside ``path``; rename it to ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     os.close(fd)
     tmp = Path(tmp)
@@ -44,20 +66,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(
     path: str | Path, *, staging: str | Path | None = None, publish: bool = True
 ) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``path``; when the block succeeds, make its files
-    shared and rename it to ``path`` (replacing an older one); on error, remove it.
+    """Yield an empty staging folder (in :data:`PARTIAL` beside ``path``); when the block
+    succeeds, make its files shared and rename it to ``path`` (replacing an older one); on
+    error, remove it. What an earlier, interrupted writer left is removed first.
 
-    ``staging`` names the folder (default: a fresh hidden name), for writers in several
-    processes that must agree on it; a process with ``publish=False`` only gets the name and
-    leaves creating, renaming and removing to the one process that publishes.
+    ``staging`` names the folder (default: a fresh name), for writers in several processes
+    that must agree on it; a process with ``publish=False`` only gets the name and leaves
+    creating, renaming and removing to the one process that publishes.
     """
     path = Path(path)
     if not publish:
         yield Path(staging) if staging is not None else path
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = path.parent / PARTIAL
+    parts.mkdir(parents=True, exist_ok=True)
+    clear_stale(path)
     if staging is None:
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+        tmp = Path(tempfile.mkdtemp(dir=parts, prefix=f"{path.name}."))
     else:
         tmp = Path(staging)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,6 +97,8 @@ def atomic_dir(
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            parts.rmdir()  # only if no other output of the folder is being written
 
 
 def write_json(data: Any, path: str | Path, *, indent: int = 1, allow_nan: bool = True) -> Path:

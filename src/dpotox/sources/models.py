@@ -134,8 +134,8 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
     t0 = time.time()
     # tmp holds what loading needs on the side (a dequantised GGUF); staging is the folder.
     with (
-        tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp,
         atomic_dir(out_dir) as staging,
+        tempfile.TemporaryDirectory(dir=staging.parent, prefix=f"{out_dir.name}.tmp.") as tmp,
     ):
         tmp = Path(tmp)
         if src["kind"] == "hub":

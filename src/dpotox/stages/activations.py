@@ -22,8 +22,9 @@ cache of the same layout (``results/{model}/activations_positions/{variant}/``) 
 per (prompt, position, neuron) with ``position`` (int32: 0 is the last prompt position, k the
 k-th generated token) instead of ``n_positions``.
 
-A cache is written into a hidden temporary folder beside its target and renamed into place
-only when complete, so an interrupted run leaves nothing a later rule takes as a cache.
+A cache is written into a staging folder in ``.partial/`` beside its target
+(:func:`dpotox.io.atomic_dir`) and renamed into place only when complete, so an interrupted
+run leaves nothing a later rule, or the caches' glob, takes as a cache.
 """
 
 from __future__ import annotations

@@ -283,7 +283,7 @@ def build_neuron_table(
     tokens = logit_lens(a_base, tok, g_base.cos, k=nc.top_k_tokens, n_tokens=nc.n_tokens)
     layers = layer_frame(g_base, g_dpo, neurons)
     common = {
-        "dpotox.stages.probe": str(probe_path),
+        "dpotox.probe": str(probe_path),
         "dpotox.base_model": str(base_model),
         "dpotox.dpo_model": str(dpo_model),
         "dpotox.n_prompts": str(meta["base"]["n_prompts"]),

@@ -482,7 +482,7 @@ def _write(
             "dpotox.description": "Preference pairs: id (prompt id), source, prompt, chosen (less "
             "toxic), rejected, chosen_score and rejected_score (toxicity "
             "probabilities), gap (rejected minus chosen), n_candidates.",
-            "dpotox.report": json.dumps(report),
+            "dpotox.report": json.dumps({k: v for k, v in report.items() if k != "seconds"}),
         },
     )
     write_json(report, out_json)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dpotox.errors import DPOError
-from dpotox.io import atomic_dir, write_json, write_parquet
+from dpotox.io import PARTIAL, atomic_dir, write_json, write_parquet
 from dpotox.sources.models import resolve_device
 from dpotox.stages.dpo.settings import DPOSettings
 
@@ -80,15 +80,33 @@ def checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
     for p in root.iterdir():
         m = _CHECKPOINT.match(p.name)
         if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            if _trainer_state(p) is None:
+                _log.warning(
+                    "%s: its trainer_state.json cannot be read (a save was cut short); "
+                    "not resuming from it",
+                    p,
+                )
+                continue
             found.append((int(m.group(1)), p))
     return sorted(found)
 
 
+def _trainer_state(checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint's trainer state, or None if the file is empty, cut short or not JSON."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return state if isinstance(state, dict) and "global_step" in state else None
+
+
 def _finished(checkpoint: Path) -> bool:
     """Whether ``checkpoint`` was taken when training had reached its end or stopped early."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state = _trainer_state(checkpoint) or {}
     control = state.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
-    return state["global_step"] >= state["max_steps"] or bool(control.get("should_training_stop"))
+    return state.get("global_step", 0) >= state.get("max_steps", 1) or bool(
+        control.get("should_training_stop")
+    )
 
 
 def _run_fingerprint(model_dir: Path, pairs: pd.DataFrame, settings: DPOSettings) -> dict[str, Any]:
@@ -340,8 +358,18 @@ def _train_or_restore(
         return
     if resume_path is not None:
         logger.info("resuming from %s (step %d)", resume_path, resume_step)
+        _continue_token_count(trainer, resume_path)
     with quiet_progress_bars():
         trainer.train(resume_from_checkpoint=str(resume_path) if resume_path else None)
+
+
+def _continue_token_count(trainer: Any, checkpoint: Path) -> None:
+    """TRL counts the tokens trained on (``num_tokens`` in the log) from 0 in every process
+    it starts; after a resume, go on from the count the checkpoint logged last."""
+    history = (_trainer_state(checkpoint) or {}).get("log_history", [])
+    seen = [e["num_tokens"] for e in history if "num_tokens" in e and "loss" in e]
+    if seen and hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = int(seen[-1])
 
 
 def _summary(
@@ -388,7 +416,7 @@ def _publish(
 
     from dpotox.stages.dpo.trainer import quiet_progress_bars
 
-    staging = out_dir.parent / f".{out_dir.name}.dpo-staging"
+    staging = out_dir.parent / PARTIAL / f"{out_dir.name}.dpo"  # one name for every process
     main = state.is_main_process
     with atomic_dir(out_dir, staging=staging, publish=main) as staging:
         state.wait_for_everyone()
