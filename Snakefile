@@ -35,7 +35,7 @@ from dpotox.plan.conditions import (
     spec_conditions,
     sweep_conditions,
     toxic_ablation,
-    try_parse,
+    runs_dpo_model,
 )
 from dpotox.plan.params import rule_params
 from dpotox.plan.outputs import (

@@ -14,6 +14,7 @@ from dpotox.plan.conditions import (
     SweepError,
     chunks,
     parse,
+    runs_dpo_model,
     spec_conditions,
     sweep_conditions,
     toxic_ablation,
@@ -93,3 +94,9 @@ def test_every_configured_condition_parses_back_to_its_name(configs):
         assert sorted(c for job in jobs for c in job) == sorted(names)
         # one job runs one model
         assert all(len({parse(c).on_dpo_model for c in job}) == 1 for job in jobs)
+
+
+def test_hand_written_specs_named_dpo_run_the_dpo_model():
+    assert runs_dpo_model("dpo") and runs_dpo_model("dpo-scale-keys-top7-x2")
+    assert runs_dpo_model("dpo-my-edit") and not runs_dpo_model("my-edit")
+    assert not runs_dpo_model("patch-tp") and not runs_dpo_model("base")

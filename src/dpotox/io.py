@@ -76,17 +76,26 @@ def atomic_dir(
     """
     path = Path(path)
     if not publish:
-        yield Path(staging) if staging is not None else path
+        if staging is None:
+            raise ValueError("atomic_dir(publish=False) needs the staging folder's name")
+        yield Path(staging)
         return
     parts = path.parent / PARTIAL
-    parts.mkdir(parents=True, exist_ok=True)
     clear_stale(path)
-    if staging is None:
-        tmp = Path(tempfile.mkdtemp(dir=parts, prefix=f"{path.name}."))
-    else:
-        tmp = Path(staging)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    # Another output's writer may remove an empty .partial/ at any moment: create it again.
+    for attempt in range(3):
+        parts.mkdir(parents=True, exist_ok=True)
+        try:
+            if staging is None:
+                tmp = Path(tempfile.mkdtemp(dir=parts, prefix=f"{path.name}."))
+            else:
+                tmp = Path(staging)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
         yield tmp
         # Temporary folders, and some writers, make their files private.

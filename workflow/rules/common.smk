@@ -122,8 +122,7 @@ MODEL_CONDITIONS = {"base": "resources/models/{model}/base", "dpo": "results/{mo
 def condition_model(wildcards):
     """The model a condition runs: the DPO model for "dpo" and a spec on the DPO model
     (dpotox.plan.conditions), else the base model (also for a hand-written spec)."""
-    c = try_parse(wildcards.condition)
-    key = "dpo" if c is not None and c.on_dpo_model else "base"
+    key = "dpo" if runs_dpo_model(wildcards.condition) else "base"
     return MODEL_CONDITIONS[key].format(model=wildcards.model)
 
 

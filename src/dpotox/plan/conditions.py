@@ -242,6 +242,13 @@ def parse(name: str) -> Condition:
     )
 
 
+def runs_dpo_model(name: str) -> bool:
+    """Whether condition ``name`` runs the DPO model: ``dpo``, a sweep condition on the DPO
+    model, or a hand-written spec whose name starts with ``dpo-``."""
+    c = try_parse(name)
+    return c.on_dpo_model if c is not None else name.startswith("dpo-")
+
+
 def try_parse(name: str) -> Condition | None:
     """:func:`parse`, or None for a name that is not a condition (a hand-written spec's)."""
     try:
