@@ -2,11 +2,26 @@
 
 import pytest
 import torch
-from tiny_models import D_MLP, D_MODEL, N_LAYERS
+from tiny_models import ALL_FAMILIES, D_MLP, D_MODEL, N_LAYERS, tiny_model
 from torch import nn
 
 from dpotox.engine.arch import SUPPORTED, Adapter, family_of
 from dpotox.errors import UnsupportedModelError
+
+
+# Every family the adapter knows, not only those the slower stage tests run on (conftest).
+@pytest.fixture(params=ALL_FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return tiny_model(family)
+
+
+def test_every_supported_family_has_a_tiny_model():
+    assert set(ALL_FAMILIES) == set(SUPPORTED)
 
 
 def _capture(adapter: Adapter, layer: int, ids: torch.Tensor):
@@ -40,7 +55,7 @@ def test_shapes(model, family):
     assert a.input_embedding().shape[1] == D_MODEL
     assert a.unembedding().shape[1] == D_MODEL
     assert isinstance(a.final_norm(), nn.Module)
-    if family == "gpt2":
+    if family in ("gpt2", "gpt_neox"):
         assert a.up_vectors(0) is None and a.out_bias(0) is not None
     else:
         assert a.up_vectors(0).shape == (D_MLP, D_MODEL)
@@ -77,11 +92,7 @@ def test_value_vectors_are_views(model, family):
     """Writes through value_vectors reach the weights (weight edits in later stages rely on it)."""
     a = Adapter(model, family)
     assert a.value_vectors(0).data_ptr() == a.out_proj(0).weight.data_ptr()
-    assert a.key_vectors(0).data_ptr() == (
-        a.mlp(0).c_fc.weight.data_ptr()
-        if family == "gpt2"
-        else a.mlp(0).gate_proj.weight.data_ptr()
-    )
+    assert a.key_vectors(0).data_ptr() == a.key_proj(0).weight.data_ptr()
 
 
 def test_unsupported_family_lists_supported():
@@ -113,3 +124,28 @@ def test_hook_point_writes_activations(model, family):
     v = a.value_vectors(1)
     expected = out + (new_m - m)[..., [7, 11]] @ v[[7, 11]]
     torch.testing.assert_close(patched, expected, atol=1e-5, rtol=0)
+
+
+def test_phi3_key_vectors_are_the_gate_half_of_the_fused_projection():
+    a = Adapter(tiny_model("phi3"), "phi3")
+    fused = a.key_proj(0).weight  # [2 d_mlp, d_model]: gate rows, then up rows
+    assert fused.shape == (2 * D_MLP, D_MODEL)
+    assert torch.equal(a.key_vectors(0), fused[:D_MLP]) and torch.equal(
+        a.up_vectors(0), fused[D_MLP:]
+    )
+    with torch.no_grad():
+        a.key_vectors(0)[3] *= 2  # what key scaling does: the gate row only
+    assert torch.equal(a.key_proj(0).weight[D_MLP + 3], fused[D_MLP + 3])
+
+
+@pytest.mark.parametrize(
+    "model_type, reason",
+    [
+        ("mixtral", "mixture of experts"),
+        ("qwen2_moe", "mixture of experts"),
+        ("olmo2", "normalises the MLP output"),
+    ],
+)
+def test_models_refused_with_their_reason(model_type, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        family_of(model_type)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import D_MLP, D_MODEL, N_LAYERS
+from tiny_models import ALL_FAMILIES, D_MLP, D_MODEL, N_LAYERS, tiny_model
 
 from dpotox.engine.arch import Adapter
 from dpotox.engine.hooks import applied
@@ -20,6 +20,17 @@ from dpotox.engine.spec import (
 )
 
 IDS = torch.tensor([[5, 17, 99, 3, 42, 7], [8, 1, 250, 33, 2, 9]])
+
+
+# The hook engine on every family the adapter knows (its tests are cheap).
+@pytest.fixture(params=ALL_FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return tiny_model(family)
 
 
 def _all_hooks(model):

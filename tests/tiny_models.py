@@ -10,10 +10,16 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    OlmoConfig,
+    Phi3Config,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 VOCAB = 256
@@ -52,7 +58,32 @@ CONFIGS = {
     "gemma2": lambda vocab: Gemma2Config(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
     "gemma3": lambda vocab: Gemma3TextConfig(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
 }
+# The families every stage's tests run on (the papers' four and the embedded models').
 FAMILIES = tuple(CONFIGS)
+# Families a researcher may bring: the adapter's checks, the hook engine and generation run on
+# them too (tests/test_arch.py, tests/test_families.py), the slower stage tests on FAMILIES.
+CONFIGS.update(
+    {
+        "gemma": lambda vocab: GemmaConfig(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
+        "qwen2": lambda vocab: Qwen2Config(**{**_GATED, "vocab_size": vocab}),
+        "qwen3": lambda vocab: Qwen3Config(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
+        "olmo": lambda vocab: OlmoConfig(**{**_GATED, "vocab_size": vocab}),
+        "gpt_neox": lambda vocab: GPTNeoXConfig(
+            num_hidden_layers=N_LAYERS,
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_attention_heads=4,
+            vocab_size=vocab,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            initializer_range=0.3,
+        ),
+        "phi3": lambda vocab: Phi3Config(**{**_GATED, "vocab_size": vocab, "pad_token_id": 0}),
+    }
+)
+ALL_FAMILIES = tuple(CONFIGS)
+NEW_FAMILIES = tuple(f for f in ALL_FAMILIES if f not in FAMILIES)
 
 
 def tiny_model(family: str, *, vocab: int = VOCAB, seed: int = 0) -> PreTrainedModel:

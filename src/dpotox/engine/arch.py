@@ -35,6 +35,25 @@ class Family:
     conv1d: bool  # weights stored [in, out] (GPT-2's Conv1D) rather than [out, in]
     embed: str
     final_norm: str
+    act: str = "act_fn"  # the MLP's activation function, inside the MLP
+    # Phi-3 fuses gate and up into one projection: rows [0, d_mlp) gate, [d_mlp, 2 d_mlp) up.
+    fused_gate_up: bool = False
+
+
+def _glu(name: str, *model_types: str) -> Family:
+    """A Llama-style gated MLP (gate_proj, up_proj, down_proj) under ``model.layers``."""
+    return Family(
+        name,
+        model_types or (name,),
+        "model.layers",
+        "mlp",
+        "down_proj",
+        "gate_proj",
+        "up_proj",
+        False,
+        "model.embed_tokens",
+        "model.norm",
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -51,59 +70,71 @@ FAMILIES: dict[str, Family] = {
             True,
             "transformer.wte",
             "transformer.ln_f",
+            act="act",
+        ),
+        _glu("llama"),
+        _glu("mistral"),
+        _glu("gemma"),
+        _glu("gemma2"),
+        _glu("gemma3", "gemma3_text"),
+        _glu("qwen2"),
+        _glu("qwen3"),
+        _glu("olmo"),
+        # Pythia: attention and MLP in parallel, each added to the residual stream.
+        Family(
+            "gpt_neox",
+            ("gpt_neox",),
+            "gpt_neox.layers",
+            "mlp",
+            "dense_4h_to_h",
+            "dense_h_to_4h",
+            None,
+            False,
+            "gpt_neox.embed_in",
+            "gpt_neox.final_layer_norm",
+            act="act",
         ),
         Family(
-            "llama",
-            ("llama",),
+            "phi3",
+            ("phi3",),
             "model.layers",
             "mlp",
             "down_proj",
-            "gate_proj",
-            "up_proj",
+            "gate_up_proj",
+            None,
             False,
             "model.embed_tokens",
             "model.norm",
-        ),
-        Family(
-            "mistral",
-            ("mistral",),
-            "model.layers",
-            "mlp",
-            "down_proj",
-            "gate_proj",
-            "up_proj",
-            False,
-            "model.embed_tokens",
-            "model.norm",
-        ),
-        Family(
-            "gemma2",
-            ("gemma2",),
-            "model.layers",
-            "mlp",
-            "down_proj",
-            "gate_proj",
-            "up_proj",
-            False,
-            "model.embed_tokens",
-            "model.norm",
-        ),
-        Family(
-            "gemma3",
-            ("gemma3_text",),
-            "model.layers",
-            "mlp",
-            "down_proj",
-            "gate_proj",
-            "up_proj",
-            False,
-            "model.embed_tokens",
-            "model.norm",
+            act="activation_fn",
+            fused_gate_up=True,
         ),
     )
 }
 
 SUPPORTED = tuple(FAMILIES)
+# Model types refused with a reason rather than as unknown.
+REFUSED = {
+    **dict.fromkeys(
+        (
+            "mixtral",
+            "qwen2_moe",
+            "qwen3_moe",
+            "olmoe",
+            "phimoe",
+            "deepseek_v2",
+            "deepseek_v3",
+            "dbrx",
+            "jamba",
+            "granitemoe",
+            "switch_transformers",
+        ),
+        "it is a mixture of experts: a neuron belongs to one expert and runs only for the "
+        "tokens routed to it, so a layer's MLP is not one sum of neuron writes",
+    ),
+    "olmo2": "OLMo-2 normalises the MLP output before it joins the residual stream, and dpotox "
+    "does not yet fold that norm into the neurons' writes (the value vectors would describe "
+    "the MLP output, not what the layer adds)",
+}
 
 
 def family_of(model_type: str) -> Family:
@@ -111,6 +142,11 @@ def family_of(model_type: str) -> Family:
     for fam in FAMILIES.values():
         if model_type in fam.model_types:
             return fam
+    if model_type in REFUSED:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not supported: {REFUSED[model_type]}; supported "
+            f"families: {', '.join(SUPPORTED)}"
+        )
     raise UnsupportedModelError(
         f"model type {model_type!r} is not supported; supported families: "
         f"{', '.join(SUPPORTED)} (model types: "
@@ -189,25 +225,30 @@ class Adapter:
 
     def key_vectors(self, layer: int) -> torch.Tensor:
         """``[d_mlp, d_model]``: row i is what neuron i reads (the gate for GLUs) (a view)."""
-        return self._vectors(self.key_proj(layer), reads=True)
+        keys = self._vectors(self.key_proj(layer), reads=True)
+        # A fused gate-up projection: the gate half only, so key scaling leaves `up` alone.
+        return keys[: self.d_mlp] if self.family.fused_gate_up else keys
 
     def key_bias(self, layer: int) -> torch.Tensor | None:
-        return self.key_proj(layer).bias
+        bias = self.key_proj(layer).bias
+        return bias[: self.d_mlp] if bias is not None and self.family.fused_gate_up else bias
 
     def up_vectors(self, layer: int) -> torch.Tensor | None:
         """GLUs only: ``[d_mlp, d_model]`` rows of the up projection; None for GPT-2."""
+        if self.family.fused_gate_up:
+            return self.key_proj(layer).weight[self.d_mlp :]
         if self.family.up_proj is None:
             return None
         return _get(self.mlp(layer), self.family.up_proj).weight
 
     def activation_fn(self, layer: int):
         """The MLP's non-linearity (applied to the key/gate projection)."""
-        return self.mlp(layer).act if self.family.conv1d else self.mlp(layer).act_fn
+        return getattr(self.mlp(layer), self.family.act)
 
     def activations_from_input(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Recompute ``m`` from the MLP input ``x`` and the layer's weights (no hooks).
 
-        GPT-2: ``act(x K^T + b)``; GLUs: ``act(x G^T) * (x U^T)``.
+        GPT-2, GPT-NeoX: ``act(x K^T + b)``; GLUs: ``act(x G^T) * (x U^T)``.
         """
         k = x @ self.key_vectors(layer).T
         kb = self.key_bias(layer)

@@ -49,6 +49,12 @@ MODEL_TYPES = {
     "mistral": "mistral",
     "gemma2": "gemma2",
     "gemma3": "gemma3_text",
+    "gemma": "gemma",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "olmo": "olmo",
+    "gpt_neox": "gpt_neox",
+    "phi3": "phi3",
 }
 # Requests of a model whose size is not given (models.<m>.arch): the embedded CPU default.
 FALLBACK = {"gpu": 0, "mem_mb": 16000, "runtime": 240}
