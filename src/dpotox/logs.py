@@ -16,7 +16,8 @@ from dpotox.errors import DpotoxError
 def _check_prepared_inputs(smk: Any) -> None:
     """Every prepared data table a job reads was made from this config's sources."""
     data = (getattr(smk, "config", None) or {}).get("data") or {}
-    for path in smk.input:
+    # A job started outside Snakemake (python -m dpotox train-dpo) may name no inputs.
+    for path in getattr(smk, "input", None) or []:
         p = Path(str(path))
         if p.parent.as_posix().endswith("resources/data") and p.suffix == ".parquet":
             if data.get(p.stem):
