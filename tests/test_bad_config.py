@@ -250,3 +250,22 @@ def test_too_few_prompts_for_pairs_stop_when_the_prompts_are_prepared(tmp_path):
         check_paths=False,
     )
     assert rows_needed(with_pool, "prompts") is None
+
+
+def test_counts_are_checked_against_the_prepared_model_without_arch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "resources" / "models" / "m" / "base" / "source.json"
+    src.parent.mkdir(parents=True)
+    src.write_text('{"n_layers": 2, "d_mlp": 100}')
+    msg = _invalid({"models": {"m": GPT2}, "neurons": {"ablate_top_n": 150}})
+    assert (
+        "'neurons.ablate_top_n': 150 neurons asked for, but model 'm' has 200 MLP neurons "
+        "(resources/models/m/base/source.json)"
+    ) in msg
+    # A declared arch wins: every job, also one whose prepared model is a stand-in, plans
+    # from the same numbers.
+    arch = {"n_layer": 24, "n_embd": 1024, "n_head": 16, "vocab_size": 50257}
+    validate_config(
+        {"models": {"m": {**GPT2, "arch": arch}}, "neurons": {"ablate_top_n": 150}},
+        check_paths=False,
+    )

@@ -120,9 +120,18 @@ def test_one_model_target_plans_only_that_model(tmp_path):
         "results/gemma3-270m/MANIFEST.tsv",
         configfiles=(*DEFAULT_CONFIG, str(extra)),
     )
+    # The per-position cache is a second output of the same job (in either order).
+    outputs = {
+        frozenset(line.split(": ", 1)[1].split(", "))
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if line.strip().startswith("output: ") and "activations/dpo" in line
+    }
     assert (
-        "output: results/gemma3-270m/activations/dpo, results/gemma3-270m/activations_positions/dpo"
-    ) in proc.stdout + proc.stderr
+        frozenset(
+            {"results/gemma3-270m/activations/dpo", "results/gemma3-270m/activations_positions/dpo"}
+        )
+        in outputs
+    )
     cfg = load_config(*DEFAULT_CONFIG, extra, check_paths=False)
     conds = sweep_conditions(cfg, "gemma3-270m")
     n_ablate = sum(map(toxic_ablation, conds))

@@ -30,8 +30,17 @@ def _first(arch: Mapping[str, Any], names: tuple[str, ...]) -> Any:
 
 
 def model_neurons(config: Mapping[str, Any], model: str) -> tuple[int, str] | None:
-    """``(layers x MLP width, where it was read)`` for ``model``: from its prepared folder's
-    ``source.json`` if it exists, else from ``models.<model>.arch``; None if neither says."""
+    """``(layers x MLP width, where it was read)`` for ``model``: from ``models.<model>.arch``
+    if it gives them (the user's declaration: every job plans from it), else from the prepared
+    folder's ``source.json`` once it exists; None if neither says. A prepared model that does
+    not match its arch is reported by rule prepare_model."""
+    mcfg = config["models"][model]
+    arch = mcfg.get("arch") or {}
+    layers, width, mlp = _first(arch, _LAYERS), _first(arch, _WIDTH), _first(arch, _MLP)
+    if mlp is None and width is not None and mcfg["family"] == "gpt2":
+        mlp = 4 * width
+    if isinstance(layers, int) and isinstance(mlp, int):
+        return layers * mlp, f"models.{model}.arch"
     prepared = Path("resources/models") / model / "base" / "source.json"
     if prepared.is_file():
         try:
@@ -39,12 +48,6 @@ def model_neurons(config: Mapping[str, Any], model: str) -> tuple[int, str] | No
             return int(meta["n_layers"]) * int(meta["d_mlp"]), str(prepared)
         except (ValueError, KeyError, TypeError):
             pass  # a damaged file: rule prepare_model rewrites it
-    arch = config["models"][model].get("arch") or {}
-    layers, width, mlp = _first(arch, _LAYERS), _first(arch, _WIDTH), _first(arch, _MLP)
-    if mlp is None and width is not None and config["models"][model]["family"] == "gpt2":
-        mlp = 4 * width
-    if isinstance(layers, int) and isinstance(mlp, int):
-        return layers * mlp, f"models.{model}.arch"
     return None
 
 
