@@ -257,9 +257,9 @@ def test_counts_are_checked_against_the_prepared_model_without_arch(tmp_path, mo
     src = tmp_path / "resources" / "models" / "m" / "base" / "source.json"
     src.parent.mkdir(parents=True)
     src.write_text('{"n_layers": 2, "d_mlp": 100}')
-    msg = _invalid({"models": {"m": GPT2}, "neurons": {"ablate_top_n": 150}})
+    msg = _invalid({"models": {"m": GPT2}, "neurons": {"ablate_top_n": 250}})
     assert (
-        "'neurons.ablate_top_n': 150 neurons asked for, but model 'm' has 200 MLP neurons "
+        "'neurons.ablate_top_n': 250 neurons asked for, but model 'm' has 200 MLP neurons "
         "(resources/models/m/base/source.json)"
     ) in msg
     # A declared arch wins: every job, also one whose prepared model is a stand-in, plans
