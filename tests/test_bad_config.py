@@ -1,13 +1,13 @@
 """Bad configs, class by class: each stops with the file, line and column or the key, and the
 fix, before any job; `dpotox check-config` and the Snakefile refuse the same configs."""
 
-import copy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from test_config import _cfg  # one helper for a changed default config
 
 from dpotox.errors import ConfigError, NeuronsError, SourceError
 from dpotox.plan.checks import rows_needed
@@ -16,7 +16,6 @@ from dpotox.sources.tables import prepare_table
 from dpotox.stages.neurons import toxic_ablation
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 GPT2 = {"source": {"kind": "hub", "id": "gpt2"}, "family": "gpt2"}
 
 
@@ -99,17 +98,6 @@ def _invalid(cfg) -> str:
     with pytest.raises(ConfigError) as e:
         validate_config(cfg, check_paths=False)
     return str(e.value)
-
-
-def _cfg(**changes):
-    cfg = copy.deepcopy(DEFAULT)
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, last = dotted.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return cfg
 
 
 @pytest.mark.parametrize(
