@@ -44,6 +44,7 @@ from dpotox.plan.outputs import (
     figure_files,
     figure_inputs,
     neuron_stats_files,
+    probe_table_files,
     result_table_files,
 )
 

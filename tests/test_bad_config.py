@@ -157,6 +157,10 @@ def test_integers_are_integers_and_seeds_fit_32_bits(changes, words):
             {"cluster__min_runtime": 100, "cluster__max_runtime": 60},
             "'cluster.min_runtime': 100 is above cluster.max_runtime (60)",
         ),
+        (
+            {"probe__continuations": True, "dpo__pairs__method": "steered"},
+            "steered makes its pairs with the probe, so the probe cannot learn from them",
+        ),
     ],
 )
 def test_relations_between_keys(changes, words):

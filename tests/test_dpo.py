@@ -58,6 +58,7 @@ FAST = dict(
     early_stopping_patience=10,
     validation_fraction=0.25,
     kl_weight=0.0,
+    kl="k3",  # the full KL has its own tests; k3 also runs with a precomputed reference
 )
 
 
@@ -264,13 +265,88 @@ def reference_kl(trainer, batch):
     return float(((torch.exp(r) - r - 1) * mask).sum() / mask.sum())
 
 
+def reference_full_kl(trainer, batch):
+    """Yang et al.'s KL from full logits: per sequence the mean over its completion tokens of
+    KL(reference || policy) over the vocabulary; chosen plus rejected per pair, mean over
+    pairs. Written out directly, independent of the trainer's code."""
+    with torch.no_grad():
+        lp = {
+            name: torch.log_softmax(
+                m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .double(),
+                -1,
+            )
+            for name, m in (("policy", trainer.model), ("ref", trainer.ref_model))
+        }
+    per_pos = (lp["ref"].exp() * (lp["ref"] - lp["policy"])).sum(-1)
+    mask = batch["completion_mask"][:, 1:].double()
+    per_seq = (per_pos * mask).sum(1) / mask.sum(1)
+    return float(per_seq.sum() / (len(per_seq) // 2))
+
+
+def _kl_trainer(model_dir, tmp_path, kl: str):
+    """A trainer with KL weight 0.5 and a batch of 4 pairs (8 sequences)."""
+    train, val = split_pairs(PAIRS, 0.25, 0)
+    settings = DPOSettings(**{**FAST, "kl_weight": 0.5, "kl": kl})
+    trainer = make_trainer(model_dir, train, val, settings, checkpoint_dir=tmp_path, device="cpu")
+    return trainer, trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+
+
+def _nudge(model) -> None:
+    """Move the policy off the reference."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+    """Gemma-2 soft-caps its logits (final_logit_softcapping): the full KL must too."""
+    root = tmp_path_factory.mktemp("dpo-gemma2")
+    tok = small_tokenizer()
+    model = tiny_model("gemma2", vocab=len(tok))
+    # A cap this low bends the tiny model's logits (30, Gemma-2's own, would leave them be).
+    model.config.final_logit_softcapping = 0.05
+    model.save_pretrained(root / "src")
+    tok.save_pretrained(root / "src")
+    spec = {"source": {"kind": "local", "path": str(root / "src")}, "family": "gemma2"}
+    return prepare_model("tiny-gemma2", {**spec, "dtype": "float32"}, root / "base")
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "llama", "gemma2"])
+def test_full_kl_is_the_exact_kl_over_the_vocabulary(model_name, request, tmp_path):
+    from trl import DPOTrainer
+
+    model_dir = request.getfixturevalue(f"{model_name}_dir")
+    trainer, batch = _kl_trainer(model_dir, tmp_path, "full")
+    trainer._compute_loss(trainer.model, batch, False)
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx(0, abs=1e-6)  # policy = reference
+    _nudge(trainer.model)
+    want = reference_full_kl(trainer, batch)
+    trl_loss = DPOTrainer._compute_loss(trainer, trainer.model, batch, False)
+    ours = trainer._compute_loss(trainer.model, batch, False)
+    assert want > 1e-3
+    assert trainer._metrics["train"]["kl"][-1] == pytest.approx(want, rel=1e-4)
+    assert (ours - trl_loss).item() == pytest.approx(0.5 * want, rel=1e-3)
+    # Larger than the k3 average at the tokens themselves: it sums both sides of a pair and
+    # weighs every token of the vocabulary.
+    assert want > reference_kl(trainer, batch)
+    ours.backward()  # the KL term reaches the policy's parameters, never the reference's
+    assert all(p.grad is None for p in trainer.ref_model.parameters())
+
+
+def test_full_kl_needs_the_live_reference():
+    with pytest.raises(ConfigError, match="'dpo.kl' is full, which needs the reference's whole"):
+        DPOSettings(**{**FAST, "kl": "full", "precompute_ref_log_probs": True})
+    with pytest.raises(ConfigError, match="'dpo.kl'"):
+        DPOSettings(**{**FAST, "kl": "exact"})
+
+
 def test_kl_term_on_top_of_trl_loss(gpt2_dir, tmp_path):
     from trl import DPOTrainer
 
-    train, val = split_pairs(PAIRS, 0.25, 0)
-    settings = DPOSettings(**{**FAST, "kl_weight": 0.5})
-    trainer = make_trainer(gpt2_dir, train, val, settings, checkpoint_dir=tmp_path, device="cpu")
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    trainer, batch = _kl_trainer(gpt2_dir, tmp_path, "k3")
     trl_loss = DPOTrainer._compute_loss(trainer, trainer.model, batch, False)
     ours = trainer._compute_loss(trainer.model, batch, False)
     # At step 0 the policy is the reference: KL is 0 and the loss is TRL's (log 2).
@@ -279,9 +355,7 @@ def test_kl_term_on_top_of_trl_loss(gpt2_dir, tmp_path):
     assert ours.item() == pytest.approx(trl_loss.item(), abs=1e-5)
     assert ours.item() == pytest.approx(0.693147, abs=1e-4)
 
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    _nudge(trainer.model)
     kl = reference_kl(trainer, batch)
     trl_loss = DPOTrainer._compute_loss(trainer, trainer.model, batch, False)
     ours = trainer._compute_loss(trainer.model, batch, False)
@@ -373,6 +447,31 @@ def test_gpt2_training_writes_a_loadable_model_and_the_log(gpt2_dir, tmp_path):
     assert (train["loss"] - train["dpo_loss"] - 0.1 * train["kl"]).abs().max() < 1e-5
     assert not ckpt.exists()  # checkpoints are scratch once the model is written
     assert sorted(p.name for p in out.parent.iterdir()) == ["dpo", "log.parquet"]
+
+
+def test_one_step_on_a_family_beyond_the_papers(tmp_path):
+    """Pythia's family (GPT-NeoX: parallel attention and MLP, biases everywhere) trains through
+    the same path: one step changes the MLP weights and the result prepares as a model."""
+    tok = small_tokenizer()
+    tiny_model("gpt_neox", vocab=len(tok)).save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    base = prepare_model(
+        "tiny-pythia",
+        {
+            "source": {"kind": "local", "path": str(tmp_path / "src")},
+            "family": "gpt_neox",
+            "dtype": "float32",
+        },
+        tmp_path / "base",
+    )
+    summary, table, (out, _, _) = run(
+        base, tmp_path, max_steps=1, eval_steps=1, save_steps=1, kl_weight=0.1
+    )
+    assert summary["steps"] == 1 and table["loss"].notna().all()
+    trained, reference = load_prepared(out)[0], load_prepared(base)[0]
+    mlp = "gpt_neox.layers.0.mlp.dense_4h_to_h.weight"
+    assert not torch.equal(trained.state_dict()[mlp], reference.state_dict()[mlp])
+    assert json.loads((out / "source.json").read_text())["family"] == "gpt_neox"
 
 
 def test_llama_learns_easy_pairs(llama_dir, tmp_path):

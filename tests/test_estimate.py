@@ -40,7 +40,7 @@ def bench_dir(tmp_path, measured_cfg):
     """A benchmarks/ folder as a run of config/config.yaml leaves it: every job 10 s."""
     root = tmp_path / "benchmarks"
     m = "smollm2-135m"
-    for rule in ("train_probe", "make_pairs", "train_dpo"):
+    for rule in ("train_probe", "make_pairs", "train_dpo", "probe_checks"):
         _bench(root / rule / f"{m}.tsv", 10)
     for cond in ("base", "dpo"):
         _bench(root / "evaluate" / m / f"{cond}.tsv", 10)

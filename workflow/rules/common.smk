@@ -52,6 +52,8 @@ def model_targets(model):
         f"results/{model}/eval/dpo.json",
         *expand("results/{model}/activations/{variant}", model=model, variant=["base", "dpo"]),
         f"results/{model}/neurons.parquet",
+        f"results/{model}/probe/checks.json",
+        *probe_table_files("results/tables", model),
         *neuron_stats_files("results/tables", model),
         *result_table_files("results/tables", model),
         *figure_files("results/figures", model),
@@ -131,6 +133,18 @@ def condition_spec(wildcards):
     if wildcards.condition in MODEL_CONDITIONS:
         return []
     return [f"results/{wildcards.model}/specs/{wildcards.condition}.json"]
+
+
+def probe_inputs(wildcards):
+    """The probe reads the pairs' samples too when probe.continuations is on."""
+    inputs = {
+        "model": f"resources/models/{wildcards.model}/base",
+        "texts": "resources/data/probe_texts.parquet",
+        "prompts": "resources/data/prompts.parquet",
+    }
+    if config["probe"]["continuations"]:
+        inputs["samples"] = f"results/{wildcards.model}/dpo/samples.parquet"
+    return inputs
 
 
 def pairs_inputs(wildcards):

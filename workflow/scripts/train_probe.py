@@ -10,6 +10,8 @@ with rule_log(snakemake) as log:
     metrics = train_probe(
         model_dir=smk.input.model,
         texts_path=smk.input.texts,
+        prompts_path=smk.input.prompts,
+        samples_path=smk.input.get("samples"),
         cfg=smk.params.cfg,
         out_dir=Path(smk.output.probe).parent,
         device=smk.params.device,

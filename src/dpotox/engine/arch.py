@@ -38,9 +38,12 @@ class Family:
     act: str = "act_fn"  # the MLP's activation function, inside the MLP
     # Phi-3 fuses gate and up into one projection: rows [0, d_mlp) gate, [d_mlp, 2 d_mlp) up.
     fused_gate_up: bool = False
+    # A norm the block applies to the MLP output before adding it to the residual stream
+    # (inside the block); None where the MLP output is added as it is.
+    post_mlp_norm: str | None = None
 
 
-def _glu(name: str, *model_types: str) -> Family:
+def _glu(name: str, *model_types: str, post_mlp_norm: str | None = None) -> Family:
     """A Llama-style gated MLP (gate_proj, up_proj, down_proj) under ``model.layers``."""
     return Family(
         name,
@@ -53,6 +56,7 @@ def _glu(name: str, *model_types: str) -> Family:
         False,
         "model.embed_tokens",
         "model.norm",
+        post_mlp_norm=post_mlp_norm,
     )
 
 
@@ -75,8 +79,9 @@ FAMILIES: dict[str, Family] = {
         _glu("llama"),
         _glu("mistral"),
         _glu("gemma"),
-        _glu("gemma2"),
-        _glu("gemma3", "gemma3_text"),
+        _glu("gemma2", post_mlp_norm="post_feedforward_layernorm"),
+        # gemma3 is the multimodal checkpoint; prepare_model keeps its text tower (gemma3_text).
+        _glu("gemma3", "gemma3_text", "gemma3", post_mlp_norm="post_feedforward_layernorm"),
         _glu("qwen2"),
         _glu("qwen3"),
         _glu("olmo"),
@@ -267,6 +272,33 @@ class Adapter:
     def unembedding(self) -> torch.Tensor:
         """``[vocab, d_model]`` output embedding (logits = h @ W^T)."""
         return self.model.get_output_embeddings().weight
+
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm the block applies to the MLP output before the residual stream (Gemma-2,
+        Gemma-3), or None where the MLP output is added as it is."""
+        if self.family.post_mlp_norm is None:
+            return None
+        return _get(self._layers[layer], self.family.post_mlp_norm)
+
+    def paths(self) -> dict[str, str]:
+        """Where the parts live, as attribute paths from the causal LM (``{l}``: a layer)."""
+        fam = self.family
+        mlp = f"{fam.layers}[{{l}}].{fam.mlp}"
+        out = {
+            "hook point (input of)": f"{mlp}.{fam.out_proj}",
+            "value vectors": f"{mlp}.{fam.out_proj}.weight"
+            + (" rows" if fam.conv1d else " columns"),
+            "key vectors": f"{mlp}.{fam.key_proj}.weight"
+            + (" columns" if fam.conv1d else " rows")
+            + (" [0, d_mlp) (the gate half)" if fam.fused_gate_up else ""),
+        }
+        if fam.up_proj is not None:
+            out["up vectors"] = f"{mlp}.{fam.up_proj}.weight rows"
+        if fam.post_mlp_norm is not None:
+            out["post-MLP norm"] = f"{fam.layers}[{{l}}].{fam.post_mlp_norm}"
+        out["embeddings"] = f"{fam.embed}.weight"
+        out["final norm"] = fam.final_norm
+        return out
 
     def final_norm(self) -> nn.Module:
         """The norm applied to the last residual stream before unembedding."""

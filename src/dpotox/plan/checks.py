@@ -105,6 +105,16 @@ def relation_problems(config: Mapping[str, Any]) -> list[str]:
             "config key 'dpo.pairs.method' is jsonl, which reads data.pairs, but data.pairs is "
             "not set; give data.pairs (a JSONL file of prompt/chosen/rejected) or another method"
         )
+    if config["probe"]["continuations"] and method != "best-of-n":
+        why = (
+            "makes its pairs with the probe, so the probe cannot learn from them"
+            if method == "steered"
+            else "reads its pairs from data.pairs, which are not the model's own text"
+        )
+        problems.append(
+            f"config key 'probe.continuations' is true, but dpo.pairs.method {method} {why}; "
+            "set probe.continuations: false or dpo.pairs.method: best-of-n"
+        )
     for model, mcfg in config["models"].items():
         try:
             sweep_conditions(config, model)

@@ -161,9 +161,15 @@ def _leaf_errors(errors: Iterable[jsonschema.ValidationError]) -> list[jsonschem
 
 
 def validate_config(
-    config: dict[str, Any], schema: Mapping[str, Any] | None = None, *, check_paths: bool = True
+    config: dict[str, Any],
+    schema: Mapping[str, Any] | None = None,
+    *,
+    check_paths: bool = True,
+    check_relations: bool = True,
 ) -> dict[str, Any]:
-    """Fill defaults into ``config`` (in place) and check it; return it.
+    """Fill defaults into ``config`` (in place) and check it; return it. ``check_relations``
+    off skips the checks between keys (:mod:`dpotox.plan.checks`), for a caller that only
+    needs the defaults filled in.
 
     Raises:
         ConfigError: one line per problem, each naming the key, the value and what is allowed.
@@ -192,7 +198,7 @@ def validate_config(
     _normalise(config)
     from dpotox.plan.checks import relation_problems  # it reads the conditions, which read us
 
-    if problems := relation_problems(config):
+    if check_relations and (problems := relation_problems(config)):
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     if check_paths:
         _check_paths(config)

@@ -2,6 +2,7 @@
 
 - :data:`NEURON_STATS`: the statistics tables of rule ``neuron_stats``;
 - :data:`RESULT_TABLES`: the result tables of rule ``tables``;
+- :data:`PROBE_TABLES`: the probe's tables of rule ``probe_checks``;
 - :data:`FIGURES`: the figures, one rule each, with the tables each reads
   (:data:`TABLE_SOURCES`: the path of each table and the rule that writes it).
 
@@ -57,6 +58,18 @@ RESULT_TABLES: dict[str, str] = {
 def result_table_files(root: str, model: str) -> list[str]:
     """Every file rule ``tables`` writes for ``model`` under ``root``: CSV and markdown."""
     return [f"{root}/{model}/{name}.{ext}" for name in RESULT_TABLES for ext in ("csv", "md")]
+
+
+# Rule probe_checks: name -> title (how far the probe direction can be trusted; docs/probe.md)
+PROBE_TABLES: dict[str, str] = {
+    "table_probe": "The probe: held-out quality, stability under refits, validity checks",
+    "table_probe_learning_curve": "The probe's held-out quality against its training texts",
+}
+
+
+def probe_table_files(root: str, model: str) -> list[str]:
+    """Every file rule ``probe_checks`` writes for ``model`` under ``root``: CSV and markdown."""
+    return [f"{root}/{model}/{name}.{ext}" for name in PROBE_TABLES for ext in ("csv", "md")]
 
 
 ALL_MODELS = "all-models"  # the folder of the figures with a row of panels per model

@@ -63,8 +63,19 @@ TRAIN_BYTES_PER_PARAM = 12  # float32 master weights + float32 gradients + one R
 HOST_OVERHEAD_MB = 8000  # Python, torch, CUDA libraries, tokenizer, data
 GPU_OVERHEAD_GB = 2.0  # CUDA context and allocator slack
 # Rules that run no model on a GPU but load one (or two) on the CPU to read its weights.
-CPU_LOADS = {"prepare_model": 2, "toxic_ablation_spec": 1, "sweep_specs": 1, "neuron_table": 2}
-GPU_RULES = ("train_probe", "make_pairs", "train_dpo", "evaluate", "cache_activations", "sweep")
+CPU_RULES = ("prepare_model", "toxic_ablation_spec", "sweep_specs", "neuron_table")
+# Models one job holds at once, where more than one: the source and its prepared copy, or the
+# base and the DPO model. Host memory and (on a GPU) GPU memory hold each.
+MODELS_HELD = {"prepare_model": 2, "neuron_table": 2, "probe_checks": 2}
+GPU_RULES = (
+    "train_probe",
+    "make_pairs",
+    "train_dpo",
+    "evaluate",
+    "cache_activations",
+    "sweep",
+    "probe_checks",
+)
 
 
 @dataclass(frozen=True)
@@ -200,6 +211,9 @@ def rule_work(rule: str, cfg: Mapping[str, Any]) -> Work:
             tokens += k * ev["ppl_texts"] * ev["ppl_window"]
         steps = sum(math.ceil(k * n / rows) for n in texts) * ev["new_tokens"]
         return Work(tokens, steps, rows, ctx)
+    if rule == "probe_checks":
+        # Two models teacher-force the evaluation texts (and the base its continuations).
+        return Work(3 * ev["n_prompts"] * ctx, 0, ev["batch_size"], ctx)
     if rule == "make_pairs":
         if pairs["method"] == "jsonl":
             return Work(0, 0, 1, 1)
@@ -243,7 +257,10 @@ def rule_work(rule: str, cfg: Mapping[str, Any]) -> Work:
         trained = steps * per_step * seq
         # The reference runs once over every pair when precomputed, else beside every step.
         ref_tokens = n_pairs * seq if dpo["precompute_ref_log_probs"] else trained
-        return Work(ref_tokens, 0, 2 * dpo["batch_size"], length, train_tokens=trained)
+        # Every validation runs policy and reference over the validation pairs.
+        n_val = max(1, round(n_pairs * dpo["validation_fraction"]))
+        val_tokens = math.ceil(steps / dpo["eval_steps"]) * n_val * seq * 2
+        return Work(ref_tokens + val_tokens, 0, 2 * dpo["batch_size"], length, train_tokens=trained)
     raise ConfigError(f"no resource model for rule {rule!r}")
 
 
@@ -288,7 +305,7 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
     mcfg = cfg["models"][model]
     cc = ClusterConfig.from_config(cfg)
     size = model_size(mcfg["family"], mcfg["arch"])
-    weights_gb = _weights_gb(mcfg)
+    weights_gb = _weights_gb(mcfg) * MODELS_HELD.get(rule, 1)
     work = rule_work(rule, cfg)
     per_token_kv = 2 * size.n_layers * size.kv_width * DTYPE_BYTES[mcfg["dtype"]]
     logits_gb = work.rows * size.vocab * 4 * 2 / 1e9  # float32 logits and their softmax
@@ -298,6 +315,12 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
         # A precomputed reference is freed before training starts.
         ref_bytes = 0 if cfg["dpo"]["precompute_ref_log_probs"] else DTYPE_BYTES[mcfg["dtype"]]
         state_gb = size.n_params * (TRAIN_BYTES_PER_PARAM + ref_bytes) / 1e9
+        if cfg["dpo"]["kl"] == "full":
+            # The full KL: float32 log-softmaxes of policy and reference at every completion
+            # token, and the policy's gradient.
+            rows = max(cfg["dpo"]["batch_size"], cfg["dpo"]["eval_batch_size"])
+            kl_tokens = 2 * rows * cfg["dpo"]["max_completion_length"]
+            acts_gb += 3 * kl_tokens * size.vocab * 4 / 1e9
         need = [state_gb / n + acts_gb + 3 * logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]
     else:
         kv_gb = work.rows * work.ctx * per_token_kv / 1e9
@@ -333,7 +356,7 @@ def requests(rule: str, model: str, cfg: Mapping[str, Any]) -> dict[str, int]:
     cc = ClusterConfig.from_config(cfg)
     on_gpu = mcfg["device"] != "cpu" and rule in GPU_RULES
     if not on_gpu:
-        loads, weights_gb = CPU_LOADS.get(rule, 1), _weights_gb(mcfg)
+        loads, weights_gb = MODELS_HELD.get(rule, 1), _weights_gb(mcfg)
         out = {
             "gpu": 0,
             "gpu_mem_mb": 0,

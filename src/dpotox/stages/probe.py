@@ -12,6 +12,11 @@ give, then split train/test (``probe.test_fraction``) within each origin and cla
 are seeded. The metrics report, per source, the probe's accuracy within that source alone
 (the confound check: a probe that only recognised sources would be at chance there).
 
+**Held out.** No probe text equals an evaluation prompt (``probe.exclude_evaluation_prompts``,
+on by default; compared after normalising case and whitespace, as the pairs are): the probe
+that defines every neuron group must not have learnt from the prompts the groups are then
+measured on. The metrics report how many were removed and the overlap left (0).
+
 **Features.** The final residual stream (after the final norm: the input of the unembedding),
 mean-pooled over the real tokens of each text (padding masked), computed in batches of
 ``probe.batch_size`` texts of at most ``probe.max_tokens`` tokens.
@@ -22,6 +27,13 @@ by ``probe.cv_folds``-fold cross-validation on the training split. The stored we
 mapped back to the raw residual stream (``w_raw = w / sd``, bias adjusted), so ``w`` is a
 direction of the residual stream itself and ``w . x + b`` is the probe's logit for a raw
 pooled feature ``x``.
+
+**How much to trust the direction.** A learning curve (test accuracy, balanced accuracy and
+AUC of probes fit on growing shares of the training split, ``probe.learning_curve``, each
+``probe.learning_curve_repeats`` times) says whether more text would help; ``probe.bootstrap``
+refits on resamples of the training texts say how stable ``w`` is (its cosine with each
+refit); the refit directions are kept (``bootstrap.safetensors``) for rule ``probe_checks``,
+which measures how much the neuron groups move with them.
 """
 
 from __future__ import annotations
@@ -62,11 +74,16 @@ class ProbeConfig:
     test_fraction: float = 0.1
     label_threshold: float = 0.5
     clean_threshold: float = 0.1
+    continuations: bool = False
     max_tokens: int = 128
     batch_size: int = 32
     l2: float | list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0])
     cv_folds: int = 5
     max_iter: int = 1000
+    exclude_evaluation_prompts: bool = True
+    learning_curve: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
+    learning_curve_repeats: int = 3
+    bootstrap: int = 20
     seed: int = 0
 
     @property
@@ -85,7 +102,8 @@ def label_texts(df: pd.DataFrame, score: Any, pc: ProbeConfig) -> pd.DataFrame:
     """Add ``score`` (scorer probability, null where the source gave a label) and fill ``label``.
 
     ``score`` is a callable ``texts -> probabilities`` (a scorer's ``score``), called only
-    for texts without a label. Ambiguous texts (between the two thresholds) are dropped.
+    for texts with neither a label nor a score (a ``score`` column, as the pairs' samples
+    carry, is used as it is). Ambiguous texts (between the two thresholds) are dropped.
     """
     if pc.clean_threshold > pc.label_threshold:
         raise ProbeError(
@@ -93,10 +111,14 @@ def label_texts(df: pd.DataFrame, score: Any, pc: ProbeConfig) -> pd.DataFrame:
             f"probe.label_threshold ({pc.label_threshold}); lower it"
         )
     df = df.copy()
-    df["score"] = pd.Series(np.nan, index=df.index, dtype="float64")
+    given = df["score"] if "score" in df else pd.Series(np.nan, index=df.index)
+    df["score"] = given.astype("float64")
     todo = df["label"].isna()
     if todo.any():
-        df.loc[todo, "score"] = np.asarray(score(df.loc[todo, "text"].tolist()), dtype=np.float64)
+        unscored = todo & df["score"].isna()
+        if unscored.any():
+            texts = df.loc[unscored, "text"].tolist()
+            df.loc[unscored, "score"] = np.asarray(score(texts), dtype=np.float64)
         s = df.loc[todo, "score"]
         df.loc[todo, "label"] = np.where(
             s >= pc.label_threshold, 1, np.where(s < pc.clean_threshold, 0, -1)
@@ -166,6 +188,27 @@ def _allocate(capacity: pd.Series, n: int) -> pd.Series:
     for s in (exact - take).sort_values(ascending=False).index[: n - int(take.sum())]:
         take[s] += 1
     return take
+
+
+CONTINUATIONS = "model-continuations"  # the source (and origin) of the pairs' samples
+
+
+def continuation_texts(samples: pd.DataFrame) -> pd.DataFrame:
+    """The continuations ``make_pairs`` sampled and scored, as probe texts: ``text`` the
+    continuation alone (what the model writes), ``score`` the pairs' scorer's, ``label`` to be
+    set from it, source and origin :data:`CONTINUATIONS` (balanced on their own: a probe must
+    not tell them from RTP prompts by their form)."""
+    keep = samples["continuation"].fillna("").str.strip().str.len() > 0
+    s = samples[keep & samples["score"].notna()]
+    return pd.DataFrame(
+        {
+            "id": s["id"].astype(str) + "#" + s["sample"].astype(str),
+            "text": s["continuation"].to_numpy(),
+            "label": pd.array([pd.NA] * len(s), dtype="Int8"),
+            "source": CONTINUATIONS,
+            "score": s["score"].astype("float64").to_numpy(),
+        }
+    ).drop_duplicates("text")
 
 
 # -- features and fit ------------------------------------------------------------------------
@@ -281,6 +324,80 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _balanced_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    recalls = [float(((logits > 0) == (c == 1))[labels == c].mean()) for c in (0, 1)]
+    return float(np.mean(recalls)) if (labels == 0).any() and (labels == 1).any() else float("nan")
+
+
+def learning_curve(
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    l2: float,
+    pc: ProbeConfig,
+) -> list[dict[str, float]]:
+    """Held-out quality against the number of training texts: for each share of
+    ``probe.learning_curve``, ``probe.learning_curve_repeats`` probes fit at ``l2`` on seeded
+    class-balanced subsets of the training split, scored on the whole test split (mean and
+    spread over the repeats)."""
+    rng = np.random.default_rng(pc.seed + 2)
+    y = y_train.numpy()
+    yt = y_test.numpy()
+    by_class = [np.flatnonzero(y == c) for c in (0, 1)]
+    rows = []
+    for share in pc.learning_curve:
+        k = max(2, int(round(share * min(len(c) for c in by_class))))
+        repeats = 1 if share >= 1 else pc.learning_curve_repeats
+        acc, bal, areas = [], [], []
+        for _ in range(repeats):
+            idx = np.concatenate(
+                [rng.choice(c, size=min(k, len(c)), replace=False) for c in by_class]
+            )
+            w, b = _fit_standardised(x_train[idx].double(), y_train[idx].double(), l2, pc.max_iter)
+            logits = (x_test.double() @ w + b).numpy()
+            acc.append(float(((logits > 0) == (yt == 1)).mean()))
+            bal.append(_balanced_accuracy(logits, yt))
+            areas.append(auc(logits, yt))
+        rows.append(
+            {
+                "share": float(share),
+                "n_train": int(2 * k),
+                "repeats": repeats,
+                "test_accuracy": float(np.mean(acc)),
+                "test_balanced_accuracy": float(np.mean(bal)),
+                "test_auc": float(np.mean(areas)),
+                "test_auc_sd": float(np.std(areas)),
+            }
+        )
+    return rows
+
+
+def bootstrap_directions(
+    x_train: torch.Tensor, y_train: torch.Tensor, w: torch.Tensor, l2: float, pc: ProbeConfig
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``probe.bootstrap`` probes fit at ``l2`` on resamples (with replacement) of the training
+    texts: their directions ``[B, d_model]`` and the cosine of each with ``w`` (mean, 5th
+    percentile, minimum)."""
+    rng = np.random.default_rng(pc.seed + 3)
+    n = len(y_train)
+    dirs = []
+    for _ in range(pc.bootstrap):
+        idx = torch.as_tensor(rng.integers(0, n, n))
+        wk, _ = _fit_standardised(x_train[idx].double(), y_train[idx].double(), l2, pc.max_iter)
+        dirs.append(wk.float())
+    if not dirs:
+        return torch.empty(0, len(w)), {"n": 0}
+    stacked = torch.stack(dirs)
+    cos = torch.nn.functional.cosine_similarity(stacked.double(), w.double()[None], dim=1).numpy()
+    return stacked, {
+        "n": len(dirs),
+        "cos_with_probe_mean": float(cos.mean()),
+        "cos_with_probe_p5": float(np.percentile(cos, 5)),
+        "cos_with_probe_min": float(cos.min()),
+    }
+
+
 def top_tokens(
     adapter: Adapter, tok: PreTrainedTokenizerBase, w: torch.Tensor, k: int = 20
 ) -> list[tuple[str, float]]:
@@ -353,19 +470,52 @@ def train_probe(
     cfg: Mapping[str, Any],
     out_dir: str | Path,
     device: str = "cpu",
+    prompts_path: str | Path | None = None,
+    samples_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Label, sample, embed, fit; write ``probe.safetensors``, ``metrics.json``,
-    ``data.parquet`` and ``top_tokens.csv`` into ``out_dir``. Returns the metrics."""
+    ``data.parquet``, ``top_tokens.csv`` and ``bootstrap.safetensors`` into ``out_dir``.
+    ``prompts_path`` (the prompts table) names the evaluation prompts to keep out (the first
+    ``evaluation.n_prompts``); ``samples_path`` (``make_pairs``' samples) adds the model's
+    continuations when ``probe.continuations`` is on. Returns the metrics."""
     from dpotox.engine.generate import inference_device
     from dpotox.scoring import load_scorer
     from dpotox.sources.models import load_prepared
+    from dpotox.stages.evaluate import evaluation_texts, is_evaluation_text
 
     pc = ProbeConfig.from_config(cfg)
+    n_eval = cfg.get("evaluation", {}).get("n_prompts")
+    if prompts_path is not None and n_eval is None:
+        raise ProbeError(
+            "the probe is given the prompts table but no evaluation.n_prompts, so it cannot "
+            "tell which prompts are the evaluation's; pass the config's evaluation.n_prompts"
+        )
     t0 = time.perf_counter()
     device = inference_device(device)
     texts = pd.read_parquet(texts_path)
     if texts.empty:
         raise SourceError(f"{texts_path} holds no texts; check data.probe_texts")
+    if pc.continuations:
+        if samples_path is None:
+            raise ProbeError(
+                "probe.continuations is on but no samples of make_pairs were given; the "
+                "rule passes results/{model}/dpo/samples.parquet"
+            )
+        texts = pd.concat(
+            [texts, continuation_texts(pd.read_parquet(samples_path))], ignore_index=True
+        )
+    held_out = {"excluded": pc.exclude_evaluation_prompts}
+    if prompts_path is not None:
+        eval_texts = evaluation_texts(pd.read_parquet(prompts_path), n_eval)
+        same = is_evaluation_text(texts["text"], eval_texts)
+        if pc.exclude_evaluation_prompts:
+            texts = texts[~same].reset_index(drop=True)
+        held_out.update(
+            evaluation_prompts=len(eval_texts),
+            removed=int(same.sum()) if pc.exclude_evaluation_prompts else 0,
+            overlap=int(is_evaluation_text(texts["text"], eval_texts).sum()),
+        )
+        log.info("probe texts: %s", held_out)
     need_scores = bool(texts["label"].isna().any())
     scorer = load_scorer(cfg.get("toxicity", {}), device=device) if need_scores else None
     labelled = label_texts(texts, scorer.score if scorer else (lambda t: []), pc)
@@ -416,6 +566,11 @@ def train_probe(
             "train_accuracy": acc(~test & src),
             "cv_balanced_accuracy": balanced_acc(~test & src, oof_pred),
         }
+    curve = learning_curve(x[train], y[train], x[~train], y[~train], l2, pc)
+    for row in curve:
+        log.info("learning curve: %s", row)
+    directions, stability = bootstrap_directions(x[train], y[train], w, l2, pc)
+    log.info("direction stability over %d resamples: %s", pc.bootstrap, stability)
     tokens = top_tokens(adapter, tok, w)
     metrics = {
         "n": len(sample),
@@ -426,6 +581,10 @@ def train_probe(
         "test_accuracy": acc(test),
         "train_auc": auc(logits[~test], lab[~test]),
         "test_auc": auc(logits[test], lab[test]),
+        "test_balanced_accuracy": balanced_acc(test),
+        "evaluation_prompts": held_out,
+        "learning_curve": curve,
+        "stability": stability,
         "per_source": per_source,
         "sources": report,
         "labels_from": "scorer " + scorer.name if scorer else "the source's label column",
@@ -453,6 +612,8 @@ def train_probe(
     with atomic_path(out_dir / "top_tokens.csv") as tmp:
         pd.DataFrame(tokens, columns=["token", "dot_with_probe"]).to_csv(tmp, index=False)
     write_json(_json_safe(metrics), out_dir / "metrics.json", allow_nan=False)
+    with atomic_path(out_dir / "bootstrap.safetensors") as tmp:
+        save_file({"directions": directions.contiguous()}, str(tmp))
     save_probe(
         out_dir / "probe.safetensors",
         w,

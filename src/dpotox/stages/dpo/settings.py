@@ -21,15 +21,21 @@ class DPOSettings:
     """
 
     beta: float = 0.1
-    #: Weight of the per-token KL(policy || reference) penalty added to the DPO loss; 0 = plain DPO.
+    #: Weight of the KL penalty added to the DPO loss; 0 = plain DPO.
     kl_weight: float = 0.05
+    #: The KL penalty: ``full``, the exact KL(reference || policy) over the vocabulary, per pair
+    #: the mean over each side's completion tokens, chosen plus rejected (Yang et al.'s
+    #: trainer); ``k3``, the estimate exp(r) - r - 1 at each completion token's own
+    #: log-probs, averaged over the tokens of a micro-batch (cheaper; any reference).
+    kl: Literal["full", "k3"] = "full"
     #: Peak learning rate, reached linearly after ``warmup_steps`` and then held constant.
     learning_rate: float = 1.0e-6
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
     #: Optimizer steps of linear warmup from 0 to ``learning_rate``.
     warmup_steps: int = 150
-    #: Pairs per device per micro-batch.
-    batch_size: int = 4
+    #: Pairs per device per micro-batch. The reference trainer's "batch 4, accumulation 4"
+    #: is 4 pairs per optimizer step in micro-batches of one: batch_size 1 here.
+    batch_size: int = 1
     #: Micro-batches per optimizer step.
     gradient_accumulation_steps: int = 4
     eval_batch_size: int = 8
@@ -98,6 +104,8 @@ class DPOSettings:
             bad("max_steps", "-1 (run all epochs) or an integer >= 1")
         if not isinstance(self.precompute_ref_log_probs, bool):
             bad("precompute_ref_log_probs", "true or false")
+        if self.kl not in ("full", "k3"):
+            bad("kl", "one of 'full', 'k3'")
         if out:  # the relations below need valid numbers
             return out
         if self.max_prompt_length + self.max_completion_length > self.max_length:
@@ -105,6 +113,13 @@ class DPOSettings:
                 f"config keys 'dpo.max_prompt_length' ({self.max_prompt_length}) + "
                 f"'dpo.max_completion_length' ({self.max_completion_length}) exceed "
                 f"'dpo.max_length' ({self.max_length}); raise dpo.max_length or shorten the others"
+            )
+        if self.kl == "full" and self.precompute_ref_log_probs:
+            out.append(
+                "config key 'dpo.kl' is full, which needs the reference's whole next-token "
+                "distribution at every completion token, but 'dpo.precompute_ref_log_probs' "
+                "keeps only each token's log-prob; set dpo.precompute_ref_log_probs: false "
+                "(the reference then runs beside the policy) or dpo.kl: k3"
             )
         if self.save_steps % self.eval_steps:
             out.append(

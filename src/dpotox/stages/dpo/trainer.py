@@ -54,6 +54,69 @@ def k3_kl(
     return (per_token * mask).sum(), mask.sum()
 
 
+@contextlib.contextmanager
+def _capture_hidden(
+    model: torch.nn.Module, store: dict[str, torch.Tensor], key: str
+) -> Iterator[None]:
+    """Keep the last hidden state (the final norm's output) of ``model``'s first forward."""
+
+    def hook(_mod, _args, output):
+        if key not in store:
+            store[key] = output.last_hidden_state
+
+    handle = model.base_model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _head_log_probs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` of ``model``'s next-token logits for the rows of ``hidden`` ``[T, d]``,
+    in float32, with the logit scaling and soft-capping TRL's fused head applies (Gemma-2)."""
+    head = model.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
+        from torch.distributed.tensor import Partial
+
+        # Each process's gradient of the gathered weight is a partial sum: it must be
+        # reduce-scattered back onto the shards, not sliced.
+        partial = [Partial()] * weight.device_mesh.ndim
+        weight = weight.full_tensor(grad_placements=partial)
+        bias = bias.full_tensor(grad_placements=partial) if bias is not None else None
+    text = model.config.get_text_config()
+    logits = torch.nn.functional.linear(
+        hidden.float(), weight.float(), None if bias is None else bias.float()
+    )
+    scale = getattr(text, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def full_kl(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor, rows: torch.Tensor, n_rows: int
+) -> torch.Tensor:
+    """Per sequence, the mean over its completion positions of the exact
+    ``KL(reference || policy) = sum_v p_ref(v) (log p_ref(v) - log p_policy(v))``.
+
+    ``policy_logps`` and ``ref_logps`` are ``[T, vocab]`` log-softmaxes of the T completion
+    positions of a micro-batch, ``rows`` ``[T]`` the sequence each belongs to (of ``n_rows``).
+    The gradient flows into ``policy_logps`` only. Returns ``[n_rows]``.
+    """
+    per_token = torch.nn.functional.kl_div(
+        policy_logps, ref_logps.detach(), log_target=True, reduction="none"
+    ).sum(-1)
+    total = torch.zeros(n_rows, dtype=per_token.dtype, device=per_token.device)
+    count = torch.zeros_like(total)
+    total = total.index_add(0, rows, per_token)
+    count = count.index_add(0, rows, torch.ones_like(per_token))
+    return total / count.clamp(min=1)
+
+
 # Dataset columns of precomputed reference log-probs: each completion token's, chosen and rejected.
 REF_TOKENS = ("ref_chosen_tokens", "ref_rejected_tokens")
 
@@ -69,9 +132,18 @@ class KLDPOTrainer(DPOTrainer):
         max_prompt_length: int,
         max_completion_length: int,
         precompute_ref: bool = False,
+        kl: str = "k3",
         **kwargs: Any,
     ) -> None:
+        if kl not in ("full", "k3"):
+            raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
+        if kl == "full" and precompute_ref:
+            raise ValueError(
+                "the full KL needs the reference's whole next-token distribution at every "
+                "completion token, which a precomputed reference does not keep"
+            )
         # Set before super().__init__, which tokenises the datasets through _prepare_dataset.
+        self.kl = kl
         self.kl_weight = kl_weight
         self.max_prompt_length = max_prompt_length
         self.max_completion_length = max_completion_length
@@ -203,7 +275,25 @@ class KLDPOTrainer(DPOTrainer):
             if self.precompute_ref_logps
             else _capture_log_probs(self.ref_model, captured, "ref")
         )
-        with _capture_log_probs(model, captured, "policy"), ref_hook:
+        hidden: dict[str, torch.Tensor] = {}
+        policy_model = self.accelerator.unwrap_model(model)
+        ref_model = (
+            None if self.precompute_ref_logps else self.accelerator.unwrap_model(self.ref_model)
+        )
+        hidden_hooks = (
+            (
+                _capture_hidden(policy_model, hidden, "policy"),
+                _capture_hidden(ref_model, hidden, "ref"),
+            )
+            if self.kl == "full"
+            else (contextlib.nullcontext(), contextlib.nullcontext())
+        )
+        with (
+            _capture_log_probs(model, captured, "policy"),
+            ref_hook,
+            hidden_hooks[0],
+            hidden_hooks[1],
+        ):
             result = super()._compute_loss(model, inputs, return_outputs)
         loss, outputs = result if return_outputs else (result, None)
         if set(captured) != ({"policy"} if self.precompute_ref_logps else {"policy", "ref"}):
@@ -223,11 +313,28 @@ class KLDPOTrainer(DPOTrainer):
             ref[mask.bool()] = ref_tokens.to(ref.device, torch.float32)
         else:
             ref = captured["ref"][:, -n:]
-        kl_sum, n_tokens = k3_kl(policy, ref, mask)
-        kl = kl_sum / n_tokens.clamp(min=1)
-        # Per-process scalars: gather all of them (gather_for_metrics would trim them as samples).
         gather = self.accelerator.gather
-        total = gather(n_tokens.detach()).sum()
+        if self.kl == "full":
+            # Yang et al.'s trainer: per pair, KL(reference || policy) over the vocabulary,
+            # averaged over positions, chosen plus rejected; then the mean over pairs.
+            select = mask.bool()
+            rows = torch.arange(mask.size(0), device=mask.device)[:, None].expand_as(mask)[select]
+            n_pairs = mask.size(0) // 2
+            per_seq = full_kl(
+                _head_log_probs(policy_model, hidden["policy"][:, :-1][:, -n:][select]),
+                _head_log_probs(ref_model, hidden["ref"][:, :-1][:, -n:][select]),
+                rows,
+                mask.size(0),
+            )
+            kl_sum, n_units = (
+                per_seq.sum(),
+                torch.tensor(float(max(n_pairs, 1)), device=mask.device),
+            )
+        else:
+            kl_sum, n_units = k3_kl(policy, ref, mask)
+        kl = kl_sum / n_units.clamp(min=1)
+        # Per-process scalars: gather all of them (gather_for_metrics would trim them as samples).
+        total = gather(n_units.detach()).sum()
         self._metrics[mode]["kl"].append(
             (gather(kl_sum.detach()).sum() / total.clamp(min=1)).item()
         )
@@ -384,6 +491,7 @@ def make_trainer(
                 *callbacks,
             ],
             kl_weight=settings.kl_weight,
+            kl=settings.kl,
             max_prompt_length=settings.max_prompt_length,
             max_completion_length=settings.max_completion_length,
             precompute_ref=settings.precompute_ref_log_probs,
