@@ -218,3 +218,43 @@ def test_a_rerun_replaces_the_cache_whole(tmp_path):
     with pytest.raises(ActivationsError, match="unique"):
         cache_generation(adapter, tok, _prompts(2), ["x", "x"], tmp_path / "d", new_tokens=3)
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("family", ["gemma3", "olmo2"])
+def test_post_norm_families_cache_the_written_activations(family, tmp_path):
+    """``written`` is the mean of m times the post-MLP norm's per-token scale of the MLP output,
+    at the same positions as ``activation``, in the means and in the per-position cache; the
+    families without that norm store no such column and read it back as ``activation``."""
+    model = tiny_model(family)
+    adapter, tok = Adapter(model), TokenIdTokenizer(model)
+    prompts, ids = _prompts(3, seed=2), ["a", "b", "c"]
+    gen, meta = cache_generation(
+        adapter, tok, prompts, ids, tmp_path / "c", new_tokens=4, positions_dir=tmp_path / "p"
+    )
+    assert meta["written"] and "written" in meta["columns"]
+    for layer in range(N_LAYERS):
+        cached_ids, written, _ = prompt_means(tmp_path / "c", layer, written=True)
+        _, plain, _ = prompt_means(tmp_path / "c", layer)
+        assert not np.allclose(written, plain)
+        for row, pid in enumerate(cached_ids):
+            i = ids.index(pid)
+            m = _recompute(model, prompts[i], gen.new_tokens[i])[layer]
+            y = m.float() @ adapter.value_vectors(layer).detach()
+            s = adapter.post_mlp_norm_scale(layer, y).double()
+            np.testing.assert_allclose(written[row], (m * s).mean(0).numpy(), rtol=1e-4, atol=1e-6)
+        per_pos = pd.read_parquet(tmp_path / "p" / f"layer={layer:02d}")
+        assert "written" in per_pos.columns
+    np.testing.assert_allclose(
+        mean_activations(tmp_path / "c", written=True).shape, (N_LAYERS, D_MLP)
+    )
+
+
+def test_families_without_a_post_norm_read_written_as_the_activation(tmp_path):
+    model = tiny_model("llama")
+    adapter, tok = Adapter(model), TokenIdTokenizer(model)
+    cache_generation(adapter, tok, _prompts(2), ["a", "b"], tmp_path / "c", new_tokens=3)
+    assert not read_meta(tmp_path / "c")["written"]
+    assert "written" not in pq.read_schema(tmp_path / "c" / "layer=00" / "part-0.parquet").names
+    np.testing.assert_array_equal(
+        mean_activations(tmp_path / "c", written=True), mean_activations(tmp_path / "c")
+    )

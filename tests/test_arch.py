@@ -143,9 +143,65 @@ def test_phi3_key_vectors_are_the_gate_half_of_the_fused_projection():
     [
         ("mixtral", "mixture of experts"),
         ("qwen2_moe", "mixture of experts"),
-        ("olmo2", "normalises the MLP output"),
+        ("olmoe", "mixture of experts"),
     ],
 )
 def test_models_refused_with_their_reason(model_type, reason):
     with pytest.raises(UnsupportedModelError, match=reason):
         family_of(model_type)
+
+
+class _Keep:
+    """A recorder that keeps each layer's activations and post-MLP norm scale."""
+
+    def __init__(self) -> None:
+        self.m: dict[int, torch.Tensor] = {}
+        self.scale: dict[int, torch.Tensor | None] = {}
+
+    def start(self, ctx) -> None:
+        pass
+
+    def record(self, layer, m, ctx, scale=None) -> None:
+        self.m[layer], self.scale[layer] = m.detach().clone(), scale
+
+    def finish(self, ctx) -> None:
+        pass
+
+
+def test_recorded_contributions_sum_to_the_residual_increment(model, family):
+    """The neuron table's decomposition, every family: what the hook engine records
+    (``m``, times the post-MLP norm's scale where there is one) times the written vectors
+    (value vectors, times the norm's gain) sums to what the layer adds to the residual stream
+    through its MLP; the bias term is scaled alike."""
+    from dpotox.engine.hooks import Hooks
+
+    a = Adapter(model, family)
+    ids = torch.randint(3, 200, (2, 6))
+    increments: dict[int, torch.Tensor] = {}
+    rec = _Keep()
+    handles = []
+    for layer in range(a.n_layers):
+        # What joins the residual stream: the post-MLP norm's output, else the MLP's.
+        where = a.post_mlp_norm(layer) if a.post_mlp_norm(layer) is not None else a.mlp(layer)
+        handles.append(
+            where.register_forward_hook(
+                lambda mod, args, out, layer=layer: increments.__setitem__(layer, out.detach())
+            )
+        )
+    try:
+        with torch.no_grad(), Hooks(a, None, recorder=rec).attached() as ctx:
+            ctx.phase = "all"
+            a.model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in range(a.n_layers):
+        m, scale = rec.m[layer].float(), rec.scale[layer]
+        assert (scale is None) == (a.post_mlp_norm(layer) is None)
+        s = scale if scale is not None else torch.ones_like(m[..., :1])
+        recon = (m * s) @ a.written_vectors(layer).float()
+        bias = a.out_bias(layer)
+        if bias is not None:
+            gain = a.post_mlp_norm_gain(layer)
+            recon = recon + s * (bias * (gain if gain is not None else 1.0)).float()
+        torch.testing.assert_close(recon, increments[layer].float(), atol=1e-5, rtol=1e-4)

@@ -27,7 +27,7 @@ def test_every_family_is_described(family, tmp_path):
     assert d["supported"] and d["family"] == family and not d["multimodal"]
     assert (d["n_layers"], d["d_mlp"], d["n_neurons"]) == (N_LAYERS, D_MLP, N_LAYERS * D_MLP)
     assert d["gated"] == (family not in ("gpt2", "gpt_neox"))
-    assert (d["post_mlp_norm"] is not None) == (family in ("gemma2", "gemma3"))
+    assert (d["post_mlp_norm"] is not None) == (family in ("gemma2", "gemma3", "olmo2"))
     assert d["n_parameters"] == sum(p.numel() for p in model.parameters())
     # The arch block reproduces the model's size, so the requests are sized for this model.
     assert model_size(family, d["arch"]).n_params == d["n_parameters"]
@@ -50,7 +50,7 @@ def test_multimodal_gemma3_is_described_by_its_text_tower(tmp_path):
 @pytest.mark.parametrize(
     "model_type, reason, closest",
     [
-        ("olmo2", "normalises the MLP output", "olmo"),
+        ("qwen3_moe", "mixture of experts", "qwen3"),
         ("mixtral", "mixture of experts", "mistral"),
         ("falcon", "no family for model type 'falcon'", None),
     ],

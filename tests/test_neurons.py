@@ -12,6 +12,7 @@ from dpotox.errors import NeuronsError
 from dpotox.outputs.neuron_stats import (
     activation_signs,
     cumulative_reduction,
+    decomposition_comparison,
     group_shares,
     group_shares_by_rank,
     layer_group_reduction,
@@ -25,6 +26,7 @@ from dpotox.plan.conditions import GROUPS, INCREASED
 from dpotox.plan.outputs import NEURON_STATS as TABLES
 from dpotox.stages.activations import cache_generation, mean_activations
 from dpotox.stages.neurons import (
+    decomposition_frame,
     layer_frame,
     neuron_frame,
     sign_groups,
@@ -43,15 +45,21 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
-def _mlp_output_along(model, prompts, gens, u: torch.Tensor) -> np.ndarray:
-    """Per layer: the MLP block's output projected on ``u``, averaged over the positions that
-    produce each prompt's continuation, from unpadded teacher-forced passes (no dpotox code)."""
+def _mlp_output_along(model, prompts, gens, u: torch.Tensor, *, written: bool) -> np.ndarray:
+    """Per layer: the MLP block's output (``written``: what joins the residual stream, the
+    post-MLP norm's output where there is one) projected on ``u``, averaged over the positions
+    that produce each prompt's continuation, from unpadded teacher-forced passes (no dpotox
+    code)."""
     adapter = Adapter(model)
     sums, n = np.zeros(adapter.n_layers), 0
     for prompt, new in zip(prompts, gens):
         seen = {}
         hooks = [
-            adapter.mlp(layer).register_forward_hook(
+            (
+                adapter.post_mlp_norm(layer)
+                if written and adapter.post_mlp_norm(layer) is not None
+                else adapter.mlp(layer)
+            ).register_forward_hook(
                 lambda mod, args, out, layer=layer: seen.__setitem__(layer, out[0].detach())
             )
             for layer in range(adapter.n_layers)
@@ -67,8 +75,12 @@ def _mlp_output_along(model, prompts, gens, u: torch.Tensor) -> np.ndarray:
     return sums / n
 
 
-def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path):
-    """Per layer, sum_i mbar_i (v_i . u) + b . u equals the mean MLP output projected on u."""
+@pytest.mark.parametrize("decomposition", ["exact", "naive"])
+def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path, decomposition):
+    """Per layer, sum_i mbar_i (v_i . u) + b . u equals the mean of what the layer adds to the
+    residual stream projected on u (exact), or of the MLP output before a post-MLP norm
+    (naive: down_proj's columns and the raw means, as the papers)."""
+    written = decomposition == "exact"
     dpo = dpo_like(model)
     prompts, ids = _prompts(6), [f"p{i}" for i in range(6)]
     w = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(2))
@@ -85,17 +97,20 @@ def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path):
             batch_size=4,
         )
         gens[name] = gen.new_tokens
-    g_base, g_dpo = value_geometry(Adapter(model), w), value_geometry(Adapter(dpo), w)
+    g_base = value_geometry(Adapter(model), w, decomposition)
+    g_dpo = value_geometry(Adapter(dpo), w, decomposition)
     neurons = neuron_frame(
         g_base,
         g_dpo,
-        value_cosines(Adapter(model), Adapter(dpo)),
+        value_cosines(Adapter(model), Adapter(dpo), decomposition),
         mean_activations(tmp_path / "base"),
         mean_activations(tmp_path / "dpo"),
+        mean_activations(tmp_path / "base", written=written),
+        mean_activations(tmp_path / "dpo", written=written),
     )
     layers = layer_frame(g_base, g_dpo, neurons)
     for name, m in (("base", model), ("dpo", dpo)):
-        expected = _mlp_output_along(m, prompts, gens[name], u)
+        expected = _mlp_output_along(m, prompts, gens[name], u, written=written)
         np.testing.assert_allclose(
             layers[f"mlp_proj_{name}"].to_numpy(), expected, rtol=1e-4, atol=1e-5
         )
@@ -114,7 +129,7 @@ def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path):
     for g in GROUPS:
         sel = neurons[neurons["edit_group"] == g]
         assert ((sel["cos"] > 0) == g.startswith("T")).all()
-        assert ((sel["mbar_base"] >= 0) == g.endswith("P")).all()
+        assert ((sel["wbar_base"] >= 0) == g.endswith("P")).all()
     assert sorted(neurons["rank_delta"]) == list(range(1, len(neurons) + 1))
     assert neurons.loc[neurons["rank_delta"] == 1, "delta"].item() == neurons["delta"].max()
     assert neurons.loc[neurons["rank_cos"] == 1, "cos"].item() == neurons["cos"].max()
@@ -226,18 +241,53 @@ def test_write_stats_writes_every_table(tmp_path):
             }
         ]
     ).to_parquet(tmp_path / "tok.parquet")
+    decomposition_frame(neurons, neurons).to_parquet(tmp_path / "decomposition.parquet")
     tables = write_stats(
         neurons_path=tmp_path / "neurons.parquet",
         layers_path=tmp_path / "layers.parquet",
         tokens_path=tmp_path / "tok.parquet",
         ablated_acts=None,
-        cfg={"neurons": {"rank_top": 4, "rank_bin": 2}},
+        cfg={"neurons": {"rank_top": 4, "rank_bin": 2, "compare_top": 2}},
         out_dir=tmp_path / "t",
         model="tiny",
+        decomposition_path=tmp_path / "decomposition.parquet",
     )
+    # One decomposition against itself (a family without a post-MLP norm): equal columns,
+    # full overlaps.
+    same = tables["table_decomposition"].set_index("quantity")
+    np.testing.assert_array_equal(same["naive"], same["exact"])
+    assert same.loc["top-2 toxic-aligned (by cosine) in both (%)", "exact"] == 100.0
+    assert same.loc["neurons in the same group (%)", "exact"] == 100.0
     assert set(tables) == set(TABLES)
     for name, md in TABLES.items():
         assert (tmp_path / "t" / f"{name}.csv").is_file()
         assert (tmp_path / "t" / f"{name}.md").is_file() == md
     assert "a\\|b" in (tmp_path / "t" / "table14_15_value_vector_tokens.md").read_text()
     assert "ablated_top200" not in pd.read_csv(tmp_path / "t" / "fig1a_layer_projections.csv")
+
+
+def test_decomposition_comparison_of_a_constructed_case():
+    """Two decompositions that disagree on one neuron's sign of reduction and swap the top
+    cosine: the table counts the groups, shares and overlaps of each."""
+    neurons, _ = _known_table()
+    exact = neurons.copy()
+    i = exact.index[exact["delta"] > 0][0]
+    exact.loc[i, "delta"] = -1.0
+    exact.loc[i, "group"] = INCREASED
+    exact["rank_delta"] = exact["delta"].rank(ascending=False, method="first").astype(int)
+    exact["cos"] = -exact["cos"]
+    exact["rank_cos"] = exact["cos"].rank(ascending=False, method="first").astype(int)
+    table = decomposition_comparison(decomposition_frame(exact, neurons), top=2).set_index(
+        "quantity"
+    )
+    n = len(neurons)
+    reducing = "neurons reducing their projection (%)"
+    assert table.loc[reducing, "naive"] == pytest.approx(100 * 6 / n)
+    assert table.loc[reducing, "exact"] == pytest.approx(100 * 5 / n)
+    assert table.loc["neurons in the same group (%)", "exact"] == pytest.approx(100 * (n - 1) / n)
+    # Negated cosines: the two most toxic-aligned are the two least of the other.
+    assert table.loc["top-2 toxic-aligned (by cosine) in both (%)", "exact"] == 0.0
+    assert table.loc["Spearman correlation of the cosines", "exact"] == pytest.approx(-1.0)
+    for d in ("naive", "exact"):
+        shares = table.loc[[f"{g}: share of the reduction (%)" for g in GROUPS], d]
+        assert shares.sum() == pytest.approx(100.0)

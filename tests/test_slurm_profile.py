@@ -660,7 +660,7 @@ def test_more_models_config_plans_every_stage_of_every_model(tmp_path):
     out = proc.stdout + proc.stderr
     cfg = load_config(MORE_MODELS, check_paths=False)
     models = list(cfg["models"])
-    assert {m["family"] for m in cfg["models"].values()} >= {"gpt_neox", "qwen2", "olmo"}
+    assert {m["family"] for m in cfg["models"].values()} >= {"gpt_neox", "qwen2", "olmo", "olmo2"}
     jobs = {}  # (rule, model) -> the resources line's values
     for block in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", out, re.M):
         model = re.search(r"wildcards: .*model=([\w.-]+)", block.group(2))

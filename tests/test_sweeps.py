@@ -201,7 +201,7 @@ def _captured(adapter, tok, prompts, ids, spec):
         def finish(self, ctx):
             pass
 
-        def record(self, layer, m, ctx):
+        def record(self, layer, m, ctx, scale=None):
             seen.setdefault(layer, []).append(m.detach().clone())
 
     greedy(adapter, tok, prompts, ids, spec=spec, new_tokens=3, recorder=Rec())

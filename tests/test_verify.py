@@ -38,6 +38,9 @@ def _misread(family: str, **changes) -> Adapter:
     [
         # Gemma-2's block normalises the MLP output: plain sum_i m_i v_i is not what it adds.
         ("gemma2", {"post_mlp_norm": None}, "write_sum"),
+        # The norm's gain misread: Gemma multiplies by 1 + weight, OLMo-2 by weight.
+        ("gemma2", {"post_mlp_norm_gain_offset": 0.0}, "write_sum"),
+        ("olmo2", {"post_mlp_norm_gain_offset": 1.0}, "write_sum"),
         # A norm that is not there (Llama adds the MLP output as it is).
         ("llama", {"post_mlp_norm": "input_layernorm"}, "write_sum"),
         # Gate and up swapped: the recomputed activations are not the hooked ones.
@@ -58,9 +61,10 @@ class _DoubledValues(Adapter):
         return 2 * super().value_vectors(layer)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo2", "gpt_neox"])
 def test_wrong_value_vectors_fail_write_sum(family):
-    """Also behind a post-MLP norm (Gemma-2), where the check is on norm(sum_i m_i v_i)."""
+    """Also behind a post-MLP norm (Gemma-2, OLMo-2), where the contributions are
+    (m_i s)(g * v_i), s the norm's scale of the MLP output."""
     with pytest.raises(AdapterCheckError, match="'write_sum' failed at layer 0"):
         verify_adapter(_DoubledValues(tiny_model(family), family), IDS)
 

@@ -16,6 +16,7 @@ from transformers import (
     GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     OlmoConfig,
     Phi3Config,
     PreTrainedModel,
@@ -69,6 +70,7 @@ CONFIGS.update(
         "qwen2": lambda vocab: Qwen2Config(**{**_GATED, "vocab_size": vocab}),
         "qwen3": lambda vocab: Qwen3Config(**{**_GATED, "vocab_size": vocab, "head_dim": 8}),
         "olmo": lambda vocab: OlmoConfig(**{**_GATED, "vocab_size": vocab}),
+        "olmo2": lambda vocab: Olmo2Config(**{**_GATED, "vocab_size": vocab}),
         "gpt_neox": lambda vocab: GPTNeoXConfig(
             num_hidden_layers=N_LAYERS,
             hidden_size=D_MODEL,
@@ -93,10 +95,14 @@ def tiny_model(family: str, *, vocab: int = VOCAB, seed: int = 0) -> PreTrainedM
     model = AutoModelForCausalLM.from_config(CONFIGS[family](vocab), dtype=torch.float32)
     # Random init leaves GPT-2's biases at zero; make them non-zero so the bias term of the
     # value-vector identity is really exercised.
+    # The post-MLP norms start at gain 1; perturb them so that folding the gain into the value
+    # vectors (Gemma-2/3, OLMo-2) is exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif "post_feedforward_layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
     return model.eval()
 
 

@@ -18,6 +18,8 @@ rule toxic_ablation_spec:
     resources:
         # Loads the base model on the CPU to rank its value vectors (no GPU).
         **model_resources("toxic_ablation_spec"),
+    params:
+        cfg=lambda wildcards: rule_params(config, "toxic_ablation_spec", wildcards.model),
     script:
         "../scripts/toxic_ablation_spec.py"
 
@@ -64,6 +66,7 @@ rule neuron_table:
         neurons="results/{model}/neurons.parquet",
         layers="results/{model}/layers.parquet",
         tokens="results/{model}/value_vector_tokens.parquet",
+        decomposition="results/{model}/decomposition.parquet",
     log:
         "logs/neuron_table/{model}.log",
     benchmark:
@@ -86,6 +89,7 @@ rule neuron_stats:
         neurons="results/{model}/neurons.parquet",
         layers="results/{model}/layers.parquet",
         tokens="results/{model}/value_vector_tokens.parquet",
+        decomposition="results/{model}/decomposition.parquet",
         ablated=f"results/{{model}}/activations/{Ablation(config['neurons']['ablate_top_n'])}",
     output:
         reported_tables(neuron_stats_files("results/tables", "{model}"), "neuron_stats"),

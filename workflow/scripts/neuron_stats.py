@@ -16,6 +16,7 @@ with rule_log(snakemake) as log:
         cfg=smk.params.cfg,
         out_dir=out_dir,
         model=smk.wildcards.model,
+        decomposition_path=smk.input.decomposition,
     )
     shares = tables["table5_group_shares"].set_index("group")
     log.info(

@@ -15,6 +15,7 @@ with rule_log(snakemake) as log:
         out_neurons=smk.output.neurons,
         out_layers=smk.output.layers,
         out_tokens=smk.output.tokens,
+        out_decomposition=smk.output.decomposition,
     )
     log.info(
         "wrote %s, %s and %s: %d neurons, %d reduced their projection, net reduction %.4f",

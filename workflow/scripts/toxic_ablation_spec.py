@@ -10,6 +10,7 @@ with rule_log(snakemake) as log:
         probe_path=smk.input.probe,
         n=int(smk.wildcards.n),
         out=smk.output.spec,
+        cfg=smk.params.cfg,
     )
     log.info(
         "wrote %s: %d neurons in %d layers",

@@ -41,9 +41,14 @@ class Family:
     # A norm the block applies to the MLP output before adding it to the residual stream
     # (inside the block); None where the MLP output is added as it is.
     post_mlp_norm: str | None = None
+    # That norm's gain is weight + this: Gemma's RMSNorm stores gamma with the 1 taken out
+    # (it multiplies by 1 + weight), OLMo-2's multiplies by weight.
+    post_mlp_norm_gain_offset: float = 0.0
 
 
-def _glu(name: str, *model_types: str, post_mlp_norm: str | None = None) -> Family:
+def _glu(
+    name: str, *model_types: str, post_mlp_norm: str | None = None, gain_offset: float = 0.0
+) -> Family:
     """A Llama-style gated MLP (gate_proj, up_proj, down_proj) under ``model.layers``."""
     return Family(
         name,
@@ -57,6 +62,7 @@ def _glu(name: str, *model_types: str, post_mlp_norm: str | None = None) -> Fami
         "model.embed_tokens",
         "model.norm",
         post_mlp_norm=post_mlp_norm,
+        post_mlp_norm_gain_offset=gain_offset,
     )
 
 
@@ -79,12 +85,20 @@ FAMILIES: dict[str, Family] = {
         _glu("llama"),
         _glu("mistral"),
         _glu("gemma"),
-        _glu("gemma2", post_mlp_norm="post_feedforward_layernorm"),
+        _glu("gemma2", post_mlp_norm="post_feedforward_layernorm", gain_offset=1.0),
         # gemma3 is the multimodal checkpoint; prepare_model keeps its text tower (gemma3_text).
-        _glu("gemma3", "gemma3_text", "gemma3", post_mlp_norm="post_feedforward_layernorm"),
+        _glu(
+            "gemma3",
+            "gemma3_text",
+            "gemma3",
+            post_mlp_norm="post_feedforward_layernorm",
+            gain_offset=1.0,
+        ),
         _glu("qwen2"),
         _glu("qwen3"),
         _glu("olmo"),
+        # OLMo-2 has no norm before the MLP, only after it.
+        _glu("olmo2", post_mlp_norm="post_feedforward_layernorm"),
         # Pythia: attention and MLP in parallel, each added to the residual stream.
         Family(
             "gpt_neox",
@@ -136,9 +150,6 @@ REFUSED = {
         "it is a mixture of experts: a neuron belongs to one expert and runs only for the "
         "tokens routed to it, so a layer's MLP is not one sum of neuron writes",
     ),
-    "olmo2": "OLMo-2 normalises the MLP output before it joins the residual stream, and dpotox "
-    "does not yet fold that norm into the neurons' writes (the value vectors would describe "
-    "the MLP output, not what the layer adds)",
 }
 
 
@@ -279,6 +290,35 @@ class Adapter:
         if self.family.post_mlp_norm is None:
             return None
         return _get(self._layers[layer], self.family.post_mlp_norm)
+
+    def post_mlp_norm_gain(self, layer: int) -> torch.Tensor | None:
+        """``[d_model]``: the post-MLP norm's per-channel gain (Gemma: ``1 + weight``), or None
+        where the family has no such norm."""
+        norm = self.post_mlp_norm(layer)
+        if norm is None:
+            return None
+        return norm.weight + self.family.post_mlp_norm_gain_offset
+
+    def post_mlp_norm_scale(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        """``[..., 1]`` float32: the per-token factor ``1 / rms(y)`` the post-MLP norm applies
+        to the MLP output ``y`` before its gain, so that ``norm(y) = scale * gain * y``."""
+        norm = self.post_mlp_norm(layer)
+        eps = getattr(norm, "eps", None)
+        if eps is None:
+            eps = norm.variance_epsilon
+        y = y.float()
+        return torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+
+    def written_vectors(self, layer: int) -> torch.Tensor:
+        """``[d_mlp, d_model]``: what neuron i adds to the residual stream per unit of its
+        written activation ``m_i * scale`` (docs/neurons.md, "What the layer writes"): the
+        value vectors times the post-MLP norm's gain, or the value vectors themselves (a view)
+        where the MLP output joins the residual stream as it is."""
+        gain = self.post_mlp_norm_gain(layer)
+        values = self.value_vectors(layer)
+        if gain is None:
+            return values
+        return values * gain.to(values.dtype)
 
     def paths(self) -> dict[str, str]:
         """Where the parts live, as attribute paths from the causal LM (``{l}``: a layer)."""

@@ -52,16 +52,23 @@ class Context:
 class Recorder(Protocol):
     """Reads neuron activations ``m`` as the model runs (activation caching).
 
-    Its hook sits on every layer's output projection after the spec's edits, so it sees the
-    activations the model actually uses. ``record`` gets ``[batch, positions, d_mlp]``: the
-    positions a ``generation`` edit acts on (the last prompt position in prefill, the new
-    token in decode, every position in teacher-forced scoring). The caller of the forward
-    passes calls ``start`` when a batch of prompts begins and ``finish`` when it is done.
+    Its hook sits on every layer's output projection and sees the activations the model
+    actually uses, after the spec's edits. ``record`` gets ``m`` as ``[batch, positions,
+    d_mlp]``: the positions a ``generation`` edit acts on (the last prompt position in
+    prefill, the new token in decode, every position in teacher-forced scoring). For families
+    with a post-MLP norm (Gemma-2/3, OLMo-2) it also gets ``scale``, ``[batch, positions, 1]``
+    float32: the factor ``1 / rms`` that norm applies to each token's MLP output, so that
+    ``m * scale`` is what each neuron writes in units of :meth:`Adapter.written_vectors
+    <dpotox.engine.arch.Adapter.written_vectors>`; None for the other families. The caller of
+    the forward passes calls ``start`` when a batch of prompts begins and ``finish`` when it
+    is done.
     """
 
     def start(self, ctx: Context) -> None: ...
 
-    def record(self, layer: int, m: torch.Tensor, ctx: Context) -> None: ...
+    def record(
+        self, layer: int, m: torch.Tensor, ctx: Context, scale: torch.Tensor | None = None
+    ) -> None: ...
 
     def finish(self, ctx: Context) -> None: ...
 
@@ -168,15 +175,24 @@ def _scaled_keys(adapter: Adapter, layer: int, edits: list[ScaleKeys]) -> Iterat
 
 
 class _RecordHook:
-    """A forward pre-hook that hands one layer's activations to a :class:`Recorder`."""
+    """A forward hook on one layer's output projection that hands the activations it ran on
+    (after the edit pre-hooks) and, for post-MLP-norm families, the norm's per-token scale of
+    its output to a :class:`Recorder`."""
 
-    def __init__(self, layer: int, recorder: Recorder, ctx: Context) -> None:
-        self.layer, self.recorder, self.ctx = layer, recorder, ctx
+    def __init__(self, adapter: Adapter, layer: int, recorder: Recorder, ctx: Context) -> None:
+        self.adapter, self.layer, self.recorder, self.ctx = adapter, layer, recorder, ctx
+        self.normed = adapter.post_mlp_norm(layer) is not None
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         pos = _positions(self.ctx, "generation")
-        if pos is not None:
-            self.recorder.record(self.layer, args[0][:, pos], self.ctx)
+        if pos is None:
+            return
+        # The norm's input is the projection's output, bias included (the MLP returns it as it
+        # is in every post-norm family; verify.write_sum checks that on each model).
+        scale = (
+            self.adapter.post_mlp_norm_scale(self.layer, output[:, pos]) if self.normed else None
+        )
+        self.recorder.record(self.layer, args[0][:, pos], self.ctx, scale)
 
 
 class Hooks:
@@ -245,11 +261,11 @@ class Hooks:
             for layer, hook in self.residual_hooks.items():
                 stack.callback(adapter.layer(layer).register_forward_hook(hook).remove)
             if self.recorder is not None:
-                # Registered after the edit hooks: pre-hooks run in order, so it sees edited
-                # values.
+                # A forward hook: it runs after every pre-hook, so it sees the edited values
+                # (the arguments the module ran on) and the output the post-MLP norm gets.
                 for layer in range(adapter.n_layers):
-                    h = adapter.out_proj(layer).register_forward_pre_hook(
-                        _RecordHook(layer, self.recorder, self.ctx)
+                    h = adapter.out_proj(layer).register_forward_hook(
+                        _RecordHook(adapter, layer, self.recorder, self.ctx)
                     )
                     stack.callback(h.remove)
             yield self.ctx

@@ -9,9 +9,10 @@ model it prepares, ``dpotox inspect-model --check`` on request):
 - ``write_sum``: what the decoder block adds to the residual stream through its MLP equals
   ``sum_i m_i v_i``, the per-neuron contributions. It is measured, not assumed: the block's
   output with every neuron of the layer ablated (the one hook engine, on a copy of the batch
-  row) is subtracted from its output as it is. Families with a post-MLP norm (Gemma-2, Gemma-3)
-  add ``norm(MLP output)``; for them the check is that the increment is that norm of
-  ``sum_i m_i v_i (+ bias)``, i.e. that the value vectors describe what the norm receives;
+  row) is subtracted from its output as it is. Families with a post-MLP norm (Gemma-2, Gemma-3,
+  OLMo-2) add ``norm(MLP output) = s * g * (MLP output)``; for them the contributions are
+  ``(m_i s) (g * v_i)`` (the decomposition the neuron table uses), with ``s`` the norm's
+  per-token scale of ``sum_i m_i v_i (+ bias)`` and ``g`` its gain;
 - ``noop_hook``: the hook engine applying edits that change nothing (scaling neurons and keys
   by 1, adding 0 times a vector to the residual stream) and recording every layer leaves the
   logits bit-identical, so hooks themselves never move a number.
@@ -127,6 +128,7 @@ def _write_sum(adapter: Adapter, ids: torch.Tensor, tol: float) -> float:
     batch = ids.expand(1 + n, -1)
     outputs: dict[int, torch.Tensor] = {}
     m0: dict[int, torch.Tensor] = {}
+    y0: dict[int, torch.Tensor] = {}  # the MLP output the post-MLP norm receives
     every = torch.arange(adapter.d_mlp)
     with ExitStack() as stack:
         for layer in range(n):
@@ -144,6 +146,13 @@ def _write_sum(adapter: Adapter, ids: torch.Tensor, tol: float) -> float:
             )
             stack.enter_context(hooks.attached())
             stack.callback(
+                adapter.out_proj(layer)
+                .register_forward_hook(
+                    lambda mod, args, out, layer=layer: y0.__setitem__(layer, out[0].detach())
+                )
+                .remove
+            )
+            stack.callback(
                 adapter.layer(layer)
                 .register_forward_hook(
                     lambda mod, args, out, layer=layer: outputs.__setitem__(
@@ -158,14 +167,18 @@ def _write_sum(adapter: Adapter, ids: torch.Tensor, tol: float) -> float:
     for layer in range(n):
         out = outputs[layer]
         increment = out[0] - out[1 + layer]
-        writes = m0[layer] @ adapter.value_vectors(layer)
         norm = adapter.post_mlp_norm(layer)
-        if norm is not None:
-            # The norm of the neurons' own sum (not of the MLP's output as the hook read it),
-            # so that the value vectors are checked too.
+        if norm is None:
+            writes = m0[layer] @ adapter.value_vectors(layer)
+        else:
+            # The decomposition the neuron table uses: each token's norm scale, taken from the
+            # MLP output as the activation cache takes it, folded into the activations, the
+            # gain into the value vectors. A misread value vector or gain changes the sum.
             bias = adapter.out_bias(layer)
-            at_zero = bias if bias is not None else torch.zeros_like(writes[0])
-            writes = norm(writes + at_zero) - norm(at_zero.expand_as(writes))
+            s = adapter.post_mlp_norm_scale(layer, y0[layer])
+            writes = (m0[layer].float() * s) @ adapter.written_vectors(layer).float()
+            if bias is not None:
+                writes = writes + s * (bias * adapter.post_mlp_norm_gain(layer)).float()
         # The increment is a difference of two residual streams: its rounding is the stream's.
         slack = 8 * eps * float(out[0].float().abs().max())
         diff = float((increment.float() - writes.float()).abs().max())
@@ -173,7 +186,8 @@ def _write_sum(adapter: Adapter, ids: torch.Tensor, tol: float) -> float:
         err = diff / scale
         if max(diff - slack, 0.0) / scale > tol:
             what = (
-                f"the post-MLP norm of sum_i m_i v_i ({adapter.family.post_mlp_norm})"
+                "sum_i (m_i s) (g * v_i), the per-neuron contributions through the post-MLP "
+                f"norm {adapter.family.post_mlp_norm} (s its per-token scale, g its gain)"
                 if norm is not None
                 else "sum_i m_i v_i (the per-neuron contributions)"
             )
@@ -194,7 +208,9 @@ class _Reader:
     def start(self, ctx: Context) -> None:
         pass
 
-    def record(self, layer: int, m: torch.Tensor, ctx: Context) -> None:
+    def record(
+        self, layer: int, m: torch.Tensor, ctx: Context, scale: torch.Tensor | None = None
+    ) -> None:
         m.sum()
 
     def finish(self, ctx: Context) -> None:

@@ -91,15 +91,16 @@ def pearson(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def shift_correlations(neurons: pd.DataFrame) -> pd.DataFrame:
-    """Table 17: Pearson correlation of the activation shift (``mbar_dpo - mbar_base``) with
+    """Table 17: Pearson correlation of the activation shift (``wbar_dpo - wbar_base``, the
+    written means: ``mbar`` but through a post-MLP norm under the exact decomposition) with
     the probe alignment (``cos``) and with the base activation, over all neurons."""
     rows = []
     for name, col in (
         ("probe alignment (cos)", "cos"),
-        ("base activation (mbar_base)", "mbar_base"),
+        ("base activation (wbar_base)", "wbar_base"),
     ):
         r, p = pearson(neurons["shift"].to_numpy(), neurons[col].to_numpy())
-        rows.append(("activation shift (mbar_dpo - mbar_base)", name, r, p, len(neurons)))
+        rows.append(("activation shift (wbar_dpo - wbar_base)", name, r, p, len(neurons)))
     return pd.DataFrame(rows, columns=["x", "y", "pearson_r", "p_value", "n"])
 
 
@@ -121,6 +122,59 @@ def layer_projections(
         proj = (ablated_means * neurons["along_base"].to_numpy().reshape(n_layers, -1)).sum(axis=1)
         df[f"ablated_top{ablate_top_n}"] = proj + layers["bias_along_base"].to_numpy()
     return df
+
+
+def decomposition_comparison(decomp: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The naive decomposition (down_proj columns, as the papers) against the exact one (what
+    the layer writes through a post-MLP norm), from ``decomposition.parquet``
+    (:func:`dpotox.stages.neurons.decomposition_frame`): each group's neurons and share of the
+    total reduction, the share of neurons that reduce their projection, and how many of the
+    ``top`` most toxic-aligned neurons (by cosine) and of the ``top`` largest reductions the
+    two have in common. For a family without a post-MLP norm the two columns are equal."""
+    rows: list[tuple[str, float, float]] = []
+    n = len(decomp)
+    shares = {}
+    for d in ("naive", "exact"):
+        delta, group = decomp[f"delta_{d}"], decomp[f"group_{d}"]
+        total = delta[delta > 0].sum()
+        shares[d] = {
+            "neurons reducing their projection (%)": 100 * float((delta > 0).mean()),
+            **{
+                f"{g}: neurons (% of all)": 100 * float((group == g).sum()) / n
+                for g in (*GROUPS, INCREASED)
+            },
+            **{
+                f"{g}: share of the reduction (%)": (
+                    100 * float(delta[group == g].sum()) / total if total > 0 else np.nan
+                )
+                for g in GROUPS
+            },
+            f"top-{top} toxic-aligned: share of the reduction (%)": (
+                100 * float(delta[decomp[f"rank_cos_{d}"] <= top].sum()) / total
+                if total > 0
+                else np.nan
+            ),
+        }
+    for q in shares["naive"]:
+        rows.append((q, shares["naive"][q], shares["exact"][q]))
+
+    def overlap(col: str) -> float:
+        a = set(np.flatnonzero(decomp[f"{col}_naive"].to_numpy() <= top))
+        b = set(np.flatnonzero(decomp[f"{col}_exact"].to_numpy() <= top))
+        return 100 * len(a & b) / max(min(len(a), len(b)), 1)
+
+    same = 100 * float((decomp["group_naive"] == decomp["group_exact"]).mean())
+    for q, v in (
+        (f"top-{top} toxic-aligned (by cosine) in both (%)", overlap("rank_cos")),
+        (f"top-{top} largest reductions in both (%)", overlap("rank_delta")),
+        ("neurons in the same group (%)", same),
+        (
+            "Spearman correlation of the cosines",
+            float(decomp["cos_naive"].rank().corr(decomp["cos_exact"].rank())),
+        ),
+    ):
+        rows.append((q, v, v))
+    return pd.DataFrame(rows, columns=["quantity", "naive", "exact"])
 
 
 def cumulative_reduction(neurons: pd.DataFrame) -> pd.DataFrame:
@@ -202,6 +256,7 @@ def write_stats(
     cfg: Mapping[str, Any],
     out_dir: str | Path,
     model: str = "",
+    decomposition_path: str | Path | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Rule ``neuron_stats``: compute every table of :data:`NEURON_STATS` and write it to
     ``out_dir``."""
@@ -219,7 +274,7 @@ def write_stats(
                 f"{ablated_acts} was cached under spec {meta.get('spec')!r}, not "
                 f"{Ablation(nc.ablate_top_n)} (neurons.ablate_top_n)"
             )
-        ablated = mean_activations(ablated_acts)
+        ablated = mean_activations(ablated_acts, written=nc.decomposition == "exact")
     tables = {
         "table5_group_shares": group_shares(neurons),
         "table13_activation_signs": activation_signs(neurons),
@@ -231,6 +286,10 @@ def write_stats(
         "fig2b_group_shares_by_rank": group_shares_by_rank(neurons, nc.rank_top, nc.rank_bin),
         "fig3_layer_group_reduction": layer_group_reduction(neurons),
     }
+    if decomposition_path is not None:
+        tables["table_decomposition"] = decomposition_comparison(
+            pd.read_parquet(decomposition_path), nc.compare_top
+        )
     out_dir = Path(out_dir)
     for name, df in tables.items():
         with atomic_path(out_dir / f"{name}.csv") as tmp:

@@ -23,6 +23,7 @@ NEURON_STATS: dict[str, bool] = {
     "table17_shift_correlations": True,
     "table18_projection_change": True,
     "table14_15_value_vector_tokens": True,
+    "table_decomposition": True,
     "fig1a_layer_projections": False,
     "fig1b_cumulative_reduction": False,
     "fig2b_group_shares_by_rank": False,

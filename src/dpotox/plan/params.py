@@ -28,6 +28,7 @@ READS: dict[str, tuple[str, ...]] = {
     "evaluate": ("seed", "evaluation", "toxicity"),
     "cache_activations": ("seed", "evaluation", "activations"),
     "neuron_table": ("seed", "neurons"),
+    "toxic_ablation_spec": ("neurons.decomposition",),
     "probe_checks": ("seed", "probe", "sweeps.toxic_words", "sweeps.neutral_words"),
     "neuron_stats": ("seed", "neurons"),
     "sweep_specs": ("seed", "sweeps", "toxicity"),

@@ -53,6 +53,7 @@ MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "olmo": "olmo",
+    "olmo2": "olmo2",
     "gpt_neox": "gpt_neox",
     "phi3": "phi3",
 }

@@ -17,7 +17,11 @@ by layer so that a reader can take one layer without touching the others::
 Columns: ``prompt_id`` (string: the prompt's id in ``resources/data/prompts.parquet``),
 ``neuron`` (int32, 0-based index in the layer), ``activation`` (float32: the mean of ``m``
 over the prompt's positions, summed in float64), ``n_positions`` (int32: how many positions the
-mean is over). ``layer`` is the partition key. With ``activations.per_position`` a second
+mean is over). ``layer`` is the partition key. Families with a post-MLP norm (Gemma-2/3,
+OLMo-2) add ``written`` (float32): the mean of ``m * s``, ``s`` the norm's per-token scale, the
+activation in units of :meth:`~dpotox.engine.arch.Adapter.written_vectors` (what the layer adds
+to the residual stream; docs/neurons.md); for the other families ``written`` would equal
+``activation`` and is not stored. With ``activations.per_position`` a second
 cache of the same layout (``results/{model}/activations_positions/{variant}/``) holds one row
 per (prompt, position, neuron) with ``position`` (int32: 0 is the last prompt position, k the
 k-th generated token) instead of ``n_positions``.
@@ -73,6 +77,7 @@ POSITION_SCHEMA = pa.schema(
         ("activation", pa.float32()),
     ]
 )
+WRITTEN = pa.field("written", pa.float32())
 
 
 class ActivationsError(DpotoxError, ValueError):
@@ -108,7 +113,7 @@ class _LayerWriters:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Dictionary pages for the repetitive columns only: trying them on the float
             # activations (and their statistics) doubled the write time for nothing.
-            keys = [f.name for f in self.schema if f.name != "activation"]
+            keys = [f.name for f in self.schema if f.type != pa.float32()]
             self.writers[layer] = pq.ParquetWriter(
                 path, self.schema, use_dictionary=keys, write_statistics=keys
             )
@@ -136,11 +141,17 @@ class ParquetRecorder:
         d_mlp: int,
         device: torch.device,
         positions_root: Path | None = None,
+        *,
+        written: bool = False,
     ) -> None:
         self.n_layers, self.d_mlp, self.device = n_layers, d_mlp, device
-        self.means = _LayerWriters(root, MEAN_SCHEMA, n_layers)
+        # Post-MLP-norm families: a second sum, of m times the norm's per-token scale.
+        self.written = written
+        mean_schema = MEAN_SCHEMA.append(WRITTEN) if written else MEAN_SCHEMA
+        pos_schema = POSITION_SCHEMA.append(WRITTEN) if written else POSITION_SCHEMA
+        self.means = _LayerWriters(root, mean_schema, n_layers)
         self.positions = (
-            _LayerWriters(positions_root, POSITION_SCHEMA, n_layers)
+            _LayerWriters(positions_root, pos_schema, n_layers)
             if positions_root is not None
             else None
         )
@@ -155,10 +166,18 @@ class ParquetRecorder:
         self.sums = torch.zeros(
             self.n_layers, b, self.d_mlp, dtype=torch.float64, device=self.device
         )
+        self.written_sums = torch.zeros_like(self.sums) if self.written else None
         self.counts = torch.zeros(b, dtype=torch.long, device=self.device)
         self.next_position = 0
 
-    def record(self, layer: int, m: torch.Tensor, ctx: Context) -> None:
+    def record(
+        self, layer: int, m: torch.Tensor, ctx: Context, scale: torch.Tensor | None = None
+    ) -> None:
+        if self.written and scale is None:
+            raise ActivationsError(
+                "this cache records written activations, but the hook gave no post-MLP norm "
+                "scale: the model's family has no post-MLP norm"
+            )
         if layer == 0:
             # Once per forward pass: which rows count, as a float64 column to weight by.
             active = (
@@ -171,30 +190,32 @@ class ParquetRecorder:
             self.position = self.next_position
             self.next_position += m.shape[1]
             self.counts += active.long() * m.shape[1]
-        self.sums[layer].addcmul_(m.to(torch.float64).sum(1), self.weight)
+        m64 = m.to(torch.float64)
+        self.sums[layer].addcmul_(m64.sum(1), self.weight)
+        if self.written:
+            w64 = m64 * scale.to(torch.float64)
+            self.written_sums[layer].addcmul_(w64.sum(1), self.weight)
         if self.positions is not None:
             active = self.active
             rows = active.nonzero()[:, 0]
             vals = m[rows].float().cpu().numpy()  # [rows, positions, d_mlp]
             n_rows, n_pos, d = vals.shape
-            self.positions.write(
-                layer,
-                {
-                    "prompt_id": pc.take(
-                        self.ids, pa.array(np.repeat(rows.cpu().numpy(), n_pos * d))
-                    ),
-                    "position": pa.array(
-                        np.tile(
-                            np.repeat(
-                                np.arange(self.position, self.position + n_pos, dtype=np.int32), d
-                            ),
-                            n_rows,
-                        )
-                    ),
-                    "neuron": pa.array(np.tile(np.arange(d, dtype=np.int32), n_rows * n_pos)),
-                    "activation": pa.array(vals.reshape(-1)),
-                },
-            )
+            columns = {
+                "prompt_id": pc.take(self.ids, pa.array(np.repeat(rows.cpu().numpy(), n_pos * d))),
+                "position": pa.array(
+                    np.tile(
+                        np.repeat(
+                            np.arange(self.position, self.position + n_pos, dtype=np.int32), d
+                        ),
+                        n_rows,
+                    )
+                ),
+                "neuron": pa.array(np.tile(np.arange(d, dtype=np.int32), n_rows * n_pos)),
+                "activation": pa.array(vals.reshape(-1)),
+            }
+            if self.written:
+                columns["written"] = pa.array((w64[rows].float().cpu().numpy()).reshape(-1))
+            self.positions.write(layer, columns)
 
     def finish(self, ctx: Context) -> None:
         b = len(self.ids)
@@ -204,20 +225,25 @@ class ParquetRecorder:
                 "bug in the generation loop, not in the data"
             )
         means = (self.sums / self.counts[:, None]).float().cpu().numpy()  # [L, b, d]
+        written = (
+            (self.written_sums / self.counts[:, None]).float().cpu().numpy()
+            if self.written
+            else None
+        )
         rows = pa.array(np.repeat(np.arange(b), self.d_mlp))
         ids = pc.take(self.ids, rows)
         counts = pa.array(np.repeat(self.counts.cpu().numpy().astype(np.int32), self.d_mlp))
         neurons = pa.concat_arrays([self._neurons] * b)
         for layer in range(self.n_layers):
-            self.means.write(
-                layer,
-                {
-                    "prompt_id": ids,
-                    "neuron": neurons,
-                    "activation": pa.array(means[layer].reshape(-1)),
-                    "n_positions": counts,
-                },
-            )
+            columns = {
+                "prompt_id": ids,
+                "neuron": neurons,
+                "activation": pa.array(means[layer].reshape(-1)),
+                "n_positions": counts,
+            }
+            if written is not None:
+                columns["written"] = pa.array(written[layer].reshape(-1))
+            self.means.write(layer, columns)
         self.n_prompts += b
         self.n_positions += int(self.counts.sum())
 
@@ -255,7 +281,10 @@ def cache_generation(
         pos_staging = (
             stack.enter_context(atomic_dir(positions_dir)) if positions_dir is not None else None
         )
-        recorder = ParquetRecorder(staging, adapter.n_layers, adapter.d_mlp, device, pos_staging)
+        written = adapter.post_mlp_norm(0) is not None
+        recorder = ParquetRecorder(
+            staging, adapter.n_layers, adapter.d_mlp, device, pos_staging, written=written
+        )
         # Closed before the folders are published, or removed on error.
         stack.callback(recorder.close)
         gen = generate(
@@ -281,6 +310,7 @@ def cache_generation(
             "generated_tokens": gen.n_new_tokens,
             "generation_seconds": gen.seconds,
             "per_position": positions_dir is not None,
+            "written": written,
             "dtype": str(next(adapter.model.parameters()).dtype).removeprefix("torch."),
             "columns": {
                 "prompt_id": "prompt id (resources/data/prompts.parquet)",
@@ -288,6 +318,14 @@ def cache_generation(
                 "activation": "mean MLP activation m over the prompt's positions",
                 "n_positions": "positions averaged (last prompt position + generated)",
                 "layer": "partition key (folder layer=NN)",
+                **(
+                    {
+                        "written": "mean of m times the post-MLP norm's per-token scale: the "
+                        "activation in units of the gain-scaled value vectors"
+                    }
+                    if written
+                    else {}
+                ),
             },
         }
         for root in (staging, pos_staging):
@@ -326,18 +364,28 @@ def read_meta(root: str | Path) -> dict[str, Any]:
     return meta
 
 
-def prompt_means(root: str | Path, layer: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``(prompt ids, means [n_prompts, d_mlp] float64, n_positions [n_prompts])`` of a layer."""
+def prompt_means(
+    root: str | Path, layer: int, *, written: bool = False
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(prompt ids, means [n_prompts, d_mlp] float64, n_positions [n_prompts])`` of a layer.
+
+    ``written``: the means of ``m`` times the post-MLP norm's scale (:func:`mean_activations`).
+    """
     meta = read_meta(root)
     if not 0 <= layer < meta["n_layers"]:
         raise ActivationsError(
             f"layer {layer} is out of range; {root} holds layers 0..{meta['n_layers'] - 1}"
         )
-    return _layer_means(root, meta, layer)
+    return _layer_means(root, meta, layer, _column(meta, written))
+
+
+def _column(meta: Mapping[str, Any], written: bool) -> str:
+    # A family without a post-MLP norm writes sum_i m_i v_i: its written activation is m.
+    return "written" if written and meta.get("written", False) else "activation"
 
 
 def _layer_means(
-    root: str | Path, meta: Mapping[str, Any], layer: int
+    root: str | Path, meta: Mapping[str, Any], layer: int, column: str = "activation"
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     t = pq.read_table(layer_dir(root, layer) / "part-0.parquet")
     n, d = meta["n_prompts"], meta["d_mlp"]
@@ -348,19 +396,25 @@ def _layer_means(
         )
     # Rows are written prompt by prompt, neuron by neuron: a reshape recovers the matrix.
     ids = t.column("prompt_id").take(pa.array(np.arange(0, n * d, d))).to_pylist()
-    acts = t.column("activation").to_numpy().astype(np.float64).reshape(n, d)
+    acts = t.column(column).to_numpy().astype(np.float64).reshape(n, d)
     counts = t.column("n_positions").to_numpy()[::d].astype(np.int64)
     return ids, acts, counts
 
 
-def mean_activations(root: str | Path) -> np.ndarray:
+def mean_activations(root: str | Path, *, written: bool = False) -> np.ndarray:
     """``[n_layers, d_mlp]`` float64: each neuron's activation averaged over every cached
-    position of every prompt (per-prompt means weighted by their position counts)."""
+    position of every prompt (per-prompt means weighted by their position counts).
+
+    ``written``: average ``m * s`` instead, ``s`` the post-MLP norm's per-token scale, so that
+    the means times :meth:`~dpotox.engine.arch.Adapter.written_vectors` sum to the layer's mean
+    residual increment; the same as ``m`` for families without that norm.
+    """
     meta = read_meta(root)
+    column = _column(meta, written)
     out = np.empty((meta["n_layers"], meta["d_mlp"]))
     for layer in range(meta["n_layers"]):
         # The cache was checked once above; each layer is only read.
-        _, acts, counts = _layer_means(root, meta, layer)
+        _, acts, counts = _layer_means(root, meta, layer, column)
         out[layer] = counts @ acts / counts.sum()
     return out
 

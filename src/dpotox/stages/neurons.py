@@ -14,6 +14,17 @@ activation caches) and the unit probe direction ``u = w / |w|``:
 
 Summed over a layer, ``sum_i proj_i + b . u`` (``b`` the output bias, GPT-2 only) is the
 layer's mean MLP output projected on ``u``, because the MLP output is linear in ``m``.
+
+What the layer writes (``neurons.decomposition``): families with a post-MLP norm (Gemma-2/3,
+OLMo-2) add ``norm(y) = s * g * y`` to the residual stream, ``y = sum_i m_i v_i`` the MLP output,
+``s`` the norm's per-token scale, ``g`` its gain. ``exact`` (default) takes ``v_i`` to be the
+written vector ``g * v_i`` and ``mbar_i`` the mean of ``m_i * s`` (the cache's ``written``
+column), so the projections sum to the layer's mean residual increment along ``u``; ``naive``
+takes down_proj's columns and the mean of ``m_i``, as the papers did for GPT-2 and Llama (which
+have no such norm, so both are the same there). ``mbar_base`` and ``mbar_dpo`` are always the
+means of ``m`` itself: the values patching sets; ``wbar_base`` and ``wbar_dpo`` are the written
+means the projections use (equal to ``mbar`` under ``naive`` and for families without the
+norm). :func:`decomposition_frame` compares the two decompositions neuron by neuron.
 """
 
 from __future__ import annotations
@@ -51,6 +62,8 @@ class NeuronsConfig:
     ablate_top_n: int = 200
     rank_top: int = 10000
     rank_bin: int = 500
+    decomposition: str = "exact"
+    compare_top: int = 256
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> NeuronsConfig:
@@ -74,18 +87,44 @@ def unit(w: torch.Tensor) -> torch.Tensor:
     return w / w.norm()
 
 
-def value_geometry(adapter: Adapter, w: torch.Tensor) -> ValueGeometry:
-    """The value vectors' projections, norms and cosines against probe weight ``w``."""
+EXACT, NAIVE = "exact", "naive"
+
+
+def neuron_vectors(adapter: Adapter, layer: int, decomposition: str = EXACT) -> torch.Tensor:
+    """``[d_mlp, d_model]``: each neuron's write per unit of its activation under
+    ``decomposition`` (module doc): the written vectors (``exact``) or the value vectors
+    (``naive``); the same for families without a post-MLP norm."""
+    if decomposition == EXACT:
+        return adapter.written_vectors(layer)
+    if decomposition == NAIVE:
+        return adapter.value_vectors(layer)
+    raise NeuronsError(
+        f"config key 'neurons.decomposition': unknown value {decomposition!r}; use "
+        f"{EXACT!r} or {NAIVE!r}"
+    )
+
+
+def value_geometry(adapter: Adapter, w: torch.Tensor, decomposition: str = EXACT) -> ValueGeometry:
+    """The neurons' write vectors (:func:`neuron_vectors`): projections, norms and cosines
+    against probe weight ``w``."""
     u = unit(w)
     along, norm, cos, bias = [], [], [], []
     for layer in range(adapter.n_layers):
-        v = adapter.value_vectors(layer).detach().double().cpu()
+        v = neuron_vectors(adapter, layer, decomposition).detach().double().cpu()
         a = v @ u
         n = v.norm(dim=1)
         along.append(a)
         norm.append(n)
         cos.append(a / n.clamp_min(torch.finfo(torch.float64).tiny))
         b = adapter.out_bias(layer)
+        gain = adapter.post_mlp_norm_gain(layer) if decomposition == EXACT else None
+        if b is not None and gain is not None:
+            # Scaled per token like the neurons' writes; no family has both, so the mean scale
+            # is not kept for it.
+            raise NeuronsError(
+                "a post-MLP norm after a biased output projection is not supported by the "
+                "exact decomposition; use neurons.decomposition: naive"
+            )
         bias.append(float(b.detach().double().cpu() @ u) if b is not None else 0.0)
     return ValueGeometry(
         torch.stack(along).numpy(),
@@ -95,12 +134,21 @@ def value_geometry(adapter: Adapter, w: torch.Tensor) -> ValueGeometry:
     )
 
 
-def value_cosines(base: Adapter, dpo: Adapter) -> np.ndarray:
-    """``[L, d_mlp]``: cos(v_i^base, v_i^dpo), neuron by neuron."""
+def table_decomposition(neurons_path: str | Path) -> str:
+    """The decomposition a ``neurons.parquet`` was computed under (its metadata); tables
+    written before ``neurons.decomposition`` existed used down_proj's columns: ``naive``."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(neurons_path).metadata or {}
+    return meta.get(b"dpotox.decomposition", NAIVE.encode()).decode()
+
+
+def value_cosines(base: Adapter, dpo: Adapter, decomposition: str = EXACT) -> np.ndarray:
+    """``[L, d_mlp]``: cos(v_i^base, v_i^dpo), neuron by neuron (:func:`neuron_vectors`)."""
     out = []
     for layer in range(base.n_layers):
-        a = base.value_vectors(layer).detach().double().cpu()
-        b = dpo.value_vectors(layer).detach().double().cpu()
+        a = neuron_vectors(base, layer, decomposition).detach().double().cpu()
+        b = neuron_vectors(dpo, layer, decomposition).detach().double().cpu()
         out.append(torch.nn.functional.cosine_similarity(a, b, dim=1))
     return torch.stack(out).numpy()
 
@@ -116,13 +164,20 @@ def neuron_frame(
     cos_base_dpo: np.ndarray,
     mbar_base: np.ndarray,
     mbar_dpo: np.ndarray,
+    wbar_base: np.ndarray | None = None,
+    wbar_dpo: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """One row per neuron (layer-major): the columns of ``neurons.parquet`` (see module doc)."""
+    """One row per neuron (layer-major): the columns of ``neurons.parquet`` (see module doc).
+    ``wbar_*``: the written means the projections use (default: ``mbar_*``)."""
+    wbar_base = mbar_base if wbar_base is None else wbar_base
+    wbar_dpo = mbar_dpo if wbar_dpo is None else wbar_dpo
     shape = base.along.shape
     for name, arr in (
         ("DPO value vectors", dpo.along),
         ("base mean activations", mbar_base),
         ("DPO mean activations", mbar_dpo),
+        ("base written means", wbar_base),
+        ("DPO written means", wbar_dpo),
         ("cos(v_base, v_dpo)", cos_base_dpo),
     ):
         if arr.shape != shape:
@@ -131,10 +186,12 @@ def neuron_frame(
                 f"vectors {shape} (layers x neurons): the inputs are of different models"
             )
     n_layers, d_mlp = shape
-    proj_base = mbar_base * base.along
-    proj_dpo = mbar_dpo * dpo.along
+    proj_base = wbar_base * base.along
+    proj_dpo = wbar_dpo * dpo.along
     delta = proj_base - proj_dpo
-    edit = sign_groups(base.cos, mbar_base)
+    # The sign of what the neuron writes (s > 0, so the same as m's except where a neuron's
+    # mean changes sign once weighted by the scale).
+    edit = sign_groups(base.cos, wbar_base)
     df = pd.DataFrame(
         {
             "layer": np.repeat(np.arange(n_layers, dtype=np.int32), d_mlp),
@@ -148,7 +205,9 @@ def neuron_frame(
             "along_dpo": dpo.along.ravel(),
             "mbar_base": mbar_base.ravel(),
             "mbar_dpo": mbar_dpo.ravel(),
-            "shift": (mbar_dpo - mbar_base).ravel(),
+            "wbar_base": wbar_base.ravel(),
+            "wbar_dpo": wbar_dpo.ravel(),
+            "shift": (wbar_dpo - wbar_base).ravel(),
             "proj_base": proj_base.ravel(),
             "proj_dpo": proj_dpo.ravel(),
             "delta": delta.ravel(),
@@ -217,16 +276,24 @@ def toxic_ablation(cos: np.ndarray, n: int) -> Intervention:
 
 
 def logit_lens(
-    adapter: Adapter, tok: PreTrainedTokenizerBase, cos: np.ndarray, *, k: int, n_tokens: int
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    cos: np.ndarray,
+    *,
+    k: int,
+    n_tokens: int,
+    decomposition: str = EXACT,
 ) -> pd.DataFrame:
     """The top tokens of the ``k`` most toxic-aligned value vectors and of the ``k`` most
     anti-toxic ones, negated (the papers' Tables 14 and 15): the tokens whose unembedding has
     the largest dot product with the vector. ``cos``: ``[L, d_mlp]`` cos(v_i, w) of the
-    adapter's value vectors (:class:`ValueGeometry`)."""
+    adapter's vectors under ``decomposition`` (:class:`ValueGeometry`)."""
     rows = []
     for kind, anti in (("toxic", False), ("anti-toxic", True)):
         chosen = top_cosine_neurons(cos, k, anti=anti)
-        vectors = torch.stack([adapter.value_vectors(layer)[i] for layer, i in chosen])
+        vectors = torch.stack(
+            [neuron_vectors(adapter, layer, decomposition)[i] for layer, i in chosen]
+        )
         lists = top_tokens_batch(adapter, tok, -vectors if anti else vectors, n_tokens)
         for rank, ((layer, i), toks) in enumerate(zip(chosen, lists, strict=True), start=1):
             rows.append(
@@ -254,9 +321,12 @@ def build_neuron_table(
     out_neurons: str | Path,
     out_layers: str | Path,
     out_tokens: str | Path,
+    out_decomposition: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Rule ``neuron_table``: write ``neurons.parquet``, ``layers.parquet`` and the logit-lens
-    tokens (Parquet); returns a short summary for the log."""
+    """Rule ``neuron_table``: write ``neurons.parquet`` (under ``neurons.decomposition``),
+    ``layers.parquet``, the logit-lens tokens and, given ``out_decomposition``, the two
+    decompositions side by side (:func:`decomposition_frame`), all Parquet; returns a short
+    summary for the log."""
     from dpotox.sources.models import load_prepared
 
     nc = NeuronsConfig.from_config(cfg)
@@ -272,21 +342,40 @@ def build_neuron_table(
     dpo, _ = load_prepared(dpo_model, device="cpu")
     a_base, a_dpo = Adapter(base), Adapter(dpo)
     w, _ = load_probe(probe_path, a_base.d_model)
-    g_base, g_dpo = value_geometry(a_base, w), value_geometry(a_dpo, w)
-    neurons = neuron_frame(
-        g_base,
-        g_dpo,
-        value_cosines(a_base, a_dpo),
-        mean_activations(base_acts),
-        mean_activations(dpo_acts),
+    mbar = {v: mean_activations(p) for v, p in (("base", base_acts), ("dpo", dpo_acts))}
+    # Both decompositions: the configured one is the table, the pair is compared.
+    frames, geometry = {}, {}
+    for d in (EXACT, NAIVE):
+        written = d == EXACT
+        g_base, g_dpo = value_geometry(a_base, w, d), value_geometry(a_dpo, w, d)
+        geometry[d] = (g_base, g_dpo)
+        frames[d] = neuron_frame(
+            g_base,
+            g_dpo,
+            value_cosines(a_base, a_dpo, d),
+            mbar["base"],
+            mbar["dpo"],
+            mean_activations(base_acts, written=written),
+            mean_activations(dpo_acts, written=written),
+        )
+    neurons = frames[nc.decomposition]
+    g_base, g_dpo = geometry[nc.decomposition]
+    tokens = logit_lens(
+        a_base,
+        tok,
+        g_base.cos,
+        k=nc.top_k_tokens,
+        n_tokens=nc.n_tokens,
+        decomposition=nc.decomposition,
     )
-    tokens = logit_lens(a_base, tok, g_base.cos, k=nc.top_k_tokens, n_tokens=nc.n_tokens)
     layers = layer_frame(g_base, g_dpo, neurons)
     common = {
         "dpotox.probe": str(probe_path),
         "dpotox.base_model": str(base_model),
         "dpotox.dpo_model": str(dpo_model),
         "dpotox.n_prompts": str(meta["base"]["n_prompts"]),
+        "dpotox.decomposition": nc.decomposition,
+        "dpotox.post_mlp_norm": str(a_base.family.post_mlp_norm),
     }
     write_parquet(
         neurons,
@@ -309,6 +398,18 @@ def build_neuron_table(
         },
     )
     write_parquet(tokens, out_tokens, metadata={"dpotox.table": "value_vector_tokens", **common})
+    if out_decomposition is not None:
+        write_parquet(
+            decomposition_frame(frames[EXACT], frames[NAIVE]),
+            out_decomposition,
+            metadata={
+                "dpotox.table": "decomposition",
+                **common,
+                "dpotox.description": "One row per MLP neuron: cosine, reduction and group under "
+                "the exact decomposition (what the layer writes) and the naive one (down_proj "
+                "columns, as the papers); docs/neurons.md.",
+            },
+        )
     reducing = neurons["delta"] > 0
     return {
         "n_neurons": len(neurons),
@@ -318,10 +419,28 @@ def build_neuron_table(
     }
 
 
+def decomposition_frame(exact: pd.DataFrame, naive: pd.DataFrame) -> pd.DataFrame:
+    """One row per neuron: ``cos``, ``delta``, ``group`` and their ranks under each
+    decomposition (suffixes ``_exact``, ``_naive``), from two :func:`neuron_frame` tables of
+    the same models."""
+    cols = ["cos", "delta", "group", "edit_group", "rank_delta", "rank_cos", "proj_base"]
+    out = exact[["layer", "neuron"]].copy()
+    for name, df in (("exact", exact), ("naive", naive)):
+        for c in cols:
+            out[f"{c}_{name}"] = df[c].to_numpy()
+    return out
+
+
 def write_toxic_ablation(
-    *, model_dir: str | Path, probe_path: str | Path, n: int, out: str | Path
+    *,
+    model_dir: str | Path,
+    probe_path: str | Path,
+    n: int,
+    out: str | Path,
+    cfg: Mapping[str, Any] | None = None,
 ) -> Intervention:
-    """Rule ``toxic_ablation_spec``: write :func:`toxic_ablation` of the base model as a spec."""
+    """Rule ``toxic_ablation_spec``: write :func:`toxic_ablation` of the base model as a spec,
+    ranking the neurons by cosine under ``neurons.decomposition``."""
     from dpotox.sources.models import load_prepared
 
     model, _ = load_prepared(model_dir, device="cpu")
@@ -333,6 +452,7 @@ def write_toxic_ablation(
             f"({adapter.n_layers} layers x {adapter.d_mlp}); lower neurons.ablate_top_n"
         )
     w, _ = load_probe(probe_path, adapter.d_model)
-    spec = toxic_ablation(value_geometry(adapter, w).cos, n)
+    decomposition = NeuronsConfig.from_config(cfg or {}).decomposition
+    spec = toxic_ablation(value_geometry(adapter, w, decomposition).cos, n)
     spec.save(out)
     return spec

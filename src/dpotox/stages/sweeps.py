@@ -40,7 +40,13 @@ from dpotox.plan.conditions import (
     parse,
 )
 from dpotox.stages.activations import prompt_means, read_meta
-from dpotox.stages.neurons import sign_groups, unit, value_geometry
+from dpotox.stages.neurons import (
+    neuron_vectors,
+    sign_groups,
+    table_decomposition,
+    unit,
+    value_geometry,
+)
 from dpotox.stages.probe import load_probe, top_tokens_batch
 
 log = logging.getLogger("dpotox")
@@ -219,12 +225,17 @@ def interpretable_toxic(
     *,
     n_tokens: int,
     threshold: float,
+    decomposition: str = "exact",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The ``candidates`` whose value vector has a toxic token among its ``n_tokens`` nearest
-    unembedded tokens, a token being toxic if ``score`` (the toxicity scorer) gives its text
-    at least ``threshold``. Returns ``(chosen rows, judged tokens table)``."""
+    """The ``candidates`` whose value vector (under ``decomposition``:
+    :func:`dpotox.stages.neurons.neuron_vectors`) has a toxic token among its ``n_tokens``
+    nearest unembedded tokens, a token being toxic if ``score`` (the toxicity scorer) gives its
+    text at least ``threshold``. Returns ``(chosen rows, judged tokens table)``."""
     vectors = torch.stack(
-        [adapter.value_vectors(int(r.layer))[int(r.neuron)] for r in candidates.itertuples()]
+        [
+            neuron_vectors(adapter, int(r.layer), decomposition)[int(r.neuron)]
+            for r in candidates.itertuples()
+        ]
     )
     lists = top_tokens_batch(adapter, tok, vectors, n_tokens)
     texts = sorted({t.strip() for toks in lists for t, _ in toks if t.strip()})
@@ -280,6 +291,8 @@ def build_specs(
         )
     w, _ = load_probe(probe_path, adapter.d_model)
     cos_probe = neurons["cos"].to_numpy().reshape(adapter.n_layers, adapter.d_mlp)
+    # The neuron table's (tables made before the option were naive).
+    decomposition = table_decomposition(neurons_path)
     meta = read_meta(dpo_acts)
     log.info("DPO activation cache %s: %d prompts", dpo_acts, meta["n_prompts"])
 
@@ -295,6 +308,7 @@ def build_specs(
             scorer.score,
             n_tokens=sc.interpretable_tokens,
             threshold=sc.interpretable_threshold,
+            decomposition=decomposition,
         )
         log.info(
             "interpretable toxic neurons: %d of the top %d by cosine (scorer %s)",
@@ -305,7 +319,7 @@ def build_specs(
     cos_free = None
     if any(isinstance(c, Editing) and c.direction == "free" for c in parsed):
         contrast = word_contrast(adapter, tok, sc.toxic_words, sc.neutral_words)
-        cos_free = value_geometry(adapter, contrast).cos
+        cos_free = value_geometry(adapter, contrast, decomposition).cos
         log.info("probe-free direction: cos with the probe %.3f", float(unit(contrast) @ unit(w)))
 
     specs = [
