@@ -161,6 +161,10 @@ def test_integers_are_integers_and_seeds_fit_32_bits(changes, words):
             {"probe__continuations": True, "dpo__pairs__method": "steered"},
             "steered makes its pairs with the probe, so the probe cannot learn from them",
         ),
+        (
+            {"dpo__pairs__scorer": "jigsaw-bilstm"},
+            "'dpo.pairs.scorer': jigsaw-bilstm is also toxicity.scorer",
+        ),
     ],
 )
 def test_relations_between_keys(changes, words):
@@ -261,3 +265,8 @@ def test_counts_are_checked_against_the_prepared_model_without_arch(tmp_path, mo
         {"models": {"m": {**GPT2, "arch": arch}}, "neurons": {"ablate_top_n": 150}},
         check_paths=False,
     )
+
+
+def test_the_same_scorer_for_pairs_and_evaluation_when_told():
+    cfg = _cfg(dpo__pairs__scorer="jigsaw-bilstm", dpo__pairs__same_scorer=True)
+    assert validate_config(cfg, check_paths=False)["dpo"]["pairs"]["same_scorer"] is True

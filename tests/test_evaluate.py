@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -91,6 +92,7 @@ def test_base_evaluation_writes_both_outputs(inputs, tmp_path):
         "prompt",
         "continuation",
         "score",
+        "pairs_score",
         "prompt_tokens",
         "new_tokens",
     ]
@@ -99,6 +101,12 @@ def test_base_evaluation_writes_both_outputs(inputs, tmp_path):
     assert summary["n_prompts"] == 6 and summary["scorer"] == "jigsaw-bilstm"
     assert summary["toxicity"] == pytest.approx(table["score"].mean())
     assert summary["toxicity_ci_low"] <= summary["toxicity"] <= summary["toxicity_ci_high"]
+    # Two scorers: the same continuations read by the pairs' scorer, with its own CI.
+    assert summary["pairs_scorer"] == "tcc-bilstm"
+    assert summary["pairs_toxicity"] == pytest.approx(table["pairs_score"].mean())
+    assert summary["pairs_toxicity_ci_low"] <= summary["pairs_toxicity"]
+    assert summary["pairs_toxicity"] <= summary["pairs_toxicity_ci_high"]
+    assert not np.allclose(table["score"], table["pairs_score"])
     assert summary["log_ppl"] > 0 and summary["n_wiki_tokens"] > 4 * 30
     assert 0 <= summary["f1"] <= 1 and summary["n_f1"] == 3
     assert summary["tokens_per_second"] > 0 and summary["seconds"] > 0
@@ -184,3 +192,11 @@ def test_bad_prompts_write_nothing(inputs, tmp_path, text, message):
 def test_base_with_edits_is_refused(inputs, tmp_path):
     with pytest.raises(DpotoxError, match="condition 'base'"):
         run(inputs, tmp_path, "base", Intervention("x", [ablate(0, [1])]))
+
+
+def test_one_scorer_when_the_pairs_scorer_is_the_evaluations(inputs, tmp_path):
+    """dpo.pairs.same_scorer: no second column and null pairs keys."""
+    cfg = {"dpo": {"pairs": {"scorer": "jigsaw-bilstm", "same_scorer": True}}}
+    summary, table, _ = run(inputs, tmp_path, cfg={**CFG, **cfg})
+    assert "pairs_score" not in table.columns
+    assert summary["pairs_scorer"] is None and summary["pairs_toxicity"] is None

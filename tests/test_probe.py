@@ -95,7 +95,7 @@ def test_scorer_labels_with_two_thresholds_and_keeps_given_labels():
         )
 
 
-def test_continuations_keep_their_scores_and_are_their_own_origin():
+def test_continuations_are_scored_by_the_probes_scorer_and_are_their_own_origin():
     samples = pd.DataFrame(
         {
             "id": ["p1", "p1", "p2", "p3", "p4"],
@@ -113,10 +113,16 @@ def test_continuations_keep_their_scores_and_are_their_own_origin():
         CONTINUATIONS
     ) == CONTINUATIONS
 
-    def never(texts):
-        raise AssertionError("texts with a score are not scored again")
+    # The pairs' scores are the pairs' scorer's: the probe's scorer labels every text itself.
+    assert texts["score"].isna().all()
+    seen = []
 
-    out = label_texts(texts, never, ProbeConfig(label_threshold=0.8, clean_threshold=0.05))
+    def probe_scorer(batch):
+        seen.extend(batch)
+        return [{" you idiot": 0.9, " a nice day": 0.01, " meh": 0.3}[t] for t in batch]
+
+    out = label_texts(texts, probe_scorer, ProbeConfig(label_threshold=0.8, clean_threshold=0.05))
+    assert sorted(seen) == sorted([" you idiot", " a nice day", " meh"])
     assert out[["id", "label"]].values.tolist() == [["p1#0", 1], ["p1#1", 0]]  # 0.3: ambiguous
 
 

@@ -308,3 +308,48 @@ def test_config_errors(cfg, parts):
         scoring.load_scorer(cfg)
     for part in parts:
         assert part in str(info.value)
+
+
+# toxic-comment-classifier 0.3.0 run by Keras 3.15.1 itself (torch backend): its model.py's
+# layers, model.load_weights on model/model.weights.h5, its pickled Tokenizer's
+# texts_to_sequences and keras.utils.pad_sequences(maxlen=100); all 6 labels, float32.
+TCC_TEXTS = [
+    "You are a stupid idiot and I hate you",
+    "The weather is nice today.",
+    "fuck off",
+    "",
+    "What the hell is wrong with you, moron?!",
+    "The committee approved the budget for the new library on Tuesday.",
+    # 115 words: the first 15 are cut (pad_sequences truncates at the front).
+    " ".join(["word"] * 60 + ["shut", "up", "you", "fat", "loser"] + ["ok"] * 50),
+]
+TCC_KERAS = np.array(
+    [
+        [0.996834, 0.2044535, 0.8698322, 0.0304526, 0.9262493, 0.1348191],
+        [0.0066959, 0.0000238, 0.0017334, 0.0000258, 0.0015744, 0.0001783],
+        [0.9957784, 0.3372314, 0.9855379, 0.009774, 0.7260475, 0.0451347],
+        [0.0675341, 0.0023729, 0.0293819, 0.0010057, 0.0153553, 0.0040062],
+        [0.9641652, 0.0576782, 0.7282211, 0.0243205, 0.6551436, 0.0301811],
+        [0.0006062, 0.000001, 0.0001821, 0.0000006, 0.000096, 0.0000159],
+        [0.5851815, 0.1100747, 0.3533757, 0.1051339, 0.4462156, 0.0849503],
+    ]
+)
+
+
+def test_tcc_bilstm_equals_keras():
+    """The second scorer (tcc-bilstm) reproduces toxic-comment-classifier run by Keras."""
+    tcc = scoring.load_scorer({"scorer": "tcc-bilstm", "batch_size": 3})
+    assert tcc.name == "tcc-bilstm"
+    got = tcc.predict(TCC_TEXTS)
+    np.testing.assert_allclose(got, TCC_KERAS, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(tcc.score(TCC_TEXTS), got[:, 0])  # P(toxic)
+    with pytest.raises(ValueError, match="tox-block's"):
+        tcc.predict(["x"], rescale=True)
+
+
+def test_the_pairs_scorer_and_the_second_scorer():
+    cfg = {"toxicity": {"scorer": "jigsaw-bilstm", "batch_size": 8}}
+    assert scoring.pairs_scorer_settings(cfg) == {"scorer": "tcc-bilstm", "batch_size": 8}
+    assert scoring.second_scorer_settings(cfg)["scorer"] == "tcc-bilstm"
+    same = {**cfg, "dpo": {"pairs": {"scorer": "jigsaw-bilstm", "same_scorer": True}}}
+    assert scoring.second_scorer_settings(same) is None

@@ -72,7 +72,22 @@ PUBLISHED_COLUMNS = (
     "note",
 )
 METRICS = ("toxicity", "ppl", "log_ppl", "f1", "n_neurons", "pct_reduction")
-COLUMNS = ["condition", "label", "toxicity", "ci_low", "ci_high", "log_ppl", "f1", "n", "n_neurons"]
+COLUMNS = [
+    "condition",
+    "label",
+    "toxicity",
+    "ci_low",
+    "ci_high",
+    # The same continuations under the pairs' scorer (dpo.pairs.scorer): DPO was trained
+    # against it, not against the scorer of `toxicity`.
+    "toxicity_pairs",
+    "pairs_ci_low",
+    "pairs_ci_high",
+    "log_ppl",
+    "f1",
+    "n",
+    "n_neurons",
+]
 
 # A row of a table: one condition, or every condition of a kind (a grid, sorted by its numbers).
 Row = Condition | Callable[[Condition], bool]
@@ -219,6 +234,14 @@ def _ours(s: dict[str, Any]) -> dict[str, Any]:
         "ci_low": s["toxicity_ci_low"],
         "ci_high": s["toxicity_ci_high"],
         **{
+            col: math.nan if s.get(key) is None else float(s[key])
+            for col, key in (
+                ("toxicity_pairs", "pairs_toxicity"),
+                ("pairs_ci_low", "pairs_toxicity_ci_low"),
+                ("pairs_ci_high", "pairs_toxicity_ci_high"),
+            )
+        },
+        **{
             k: math.nan if s[k] is None or s.get(note) else float(s[k])
             for k, note in (("log_ppl", "ppl_note"), ("f1", "f1_note"))
         },
@@ -361,6 +384,7 @@ def _fmt(v: Any, col: str) -> str:
 
 CI_CELLS = (
     ("toxicity", "ci_low", "ci_high", 2),
+    ("toxicity_pairs", "pairs_ci_low", "pairs_ci_high", 2),
     ("difference", "difference_ci_low", "difference_ci_high", 3),
     ("recovered_pct", "recovered_ci_low", "recovered_ci_high", 1),
     ("value", "ci_low", "ci_high", 3),
@@ -399,6 +423,14 @@ def _document(
 ) -> tuple[pd.DataFrame, str]:
     """The table with the papers' columns, and its markdown with the footnotes."""
     footer = ["Toxicity: mean score of the continuations [bootstrap CI over prompts]; `–`: none."]
+    scorers = {(s.get("scorer"), s.get("pairs_scorer")) for s in summ.values()}
+    if "toxicity_pairs" in df and any(pairs for _, pairs in scorers):
+        main, pairs = sorted(scorers, key=str)[0]
+        footer.append(
+            f"toxicity: scored by {main}, which DPO's pairs were not chosen by; toxicity_pairs: "
+            f"the same continuations scored by {pairs}, the scorer of DPO's pairs "
+            "(dpo.pairs.scorer)."
+        )
     marks: dict[tuple[int, str], int] = {}
     for i, c in enumerate(df["condition"] if "condition" in df else []):
         for col, key, what in (("log_ppl", "ppl_note", "log-PPL"), ("f1", "f1_note", "F1")):

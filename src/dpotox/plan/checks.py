@@ -105,6 +105,14 @@ def relation_problems(config: Mapping[str, Any]) -> list[str]:
             "config key 'dpo.pairs.method' is jsonl, which reads data.pairs, but data.pairs is "
             "not set; give data.pairs (a JSONL file of prompt/chosen/rejected) or another method"
         )
+    pairs_scorer, scorer = config["dpo"]["pairs"]["scorer"], config["toxicity"]["scorer"]
+    if pairs_scorer == scorer and not config["dpo"]["pairs"]["same_scorer"]:
+        problems.append(
+            f"config key 'dpo.pairs.scorer': {pairs_scorer} is also toxicity.scorer, so DPO would "
+            "be evaluated by the scorer its pairs were chosen by; choose another scorer for one "
+            "of them (offline: jigsaw-bilstm, tcc-bilstm), or set dpo.pairs.same_scorer: true "
+            "to accept it"
+        )
     if config["probe"]["continuations"] and method != "best-of-n":
         why = (
             "makes its pairs with the probe, so the probe cannot learn from them"

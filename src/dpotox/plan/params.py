@@ -25,14 +25,15 @@ READS: dict[str, tuple[str, ...]] = {
     "train_probe": ("seed", "probe", "toxicity", "evaluation.n_prompts"),
     "make_pairs": ("seed", "dpo.pairs", "evaluation", "toxicity"),
     "train_dpo": ("seed", "dpo", "models.{model}.dpo"),
-    "evaluate": ("seed", "evaluation", "toxicity"),
+    # The pairs' scorer is the evaluations' second scorer (dpotox.scoring.second_scorer_settings).
+    "evaluate": ("seed", "evaluation", "toxicity", "dpo.pairs.scorer", "dpo.pairs.same_scorer"),
     "cache_activations": ("seed", "evaluation", "activations"),
     "neuron_table": ("seed", "neurons"),
     "toxic_ablation_spec": ("neurons.decomposition",),
     "probe_checks": ("seed", "probe", "sweeps.toxic_words", "sweeps.neutral_words"),
     "neuron_stats": ("seed", "neurons"),
     "sweep_specs": ("seed", "sweeps", "toxicity"),
-    "sweep": ("seed", "evaluation", "toxicity"),
+    "sweep": ("seed", "evaluation", "toxicity", "dpo.pairs.scorer", "dpo.pairs.same_scorer"),
     "figure": ("figures",),
 }
 # Keys inside a section read above that the rule does not use.

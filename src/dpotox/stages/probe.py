@@ -194,19 +194,20 @@ CONTINUATIONS = "model-continuations"  # the source (and origin) of the pairs' s
 
 
 def continuation_texts(samples: pd.DataFrame) -> pd.DataFrame:
-    """The continuations ``make_pairs`` sampled and scored, as probe texts: ``text`` the
-    continuation alone (what the model writes), ``score`` the pairs' scorer's, ``label`` to be
-    set from it, source and origin :data:`CONTINUATIONS` (balanced on their own: a probe must
-    not tell them from RTP prompts by their form)."""
+    """The continuations ``make_pairs`` sampled, as probe texts: ``text`` the continuation
+    alone (what the model writes), ``label`` and ``score`` to be set by the probe's scorer
+    (``toxicity.scorer``: the pairs' own scores are the pairs' scorer's, and every probe text
+    is labelled by one scorer), source and origin :data:`CONTINUATIONS` (balanced on their own:
+    a probe must not tell them from RTP prompts by their form)."""
     keep = samples["continuation"].fillna("").str.strip().str.len() > 0
-    s = samples[keep & samples["score"].notna()]
+    s = samples[keep]
     return pd.DataFrame(
         {
             "id": s["id"].astype(str) + "#" + s["sample"].astype(str),
             "text": s["continuation"].to_numpy(),
             "label": pd.array([pd.NA] * len(s), dtype="Int8"),
             "source": CONTINUATIONS,
-            "score": s["score"].astype("float64").to_numpy(),
+            "score": np.nan,
         }
     ).drop_duplicates("text")
 
