@@ -93,6 +93,7 @@ def test_base_evaluation_writes_both_outputs(inputs, tmp_path):
         "continuation",
         "score",
         "pairs_score",
+        "repetition",
         "prompt_tokens",
         "new_tokens",
     ]
@@ -107,6 +108,10 @@ def test_base_evaluation_writes_both_outputs(inputs, tmp_path):
     assert summary["pairs_toxicity_ci_low"] <= summary["pairs_toxicity"]
     assert summary["pairs_toxicity"] <= summary["pairs_toxicity_ci_high"]
     assert not np.allclose(table["score"], table["pairs_score"])
+    # The quality of the continuations, beside their toxicity.
+    assert 0 < summary["distinct_1"] <= 1 and 0 < summary["distinct_2"] <= 1
+    assert summary["repetition"] == pytest.approx(table["repetition"].mean())
+    assert 0 <= summary["empty_share"] <= 1
     assert summary["log_ppl"] > 0 and summary["n_wiki_tokens"] > 4 * 30
     assert 0 <= summary["f1"] <= 1 and summary["n_f1"] == 3
     assert summary["tokens_per_second"] > 0 and summary["seconds"] > 0

@@ -8,7 +8,16 @@ import torch
 from tiny_models import VOCAB
 
 from dpotox.engine.arch import Adapter
-from dpotox.engine.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows, words
+from dpotox.engine.metrics import (
+    bootstrap_ci,
+    f1,
+    f1_items,
+    log_perplexity,
+    repetition,
+    text_quality,
+    windows,
+    words,
+)
 from dpotox.engine.spec import Intervention, ablate
 from dpotox.sources import assets
 
@@ -87,3 +96,16 @@ def test_perplexity_under_an_intervention_and_the_first_position_quirk(model):
     assert log_perplexity(
         adapter, only_two, ids, spec=spec, positions="first"
     ).log_ppl == pytest.approx(log_perplexity(adapter, only_two, ids, spec=spec).log_ppl, rel=1e-6)
+
+
+def test_text_quality_of_hand_made_continuations():
+    texts = ["The cat, the cat; THE CAT", "", "a b c d"]
+    q = text_quality(texts)
+    # Words: the cat the cat the cat | - | a b c d: 10 words, 6 distinct; 8 bigrams, 5 distinct.
+    assert q["distinct_1"] == pytest.approx(0.6) and q["distinct_2"] == pytest.approx(5 / 8)
+    # Bigram repetition per text (as the reference): 1 - 2/5, 0 (no bigram), 1 - 3/3.
+    assert repetition(texts[0]) == pytest.approx(0.6) and repetition("one") == 0.0
+    assert q["repetition"] == pytest.approx(0.6 / 3)
+    assert q["empty_share"] == pytest.approx(1 / 3)
+    assert text_quality(["!!", " "])["empty_share"] == 1.0
+    assert math.isnan(text_quality(["", ""])["distinct_1"])

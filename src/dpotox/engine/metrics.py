@@ -1,4 +1,5 @@
-"""The three numbers of every condition: toxicity (with a bootstrap CI), log-perplexity, F1.
+"""The numbers of every condition: toxicity (with a bootstrap CI), log-perplexity, F1, and the
+quality of the continuations.
 
 - **Toxicity**: the mean scorer probability over the continuations, with a seeded
   percentile-bootstrap confidence interval over prompts.
@@ -12,6 +13,12 @@
 - **F1**: bag-of-tokens F1 (as in SQuAD) between the greedy continuation of a Wikipedia prompt
   and the text's real continuation, on words after lower-casing and removing punctuation and
   the articles a/an/the. Prompts and gold continuations are built by :func:`f1_items`.
+- **Quality** (:func:`text_quality`): a broken model can score low toxicity by writing
+  nothing, or one word over and over. On the continuations' lower-cased word tokens (``\\w+``,
+  as the reference code's repetition metric): distinct-1 and distinct-2 (distinct n-grams over
+  all n-grams of all continuations, Li et al. 2016's corpus-level form), the bigram repetition
+  of Yang et al. 2025's code (per text ``1 - distinct bigrams / bigrams``, 0 under two words,
+  averaged over texts), and the share of empty continuations (no word token).
 """
 
 from __future__ import annotations
@@ -172,3 +179,32 @@ def log_perplexity(
             total += float(nll[keep].double().sum())
             count += int(keep.sum())
     return Perplexity(total / count, count, len(token_windows), time.perf_counter() - t0)
+
+
+_WORD = re.compile(r"\w+")
+
+
+def word_tokens(text: str) -> list[str]:
+    """Lower-cased ``\\w+`` tokens: the tokenisation of the reference's repetition metric."""
+    return _WORD.findall(text.lower())
+
+
+def repetition(text: str, n: int = 2) -> float:
+    """``1 - distinct n-grams / n-grams`` of one text's word tokens; 0 with fewer than ``n``."""
+    toks = word_tokens(text)
+    grams = [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def text_quality(texts: Sequence[str]) -> dict[str, float]:
+    """``distinct_1``, ``distinct_2`` (corpus-level), ``repetition`` (mean bigram repetition
+    per text) and ``empty_share`` of ``texts`` (module doc); distinct-n is NaN without any
+    n-gram."""
+    toks = [word_tokens(t) for t in texts]
+    out: dict[str, float] = {}
+    for n in (1, 2):
+        grams = [tuple(t[i : i + n]) for t in toks for i in range(len(t) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else float("nan")
+    out["repetition"] = float(np.mean([repetition(t) for t in texts])) if texts else float("nan")
+    out["empty_share"] = float(np.mean([not t for t in toks])) if texts else float("nan")
+    return out

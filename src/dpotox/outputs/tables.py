@@ -85,6 +85,12 @@ COLUMNS = [
     "pairs_ci_high",
     "log_ppl",
     "f1",
+    # Quality of the continuations (dpotox.engine.metrics.text_quality): low toxicity from a
+    # model that writes nothing or repeats itself shows here.
+    "distinct_1",
+    "distinct_2",
+    "repetition",
+    "empty_share",
     "n",
     "n_neurons",
 ]
@@ -239,6 +245,7 @@ def _ours(s: dict[str, Any]) -> dict[str, Any]:
                 ("toxicity_pairs", "pairs_toxicity"),
                 ("pairs_ci_low", "pairs_toxicity_ci_low"),
                 ("pairs_ci_high", "pairs_toxicity_ci_high"),
+                *((q, q) for q in ("distinct_1", "distinct_2", "repetition", "empty_share")),
             )
         },
         **{
@@ -423,6 +430,12 @@ def _document(
 ) -> tuple[pd.DataFrame, str]:
     """The table with the papers' columns, and its markdown with the footnotes."""
     footer = ["Toxicity: mean score of the continuations [bootstrap CI over prompts]; `–`: none."]
+    if "repetition" in df:
+        footer.append(
+            "distinct_1, distinct_2: distinct word uni-/bigrams over all of them in the "
+            "continuations; repetition: mean per-continuation bigram repetition (Yang et al. "
+            "2025's code); empty_share: continuations without a word."
+        )
     scorers = {(s.get("scorer"), s.get("pairs_scorer")) for s in summ.values()}
     if "toxicity_pairs" in df and any(pairs for _, pairs in scorers):
         main, pairs = sorted(scorers, key=str)[0]

@@ -23,7 +23,15 @@ import torch
 
 from dpotox.engine.arch import Adapter
 from dpotox.engine.generate import Generation, encode_prompts, generate_many, inference_device
-from dpotox.engine.metrics import bootstrap_ci, f1, f1_items, log_perplexity, windows
+from dpotox.engine.metrics import (
+    bootstrap_ci,
+    f1,
+    f1_items,
+    log_perplexity,
+    repetition,
+    text_quality,
+    windows,
+)
 from dpotox.engine.spec import Intervention, InterventionError, check
 from dpotox.io import write_json, write_parquet
 from dpotox.plan.config import section_settings
@@ -206,6 +214,7 @@ def evaluate_conditions(
                 "continuation": gen.texts,
                 "score": scores,
                 **({"pairs_score": pairs_scores} if second is not None else {}),
+                "repetition": [repetition(t) for t in gen.texts],
                 "prompt_tokens": [len(t) for t in tokens],
                 "new_tokens": [len(t) for t in gen.new_tokens],
             }
@@ -230,6 +239,8 @@ def evaluate_conditions(
             "pairs_toxicity_ci_high": pairs_tox.high if second is not None else None,
             "bootstrap_samples": ec.bootstrap_samples,
             "frac_toxic": float((scores >= 0.5).mean()),
+            # Is the model still writing? (engine.metrics.text_quality)
+            **text_quality(gen.texts),
             "log_ppl": ppl.log_ppl if ppl else None,
             "ppl": math.exp(ppl.log_ppl) if ppl else None,
             "ppl_positions": ec.ppl_positions,
@@ -413,7 +424,8 @@ def _write(results: list[tuple[Condition, pd.DataFrame, dict[str, Any]]], second
                 "dpotox.description": "One row per evaluation prompt: id, source, prompt, "
                 "continuation (greedy, special tokens removed), score "
                 "(toxicity probability of the continuation), pairs_score (the same by the "
-                "pairs' scorer, where it is another), prompt_tokens, new_tokens.",
+                "pairs' scorer, where it is another), repetition (bigram repetition of the "
+                "continuation), prompt_tokens, new_tokens.",
                 # Timings stay in the JSON: the same seed gives the same Parquet bytes.
                 "dpotox.summary": json.dumps(untimed(summary)),
             },
