@@ -205,3 +205,38 @@ def test_recorded_contributions_sum_to_the_residual_increment(model, family):
             gain = a.post_mlp_norm_gain(layer)
             recon = recon + s * (bias * (gain if gain is not None else 1.0)).float()
         torch.testing.assert_close(recon, increments[layer].float(), atol=1e-5, rtol=1e-4)
+
+
+def test_final_norm_gain(model, family):
+    """Gemma's norms multiply by 1 + weight, OLMo-1's final LayerNorm has no gain, the others
+    multiply by their weight."""
+    a = Adapter(model, family)
+    gain = a.final_norm_gain()
+    if family == "olmo":
+        assert gain is None
+        return
+    weight = a.final_norm().weight
+    offset = 1.0 if family in ("gemma", "gemma2", "gemma3") else 0.0
+    torch.testing.assert_close(gain, weight + offset)
+
+
+def test_logit_lens_goes_through_the_final_norms_gain():
+    from dpotox.stages.probe import top_tokens_batch
+
+    class Tok:
+        def decode(self, ids):
+            return str(ids[0])
+
+    a = Adapter(tiny_model("llama"), "llama")
+    with torch.no_grad():
+        a.final_norm().weight.copy_(torch.linspace(0.1, 3.0, D_MODEL))
+    v = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(0))
+    emb = a.unembedding().detach()
+    want = torch.topk((v * a.final_norm().weight.detach()) @ emb.T, 5, dim=1).indices
+    got = top_tokens_batch(a, Tok(), v, 5)
+    assert [[int(t) for t, _ in row] for row in got] == want.tolist()
+    raw = top_tokens_batch(a, Tok(), v, 5, final_gain=False)
+    assert [[int(t) for t, _ in row] for row in raw] == torch.topk(
+        v @ emb.T, 5, dim=1
+    ).indices.tolist()
+    assert got != raw  # a gain that is not uniform changes the ranking

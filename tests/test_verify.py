@@ -39,8 +39,8 @@ def _misread(family: str, **changes) -> Adapter:
         # Gemma-2's block normalises the MLP output: plain sum_i m_i v_i is not what it adds.
         ("gemma2", {"post_mlp_norm": None}, "write_sum"),
         # The norm's gain misread: Gemma multiplies by 1 + weight, OLMo-2 by weight.
-        ("gemma2", {"post_mlp_norm_gain_offset": 0.0}, "write_sum"),
-        ("olmo2", {"post_mlp_norm_gain_offset": 1.0}, "write_sum"),
+        ("gemma2", {"norm_gain_offset": 0.0}, "write_sum"),
+        ("olmo2", {"norm_gain_offset": 1.0}, "write_sum"),
         # A norm that is not there (Llama adds the MLP output as it is).
         ("llama", {"post_mlp_norm": "input_layernorm"}, "write_sum"),
         # Gate and up swapped: the recomputed activations are not the hooked ones.

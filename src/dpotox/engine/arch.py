@@ -41,9 +41,9 @@ class Family:
     # A norm the block applies to the MLP output before adding it to the residual stream
     # (inside the block); None where the MLP output is added as it is.
     post_mlp_norm: str | None = None
-    # That norm's gain is weight + this: Gemma's RMSNorm stores gamma with the 1 taken out
-    # (it multiplies by 1 + weight), OLMo-2's multiplies by weight.
-    post_mlp_norm_gain_offset: float = 0.0
+    # The gain of the family's norms is weight + this: Gemma's RMSNorm stores gamma with the 1
+    # taken out (it multiplies by 1 + weight); the others multiply by weight.
+    norm_gain_offset: float = 0.0
 
 
 def _glu(
@@ -62,7 +62,7 @@ def _glu(
         "model.embed_tokens",
         "model.norm",
         post_mlp_norm=post_mlp_norm,
-        post_mlp_norm_gain_offset=gain_offset,
+        norm_gain_offset=gain_offset,
     )
 
 
@@ -84,7 +84,7 @@ FAMILIES: dict[str, Family] = {
         ),
         _glu("llama"),
         _glu("mistral"),
-        _glu("gemma"),
+        _glu("gemma", gain_offset=1.0),
         _glu("gemma2", post_mlp_norm="post_feedforward_layernorm", gain_offset=1.0),
         # gemma3 is the multimodal checkpoint; prepare_model keeps its text tower (gemma3_text).
         _glu(
@@ -297,7 +297,7 @@ class Adapter:
         norm = self.post_mlp_norm(layer)
         if norm is None:
             return None
-        return norm.weight + self.family.post_mlp_norm_gain_offset
+        return norm.weight + self.family.norm_gain_offset
 
     def post_mlp_norm_scale(self, layer: int, y: torch.Tensor) -> torch.Tensor:
         """``[..., 1]`` float32: the per-token factor ``1 / rms(y)`` the post-MLP norm applies
@@ -343,3 +343,9 @@ class Adapter:
     def final_norm(self) -> nn.Module:
         """The norm applied to the last residual stream before unembedding."""
         return _get(self.model, self.family.final_norm)
+
+    def final_norm_gain(self) -> torch.Tensor | None:
+        """``[d_model]``: the final norm's per-channel gain (Gemma: ``1 + weight``), or None for
+        a norm without one (OLMo-1's non-parametric LayerNorm)."""
+        weight = getattr(self.final_norm(), "weight", None)
+        return None if weight is None else weight + self.family.norm_gain_offset

@@ -22,7 +22,7 @@ READS: dict[str, tuple[str, ...]] = {
         "models.{model}.dtype",
         "models.{model}.arch",
     ),
-    "train_probe": ("seed", "probe", "toxicity", "evaluation.n_prompts"),
+    "train_probe": ("seed", "probe", "toxicity", "evaluation.n_prompts", "neurons.lens_final_gain"),
     "make_pairs": ("seed", "dpo.pairs", "evaluation", "toxicity"),
     "train_dpo": ("seed", "dpo", "models.{model}.dpo"),
     # The pairs' scorer is the evaluations' second scorer (dpotox.scoring.second_scorer_settings).
@@ -32,7 +32,7 @@ READS: dict[str, tuple[str, ...]] = {
     "toxic_ablation_spec": ("neurons.decomposition",),
     "probe_checks": ("seed", "probe", "sweeps.toxic_words", "sweeps.neutral_words"),
     "neuron_stats": ("seed", "neurons"),
-    "sweep_specs": ("seed", "sweeps", "toxicity"),
+    "sweep_specs": ("seed", "sweeps", "toxicity", "neurons.lens_final_gain"),
     "sweep": ("seed", "evaluation", "toxicity", "dpo.pairs.scorer", "dpo.pairs.same_scorer"),
     "figure": ("figures",),
 }

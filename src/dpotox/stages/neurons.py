@@ -64,6 +64,7 @@ class NeuronsConfig:
     rank_bin: int = 500
     decomposition: str = "exact"
     compare_top: int = 256
+    lens_final_gain: bool = True
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> NeuronsConfig:
@@ -283,6 +284,7 @@ def logit_lens(
     k: int,
     n_tokens: int,
     decomposition: str = EXACT,
+    final_gain: bool = True,
 ) -> pd.DataFrame:
     """The top tokens of the ``k`` most toxic-aligned value vectors and of the ``k`` most
     anti-toxic ones, negated (the papers' Tables 14 and 15): the tokens whose unembedding has
@@ -294,7 +296,9 @@ def logit_lens(
         vectors = torch.stack(
             [neuron_vectors(adapter, layer, decomposition)[i] for layer, i in chosen]
         )
-        lists = top_tokens_batch(adapter, tok, -vectors if anti else vectors, n_tokens)
+        lists = top_tokens_batch(
+            adapter, tok, -vectors if anti else vectors, n_tokens, final_gain=final_gain
+        )
         for rank, ((layer, i), toks) in enumerate(zip(chosen, lists, strict=True), start=1):
             rows.append(
                 {
@@ -367,6 +371,7 @@ def build_neuron_table(
         k=nc.top_k_tokens,
         n_tokens=nc.n_tokens,
         decomposition=nc.decomposition,
+        final_gain=nc.lens_final_gain,
     )
     layers = layer_frame(g_base, g_dpo, neurons)
     common = {

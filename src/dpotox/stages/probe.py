@@ -400,19 +400,39 @@ def bootstrap_directions(
 
 
 def top_tokens(
-    adapter: Adapter, tok: PreTrainedTokenizerBase, w: torch.Tensor, k: int = 20
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    w: torch.Tensor,
+    k: int = 20,
+    *,
+    final_gain: bool = True,
 ) -> list[tuple[str, float]]:
-    """The ``k`` tokens whose unembedding has the largest dot product with ``w`` (Table 1)."""
-    return top_tokens_batch(adapter, tok, w.reshape(1, -1), k)[0]
+    """The ``k`` tokens whose unembedding has the largest dot product with ``w`` (Table 1),
+    through the final norm's gain unless ``final_gain`` is off (:func:`top_tokens_batch`)."""
+    return top_tokens_batch(adapter, tok, w.reshape(1, -1), k, final_gain=final_gain)[0]
 
 
 def top_tokens_batch(
-    adapter: Adapter, tok: PreTrainedTokenizerBase, vectors: torch.Tensor, k: int = 20
+    adapter: Adapter,
+    tok: PreTrainedTokenizerBase,
+    vectors: torch.Tensor,
+    k: int = 20,
+    *,
+    final_gain: bool = True,
 ) -> list[list[tuple[str, float]]]:
     """:func:`top_tokens` of each row of ``vectors`` ``[n, d_model]``, in one product with the
-    unembedding (converted once: for a bf16 8B model that conversion is 2 GB)."""
+    unembedding (converted once: for a bf16 8B model that conversion is 2 GB).
+
+    ``final_gain`` (``neurons.lens_final_gain``): scale each vector by the final norm's gain
+    first, as the reference's logit lens does (TransformerLens folds that gain into ``W_U``);
+    without it, the raw unembedding. The norm's own per-token scale does not change a vector's
+    ranking, its gain does."""
     emb = adapter.unembedding().detach().float().cpu()
-    top = torch.topk(vectors.detach().float().cpu() @ emb.T, k, dim=1)
+    vectors = vectors.detach().float().cpu()
+    gain = adapter.final_norm_gain() if final_gain else None
+    if gain is not None:
+        vectors = vectors * gain.detach().float().cpu()
+    top = torch.topk(vectors @ emb.T, k, dim=1)
     return [
         [(tok.decode([int(i)]), float(v)) for v, i in zip(vals, idx, strict=True)]
         for vals, idx in zip(top.values, top.indices, strict=True)
@@ -572,7 +592,8 @@ def train_probe(
         log.info("learning curve: %s", row)
     directions, stability = bootstrap_directions(x[train], y[train], w, l2, pc)
     log.info("direction stability over %d resamples: %s", pc.bootstrap, stability)
-    tokens = top_tokens(adapter, tok, w)
+    lens_gain = bool((cfg.get("neurons") or {}).get("lens_final_gain", True))
+    tokens = top_tokens(adapter, tok, w, final_gain=lens_gain)
     metrics = {
         "n": len(sample),
         "n_train": int((~test).sum()),

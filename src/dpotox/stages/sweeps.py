@@ -226,6 +226,7 @@ def interpretable_toxic(
     n_tokens: int,
     threshold: float,
     decomposition: str = "exact",
+    final_gain: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The ``candidates`` whose value vector (under ``decomposition``:
     :func:`dpotox.stages.neurons.neuron_vectors`) has a toxic token among its ``n_tokens``
@@ -237,7 +238,7 @@ def interpretable_toxic(
             for r in candidates.itertuples()
         ]
     )
-    lists = top_tokens_batch(adapter, tok, vectors, n_tokens)
+    lists = top_tokens_batch(adapter, tok, vectors, n_tokens, final_gain=final_gain)
     texts = sorted({t.strip() for toks in lists for t, _ in toks if t.strip()})
     judged = dict(zip(texts, map(float, score(texts)), strict=True)) if texts else {}
     rows, keep = [], []
@@ -309,6 +310,7 @@ def build_specs(
             n_tokens=sc.interpretable_tokens,
             threshold=sc.interpretable_threshold,
             decomposition=decomposition,
+            final_gain=bool((cfg.get("neurons") or {}).get("lens_final_gain", True)),
         )
         log.info(
             "interpretable toxic neurons: %d of the top %d by cosine (scorer %s)",
