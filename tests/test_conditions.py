@@ -64,7 +64,7 @@ def test_parse_and_format_round_trip(name):
     ],
 )
 def test_unknown_names_are_refused_with_the_grammar(name):
-    with pytest.raises(SweepError, match="unknown condition.*ablate-toxic-N"):
+    with pytest.raises(SweepError, match=r"unknown condition.*ablate-toxic-\[pos-\]\[gen-\]N"):
         parse(name)
     assert try_parse(name) is None
 
@@ -78,7 +78,19 @@ def test_model_and_parameters():
     assert Editing("probe", "cos", 0.5, 2).method == "edit-probe-cos"
     assert parse("edit-probe-cos-b0.5-a2").numbers == (0.5, 2.0)
     assert toxic_ablation("ablate-toxic-100") and not toxic_ablation("ablate-toxic-pos-100")
-    assert not toxic_ablation("whatever")
+    assert not toxic_ablation("whatever") and not toxic_ablation("ablate-toxic-gen-100")
+    # Ablation zeroes the value vectors (every position) unless named -gen-.
+    assert parse("ablate-toxic-100").where == "all"
+    assert parse("ablate-toxic-pos-gen-100") == Ablation(100, True, True)
+    assert parse("ablate-toxic-pos-gen-100").where == "generation"
+
+
+def test_generation_only_ablations_join_when_asked():
+    cfg = load_config(CONFIG / "config.yaml", check_paths=False)
+    cfg["sweeps"]["ablate_generation_only"] = True
+    names = sweep_conditions(cfg, "smollm2-135m")
+    assert {"ablate-toxic-100", "ablate-toxic-gen-100", "ablate-toxic-pos-gen-100"} <= set(names)
+    assert "ablate-toxic-gen-100" in spec_conditions(cfg, "smollm2-135m")
 
 
 @pytest.mark.parametrize(

@@ -148,6 +148,11 @@ def test_geometry_of_known_vectors():
     assert top_cosine_neurons(-g.cos, 1, anti=True) == [(1, 5)]
     spec = toxic_ablation(g.cos, 7)
     assert spec.name == "ablate-toxic-7" and sum(e.neurons.numel() for e in spec.edits) == 7
+    # The papers zero the value vectors: every position, the prompt included.
+    assert {e.where for e in spec.edits} == {"all"}
+    gen = toxic_ablation(g.cos, 7, generation_only=True)
+    assert gen.name == "ablate-toxic-gen-7" and {e.where for e in gen.edits} == {"generation"}
+    assert [e.neurons.tolist() for e in gen.edits] == [e.neurons.tolist() for e in spec.edits]
     assert sign_groups(
         np.array([0.1, 0.1, -0.1, -0.1, 0.0]), np.array([0.0, -1.0, 2.0, -3.0, 1.0])
     ).tolist() == ["TP", "TN", "AP", "AN", "AP"]

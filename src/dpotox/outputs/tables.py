@@ -181,8 +181,9 @@ def label(condition: str) -> str:
             )
         case Steering(alpha=a):
             return f"Steering with probe, alpha={a:g}"
-        case Ablation(n=n, positive=positive):
-            return f"Ablate top {n} {'positively activated ' if positive else ''}toxic neurons"
+        case Ablation(n=n, positive=positive, generation_only=gen):
+            what = f"Ablate top {n} {'positively activated ' if positive else ''}toxic neurons"
+            return what + (" (generated positions only)" if gen else "")
         case KeyScaling(top=k, factor=f):
             return f"DPO, key vectors of the top {k} toxic neurons x{f:g}"
         case Editing(direction=d, selection=s, beta=b, alpha=a) if (d, s) in _EDIT_LABELS:

@@ -7,9 +7,12 @@ part of dpotox that reads a name (the specs, the tables, the rule files, the tes
 through these classes, never through its own pattern.
 
 - ``base``, ``dpo``: the models themselves (:class:`ModelRun`).
-- ``ablate-toxic-{n}``: zero the n value vectors most aligned with the probe;
-  ``ablate-toxic-pos-{n}``: the n most aligned among the neurons with a positive mean base
-  activation (Lee et al. 2024 exclude the negative ones, whose ablation raises toxicity)
+- ``ablate-toxic-{n}``: zero the n value vectors most aligned with the probe, at every
+  position, the prompt included (the papers zeroed the value vectors: Yang et al. 2024 workshop,
+  Table 1 and Fig. 1a); ``ablate-toxic-pos-{n}``: the n most aligned among the neurons with a
+  positive mean base activation (Lee et al. 2024 exclude the negative ones, whose ablation
+  raises toxicity); ``ablate-toxic-gen-{n}``, ``ablate-toxic-pos-gen-{n}``: the same at the
+  generated positions only (from the last prompt position on, as the other edits)
   (:class:`Ablation`).
 - ``dpo-scale-keys-top{k}-x{f}``: the DPO model with the key vectors of its k most toxic
   neurons scaled by f (Lee et al. 2024's reversal) (:class:`KeyScaling`). A name starting
@@ -107,14 +110,23 @@ class ModelRun(Condition):
 
 @dataclass(frozen=True)
 class Ablation(Condition):
-    """``ablate-toxic-{n}`` / ``ablate-toxic-pos-{n}``."""
+    """``ablate-toxic-{n}`` / ``ablate-toxic-pos-{n}``, ``-gen-`` before ``{n}`` for the
+    generated positions only."""
 
     n: int
     positive: bool = False
+    generation_only: bool = False
 
     @property
     def name(self) -> str:
-        return f"ablate-toxic-{'pos-' if self.positive else ''}{self.n}"
+        pos = "pos-" if self.positive else ""
+        gen = "gen-" if self.generation_only else ""
+        return f"ablate-toxic-{pos}{gen}{self.n}"
+
+    @property
+    def where(self) -> str:
+        """Where the spec's edits act (:data:`dpotox.engine.spec.Where`)."""
+        return "generation" if self.generation_only else "all"
 
     @property
     def numbers(self) -> tuple[float, ...]:
@@ -211,7 +223,10 @@ _PATCH_SETS = "|".join([r"toxic-\d+", "toxic-interpretable", "all", *map(re.esca
 # One pattern per kind, and the only ones: each builds its Condition from the match.
 _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
     (re.compile(r"base|dpo"), lambda m: ModelRun(m[0])),
-    (re.compile(r"ablate-toxic-(pos-)?(\d+)"), lambda m: Ablation(int(m[2]), bool(m[1]))),
+    (
+        re.compile(r"ablate-toxic-(pos-)?(gen-)?(\d+)"),
+        lambda m: Ablation(int(m[3]), bool(m[1]), bool(m[2])),
+    ),
     (
         re.compile(rf"dpo-scale-keys-top(\d+)-x({_NUM})"),
         lambda m: KeyScaling(int(m[1]), float(m[2])),
@@ -235,8 +250,8 @@ def parse(name: str) -> Condition:
         if m := pattern.fullmatch(name):
             return build(m)
     raise SweepError(
-        f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-N, "
-        "ablate-toxic-pos-N, dpo-scale-keys-topK-xF, patch-SET[-per-prompt], "
+        f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-[pos-][gen-]N, "
+        "dpo-scale-keys-topK-xF, patch-SET[-per-prompt], "
         "steer-probe-aALPHA or edit-{probe,free}-{cos,act}-bBETA-aALPHA "
         "(see dpotox.plan.conditions)"
     )
@@ -264,6 +279,7 @@ class SweepsConfig:
 
     ablate_toxic: list[int] = field(default_factory=lambda: [100, 200, 1000])
     ablate_toxic_positive: list[int] = field(default_factory=lambda: [100, 200, 1000, 2000])
+    ablate_generation_only: bool = False
     scale_keys_top: int = 7
     scale_keys_factors: list[float] = field(default_factory=lambda: [2, 5, 10])
     patch_toxic: list[int] = field(default_factory=lambda: [256, 128])
@@ -309,8 +325,9 @@ def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
     alphas = cfg.get("models", {}).get(model, {}).get("steer_alphas")
     if alphas is not None:
         sc.steer_alphas = list(alphas)
-    conds: list[Condition] = [Ablation(n) for n in sc.ablate_toxic]
-    conds += [Ablation(n, positive=True) for n in sc.ablate_toxic_positive]
+    gens = (False, True) if sc.ablate_generation_only else (False,)
+    conds: list[Condition] = [Ablation(n, False, g) for n in sc.ablate_toxic for g in gens]
+    conds += [Ablation(n, True, g) for n in sc.ablate_toxic_positive for g in gens]
     conds += [KeyScaling(sc.scale_keys_top, f) for f in sc.scale_keys_factors]
     sets = sc.patch_sets_all()
     conds += [Patching(s) for s in sets]
@@ -331,7 +348,8 @@ def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
 
 def spec_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
     """The sweep conditions whose specs rule ``sweep_specs`` writes (all but the ablations of
-    ``ablate-toxic-{n}``, which rule ``toxic_ablation_spec`` writes before the neuron table)."""
+    ``ablate-toxic-{n}``, which rule ``toxic_ablation_spec`` writes before the neuron table;
+    ``ablate-toxic-gen-{n}`` is ``sweep_specs``')."""
     return [c for c in sweep_conditions(cfg, model) if not toxic_ablation(c)]
 
 
@@ -339,7 +357,7 @@ def toxic_ablation(name: str) -> bool:
     """Whether ``name`` is an ``ablate-toxic-{n}`` condition, whose spec rule
     ``toxic_ablation_spec`` writes from the probe alone (``results/{model}/specs/``)."""
     c = try_parse(name)
-    return isinstance(c, Ablation) and not c.positive
+    return isinstance(c, Ablation) and not c.positive and not c.generation_only
 
 
 def chunks(conditions: Sequence[str], size: int) -> list[list[str]]:

@@ -254,8 +254,9 @@ def top_cosine_neurons(cos: np.ndarray, n: int, *, anti: bool = False) -> list[t
     return [(int(i // d), int(i % d)) for i in idx]
 
 
-def toxic_ablation(cos: np.ndarray, n: int) -> Intervention:
-    """Zero the ``n`` most toxic-aligned neurons (by cosine) at the generation positions.
+def toxic_ablation(cos: np.ndarray, n: int, *, generation_only: bool = False) -> Intervention:
+    """Zero the ``n`` most toxic-aligned neurons (by cosine): their value vectors, i.e. at every
+    position (the papers'), or with ``generation_only`` from the last prompt position on.
 
     Raises:
         NeuronsError: ``n`` is more than the model's neurons (a count silently cut to all of
@@ -269,10 +270,12 @@ def toxic_ablation(cos: np.ndarray, n: int) -> Intervention:
     by_layer: dict[int, list[int]] = {}
     for layer, neuron in top_cosine_neurons(cos, n):
         by_layer.setdefault(layer, []).append(neuron)
+    cond = Ablation(n, generation_only=generation_only)
+    where = "at the generated positions" if generation_only else "at every position"
     return Intervention(
-        Ablation(n).name,
-        [ablate(layer, sorted(ns)) for layer, ns in sorted(by_layer.items())],
-        f"the {n} value vectors most aligned with the probe, activations set to 0",
+        cond.name,
+        [ablate(layer, sorted(ns), where=cond.where) for layer, ns in sorted(by_layer.items())],
+        f"the {n} value vectors most aligned with the probe, activations set to 0 {where}",
     )
 
 

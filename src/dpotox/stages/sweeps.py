@@ -44,6 +44,7 @@ from dpotox.stages.neurons import (
     neuron_vectors,
     sign_groups,
     table_decomposition,
+    toxic_ablation,
     unit,
     value_geometry,
 )
@@ -364,17 +365,21 @@ def make_spec(
 ) -> Intervention:
     """The spec of one condition name (see :mod:`dpotox.plan.conditions`)."""
     match parse(name):
-        case Ablation(n=n, positive=True):
+        case Ablation(n=n, positive=True) as c:
             rows = positive_toxic(neurons, n)
+            where = "at the generated positions" if c.generation_only else "at every position"
             return Intervention(
                 name,
                 [
-                    SetNeurons(layer, torch.from_numpy(idx), torch.tensor(0.0))
+                    SetNeurons(layer, torch.from_numpy(idx), torch.tensor(0.0), where=c.where)
                     for layer, idx, _ in _by_layer(rows)
                 ],
                 f"the {n} most probe-aligned value vectors with a positive base "
-                "activation, set to 0",
+                f"activation, set to 0 {where}",
             )
+        case Ablation(n=n, generation_only=True):
+            # The neuron table's cosine ranking, as toxic_ablation_spec's from the probe.
+            return toxic_ablation(cos_probe, n, generation_only=True)
         case KeyScaling(top=k, factor=f):
             _check_n(neurons, k, "scale_keys_top")
             rows = top_by(neurons, k, "cos")
