@@ -85,6 +85,14 @@ def test_model_and_parameters():
     assert parse("ablate-toxic-pos-gen-100").where == "generation"
 
 
+def test_base_means_controls():
+    c = parse("patch-four-groups-base-means")
+    assert c == Patching("four-groups", base_means=True) and c.means == Patching("four-groups")
+    assert Patching("tp").control.name == "patch-tp-base-means"
+    with pytest.raises(SweepError, match="not both"):
+        Patching("tp", per_prompt=True, base_means=True)
+
+
 def test_generation_only_ablations_join_when_asked():
     cfg = load_config(CONFIG / "config.yaml", check_paths=False)
     cfg["sweeps"]["ablate_generation_only"] = True

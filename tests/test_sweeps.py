@@ -66,6 +66,10 @@ def test_condition_names_follow_the_grids():
         "patch-tp",
         "patch-four-groups",
         "patch-toxic-8-per-prompt",
+        "patch-toxic-8-base-means",
+        "patch-toxic-interpretable-base-means",
+        "patch-tp-base-means",
+        "patch-four-groups-base-means",
         "steer-probe-a1.5",
         "edit-probe-cos-b0.5-a0.2",
         "edit-probe-act-b0.5-a0.2",
@@ -225,6 +229,12 @@ def test_patching_sets_the_dpo_means_and_per_prompt_each_prompts_own(tables):
     assert e.prompt_ids == tuple(got_ids) and e.values.shape == (4, e.neurons.numel())
     assert np.allclose(e.values.numpy(), means[:, e.neurons.numpy()], atol=1e-6)
     assert pp.per_prompt and pp.shares_prefix
+    # The control: the same neurons at their base means.
+    control = _spec("patch-tp-base-means", base_a, w, neurons, dpo_acts)
+    c = control.edits[0]
+    assert [x.neurons.tolist() for x in control.edits] == [x.neurons.tolist() for x in spec.edits]
+    want = tp[tp["layer"] == c.layer].sort_values("neuron")["mbar_base"].to_numpy()
+    assert np.allclose(c.values.numpy(), want, atol=1e-6) and "control" in control.description
 
 
 def test_ablation_keys_steering_and_editing_specs(tables):
@@ -232,6 +242,15 @@ def test_ablation_keys_steering_and_editing_specs(tables):
     pos = _spec("ablate-toxic-pos-5", base_a, w, neurons, dpo_acts)
     chosen = {(e.layer, int(n)) for e in pos.edits for n in e.neurons}
     assert len(chosen) == 5 and all(float(e.values) == 0 for e in pos.edits)
+    assert {e.where for e in pos.edits} == {"all"}  # the value vectors: every position
+    gen = _spec("ablate-toxic-pos-gen-5", base_a, w, neurons, dpo_acts)
+    assert {(e.layer, int(n)) for e in gen.edits for n in e.neurons} == chosen
+    assert {e.where for e in gen.edits} == {"generation"}
+    top = _spec("ablate-toxic-gen-5", base_a, w, neurons, dpo_acts)
+    ranked = neurons.sort_values("rank_cos").head(5)
+    assert {(e.layer, int(n)) for e in top.edits for n in e.neurons} == set(
+        zip(ranked["layer"], ranked["neuron"])
+    )
     assert all(neurons.set_index(["layer", "neuron"]).loc[c, "mbar_base"] > 0 for c in chosen)
     keys = _spec("dpo-scale-keys-top3-x10", base_a, w, neurons, dpo_acts)
     assert all(isinstance(e, ScaleKeys) and float(e.factors) == 10 for e in keys.edits)

@@ -360,3 +360,19 @@ def test_claims_verdicts_follow_the_numbers(tmp_path):
         "none of 1 editing conditions"
         in claims.loc["editing beats DPO at similar perplexity", "evidence"]
     )
+
+
+def test_each_patch_is_followed_by_its_base_means_control():
+    from dpotox.outputs.tables import label, select_rows
+
+    patches = ("patch-tp", "patch-four-groups", "patch-toxic-256")
+    conds = ["base", "dpo", *(c + s for c in patches for s in ("", "-base-means"))]
+    rows = select_rows("table2_interventions", conds)
+    assert rows.index("patch-tp-base-means") == rows.index("patch-tp") + 1
+    assert rows.index("patch-four-groups-base-means") == rows.index("patch-four-groups") + 1
+    t3 = select_rows("table3_toxic_neurons", conds)
+    assert t3 == ["patch-toxic-256", "patch-toxic-256-base-means"]
+    assert (
+        label("patch-tp-base-means")
+        == "Patch TP (the dampened toxic neurons) (control: base means)"
+    )

@@ -104,7 +104,12 @@ def _kind(cls: type[Condition], **fields: Any) -> Callable[[Condition], bool]:
 
 
 def _toxic_top(c: Condition) -> bool:
-    return isinstance(c, Patching) and not c.per_prompt and c.toxic_top is not None
+    return (
+        isinstance(c, Patching)
+        and not c.per_prompt
+        and not c.base_means
+        and c.toxic_top is not None
+    )
 
 
 STEER = _kind(Steering)
@@ -173,6 +178,8 @@ def label(condition: str) -> str:
             return "None (base model)" if m == "base" else "DPO"
         case Patching(per_prompt=True) as c:
             return label(c.means.name) + " (per-prompt DPO activations)"
+        case Patching(base_means=True) as c:
+            return label(c.means.name) + " (control: base means)"
         case Patching(neurons=s) as c:
             return (
                 f"Patch top {c.toxic_top} toxic neurons"
@@ -191,6 +198,17 @@ def label(condition: str) -> str:
     return condition
 
 
+# Tables whose DPO-means patches are each followed by their base-means control.
+CONTROLLED = ("table1_ablation", "table2_interventions", "table3_toxic_neurons", "table19_editing")
+
+
+def _controls(condition: str) -> tuple[str, ...]:
+    p = try_parse(condition)
+    if isinstance(p, Patching) and not p.per_prompt and not p.base_means:
+        return (p.control.name,)
+    return ()
+
+
 def select_rows(name: str, conditions: Iterable[str]) -> list[str]:
     """The evaluated conditions that are rows of table ``name``, in the paper's order; Table 3
     puts each per-prompt twin right after its condition."""
@@ -207,6 +225,9 @@ def select_rows(name: str, conditions: Iterable[str]) -> list[str]:
                     ((c, p) for c, p in parsed if row(p)), key=lambda h: h[1].numbers
                 )
             ]
+    if name in CONTROLLED:
+        # Each patch with DPO means is followed by its control, the same set at base means.
+        rows = [r for c in rows for r in (c, *_controls(c)) if r in conditions]
     if name == "table3_toxic_neurons":
         rows = [r for c in rows for r in (c, c + PER_PROMPT) if r in conditions]
     if name == "table_per_prompt":

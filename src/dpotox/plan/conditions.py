@@ -21,7 +21,9 @@ through these classes, never through its own pattern.
   ``toxic-{n}`` (top n by cosine), ``toxic-interpretable`` (those of the top n whose value
   vector unembeds to a toxic token), ``tp``, ``tp-an``, ``tp-an-tn``, ``four-groups``, ``all``,
   ``increased``. ``patch-{set}-per-prompt``: each prompt's own DPO means instead (beyond the
-  papers, which patched means) (:class:`Patching`).
+  papers, which patched means); ``patch-{set}-base-means``: the control, the same set set to
+  its *base* means, so that a table shows how much of a patch's effect is DPO's shift rather
+  than the replacement of live activations by constants (:class:`Patching`).
 - ``steer-probe-a{alpha}``: subtract alpha times the unit probe direction from the last
   layer's residual output (:class:`Steering`).
 - ``edit-{probe|free}-{cos|act}-b{beta}-a{alpha}``: activation editing (Yang et al. 2025):
@@ -155,14 +157,21 @@ class KeyScaling(Condition):
 
 @dataclass(frozen=True)
 class Patching(Condition):
-    """``patch-{neurons}`` / ``patch-{neurons}-per-prompt``; ``neurons`` is a patch set."""
+    """``patch-{neurons}`` / ``patch-{neurons}-per-prompt`` / ``patch-{neurons}-base-means``;
+    ``neurons`` is a patch set."""
 
     neurons: str
     per_prompt: bool = False
+    base_means: bool = False
+
+    def __post_init__(self) -> None:
+        if self.per_prompt and self.base_means:
+            raise SweepError("a patch is per-prompt (DPO activations) or base-means, not both")
 
     @property
     def name(self) -> str:
-        return f"patch-{self.neurons}{PER_PROMPT if self.per_prompt else ''}"
+        suffix = PER_PROMPT if self.per_prompt else BASE_MEANS if self.base_means else ""
+        return f"patch-{self.neurons}{suffix}"
 
     @property
     def toxic_top(self) -> int | None:
@@ -176,8 +185,14 @@ class Patching(Condition):
 
     @property
     def means(self) -> Patching:
-        """The same set patched with the DPO means (the twin of a per-prompt condition)."""
+        """The same set patched with the DPO means (the twin of a per-prompt or base-means
+        condition)."""
         return Patching(self.neurons)
+
+    @property
+    def control(self) -> Patching:
+        """The same set patched with its base means (the control of a DPO-means patch)."""
+        return Patching(self.neurons, base_means=True)
 
 
 @dataclass(frozen=True)
@@ -219,6 +234,7 @@ class Editing(Condition):
 
 
 PER_PROMPT = "-per-prompt"
+BASE_MEANS = "-base-means"
 _PATCH_SETS = "|".join([r"toxic-\d+", "toxic-interpretable", "all", *map(re.escape, GROUP_SETS)])
 # One pattern per kind, and the only ones: each builds its Condition from the match.
 _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
@@ -231,7 +247,10 @@ _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
         re.compile(rf"dpo-scale-keys-top(\d+)-x({_NUM})"),
         lambda m: KeyScaling(int(m[1]), float(m[2])),
     ),
-    (re.compile(rf"patch-({_PATCH_SETS})({PER_PROMPT})?"), lambda m: Patching(m[1], bool(m[2]))),
+    (
+        re.compile(rf"patch-({_PATCH_SETS})({PER_PROMPT}|{BASE_MEANS})?"),
+        lambda m: Patching(m[1], m[2] == PER_PROMPT, m[2] == BASE_MEANS),
+    ),
     (re.compile(rf"steer-probe-a({_NUM})"), lambda m: Steering(float(m[1]))),
     (
         re.compile(rf"edit-(probe|free)-(cos|act)-b({_NUM})-a({_NUM})"),
@@ -251,7 +270,7 @@ def parse(name: str) -> Condition:
             return build(m)
     raise SweepError(
         f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-[pos-][gen-]N, "
-        "dpo-scale-keys-topK-xF, patch-SET[-per-prompt], "
+        "dpo-scale-keys-topK-xF, patch-SET[-per-prompt|-base-means], "
         "steer-probe-aALPHA or edit-{probe,free}-{cos,act}-bBETA-aALPHA "
         "(see dpotox.plan.conditions)"
     )
@@ -280,6 +299,7 @@ class SweepsConfig:
     ablate_toxic: list[int] = field(default_factory=lambda: [100, 200, 1000])
     ablate_toxic_positive: list[int] = field(default_factory=lambda: [100, 200, 1000, 2000])
     ablate_generation_only: bool = False
+    base_mean_controls: bool = True
     scale_keys_top: int = 7
     scale_keys_factors: list[float] = field(default_factory=lambda: [2, 5, 10])
     patch_toxic: list[int] = field(default_factory=lambda: [256, 128])
@@ -338,6 +358,8 @@ def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
             f"this config; choose from {', '.join(sets)}"
         )
     conds += [Patching(s, per_prompt=True) for s in sc.per_prompt]
+    if sc.base_mean_controls:
+        conds += [Patching(s, base_means=True) for s in sets]
     conds += [Steering(a) for a in sc.steer_alphas]
     for sel in sc.edit_selections:
         conds += [Editing("probe", sel, b, a) for b, a in sc.edit_probe]

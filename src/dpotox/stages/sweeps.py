@@ -105,11 +105,12 @@ def patch_set(
     )
 
 
-def patch(name: str, rows: pd.DataFrame, description: str) -> Intervention:
-    """Set each neuron of ``rows`` to its DPO mean activation (``mbar_dpo``)."""
+def patch(name: str, rows: pd.DataFrame, description: str, *, means: str = "dpo") -> Intervention:
+    """Set each neuron of ``rows`` to its DPO mean activation (``mbar_dpo``), or with ``means``
+    ``"base"`` to its base mean (``mbar_base``: the control)."""
     edits = [
         SetNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
-        for layer, idx, vals in _by_layer(rows, rows["mbar_dpo"].to_numpy())
+        for layer, idx, vals in _by_layer(rows, rows[f"mbar_{means}"].to_numpy())
     ]
     return Intervention(name, edits, description)
 
@@ -392,9 +393,16 @@ def make_spec(
                 f"the DPO model with the key vectors of the {k} most toxic-aligned "
                 f"neurons scaled x{f:g}",
             )
-        case Patching(neurons=set_name, per_prompt=per_prompt):
+        case Patching(neurons=set_name, per_prompt=per_prompt, base_means=base_means):
             rows = patch_set(neurons, set_name, interpretable)
             what = f"patch set {set_name} ({len(rows)} neurons)"
+            if base_means:
+                return patch(
+                    name,
+                    rows,
+                    f"{what} set to their base mean activations (control)",
+                    means="base",
+                )
             if per_prompt:
                 return patch_per_prompt(
                     name, rows, dpo_acts, f"{what} set to each prompt's own DPO mean activations"
