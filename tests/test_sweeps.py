@@ -25,6 +25,7 @@ from dpotox.plan.config import validate_config
 from dpotox.stages.activations import cache_generation, mean_activations, prompt_means
 from dpotox.stages.neurons import neuron_frame, value_cosines, value_geometry
 from dpotox.stages.sweeps import (
+    edit,
     edit_selection,
     interpretable_toxic,
     make_spec,
@@ -55,6 +56,7 @@ def test_condition_names_follow_the_grids():
         edit_probe=[[0.5, 0.2]],
         edit_selections=["cos", "act"],
         edit_free=[[0.8, 0.1]],
+        edit_constant=[[0.5, 0.05]],
     )
     assert sweep_conditions(cfg, "m") == [
         "ablate-toxic-10",
@@ -74,6 +76,7 @@ def test_condition_names_follow_the_grids():
         "edit-probe-cos-b0.5-a0.2",
         "edit-probe-act-b0.5-a0.2",
         "edit-free-cos-b0.8-a0.1",
+        "edit-const-probe-ref-b0.5-a0.05",
     ]
     assert "ablate-toxic-10" not in spec_conditions(cfg, "m")
     cfg["models"]["m"]["steer_alphas"] = [3]  # a per-model grid wins
@@ -105,6 +108,9 @@ def _table() -> pd.DataFrame:
                     "cos": cos[layer, n],
                     "mbar_base": mbar[layer, n],
                     "mbar_dpo": mbar[layer, n] * 0.5,
+                    # Unit value vectors: the write along u is mbar * cos.
+                    "proj_base": mbar[layer, n] * cos[layer, n],
+                    "delta": 0.5 * mbar[layer, n] * cos[layer, n],
                     "group": ["TP", "TN", "AP", "AN", "increased", "increased", "TP", "AN"][
                         layer * 4 + n
                     ],
@@ -152,6 +158,51 @@ def test_editing_shrinks_every_chosen_neurons_write_along_the_probe():
     assert (1, 2) in set(map(tuple, by_act[["layer", "neuron"]].values))
     with pytest.raises(SweepError, match="beta 1.5"):
         edit_selection(t, cos, 1.5, "cos")
+
+
+def test_the_reference_editing_order_filter_and_constants():
+    """The reference notebook: strict sign groups, the 0.8 quantile of base activation dropped,
+    TP and AN by descending |cos|, AP and TN by ascending |cos|, floor(beta x group); each chosen
+    neuron set to its base mean x (1 - alpha) in TP/AN, x (1 + alpha) in AP/TN."""
+    t = _table()
+    cos = t["cos"].to_numpy().reshape(2, 4)
+    # mbar: 1.0 -0.5 0.4 -1.0 | -0.2 0.7 0.0 -2.0; its 0.8 quantile is 0.52: (0,0) and (1,1)
+    # go; (1,2) has activation 0 and no strict sign.
+    ref = edit_selection(t, cos, 1.0, "ref", quantile=0.8)
+    assert sorted(map(tuple, ref[["layer", "neuron"]].values)) == [
+        (0, 1), (0, 2), (0, 3), (1, 0), (1, 3)
+    ]  # fmt: skip
+    # AN holds (0,3) |cos| .2 and (1,3) |cos| .1: half (floor) keeps the larger |cos|; TN holds
+    # (0,1) |cos| .5 and (1,0) |cos| .3: ascending keeps the smaller.
+    half = edit_selection(t, cos, 0.5, "ref")
+    picked = set(map(tuple, half[["layer", "neuron"]].values))
+    assert (0, 3) in picked and (1, 3) not in picked and (1, 0) in picked and (0, 1) not in picked
+    spec = edit("c", t, cos, 1.0, 0.5, "ref", "d", operation="const", quantile=0.8)
+    got = {(e.layer, int(n)): float(v) for e in spec.edits for n, v in zip(e.neurons, e.values)}
+    assert isinstance(spec.edits[0], SetNeurons)
+    assert got == pytest.approx(
+        {
+            (0, 1): -0.5 * 1.5,  # TN: x (1 + alpha)
+            (0, 2): 0.4 * 1.5,  # AP
+            (0, 3): -1.0 * 0.5,  # AN: x (1 - alpha)
+            (1, 0): -0.2 * 1.5,  # TN
+            (1, 3): -2.0 * 0.5,  # AN
+        }
+    )
+    # The projected reduction: alpha x sign x proj over the chosen; DPO's: the summed delta.
+    want = 0.5 * sum(
+        (1 if g in ("TP", "AN") else -1) * mbar * c
+        for (mbar, c, g) in [(-0.5, 0.5, "TN"), (0.4, -0.7, "AP"), (-1.0, -0.2, "AN"),
+                             (-0.2, 0.3, "TN"), (-2.0, -0.1, "AN")]
+    )  # fmt: skip
+    assert spec.meta["projected_reduction"] == pytest.approx(want)
+    assert spec.meta["dpo_net_reduction"] == pytest.approx(t["delta"].sum())
+    # Scaling takes the same neurons and factors as multipliers of the live activation.
+    scaled = edit("s", t, cos, 1.0, 0.5, "ref", "d", quantile=0.8)
+    assert scaled.meta["projected_reduction"] == pytest.approx(want)
+    with pytest.raises(SweepError, match=r"must be in \(0, 1\)"):
+        edit("s", t, cos, 1.0, 1.0, "ref", "d")
+    assert edit("c1", t, cos, 1.0, 1.0, "ref", "d", operation="const").meta["n_neurons"] == 7
 
 
 @pytest.fixture

@@ -139,6 +139,9 @@ class Intervention:
     name: str
     edits: list[Edit] = field(default_factory=list)
     description: str = ""
+    # Numbers about the spec for the tables (e.g. an edit's projected reduction along the
+    # probe); written to the JSON only when there are any.
+    meta: dict[str, float] = field(default_factory=dict)
 
     def __add__(self, other: Intervention) -> Intervention:
         return Intervention(
@@ -187,7 +190,10 @@ class Intervention:
                 elif value is not None:
                     d[name] = list(value) if isinstance(value, tuple) else value
             edits.append(d)
-        return {"name": self.name, "description": self.description, "edits": edits}
+        out: dict[str, Any] = {"name": self.name, "description": self.description, "edits": edits}
+        if self.meta:
+            out["meta"] = dict(self.meta)
+        return out
 
     @classmethod
     def from_dict(
@@ -230,7 +236,12 @@ class Intervention:
                 edits.append(kind(**kwargs))
             except (TypeError, ValueError, RuntimeError) as e:
                 raise InterventionError(f"{loc} ({d['op']}): {e}") from None
-        return cls(str(data["name"]), edits, str(data.get("description", "")))
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in meta.values()
+        ):
+            raise InterventionError(f"{where}: 'meta' must be an object of numbers")
+        return cls(str(data["name"]), edits, str(data.get("description", "")), dict(meta))
 
     def save(self, path: str | Path, *, inline_limit: int = 4096) -> Path:
         """Write the spec as JSON (and a ``.safetensors`` sidecar for large arrays), atomically."""

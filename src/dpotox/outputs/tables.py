@@ -113,9 +113,11 @@ def _toxic_top(c: Condition) -> bool:
 
 
 STEER = _kind(Steering)
-EDIT_PROBE_COS = _kind(Editing, direction="probe", selection="cos")
-EDIT_PROBE_ACT = _kind(Editing, direction="probe", selection="act")
-EDIT_FREE_COS = _kind(Editing, direction="free", selection="cos")
+EDIT_PROBE_COS = _kind(Editing, direction="probe", selection="cos", operation="scale")
+EDIT_PROBE_ACT = _kind(Editing, direction="probe", selection="act", operation="scale")
+EDIT_FREE_COS = _kind(Editing, direction="free", selection="cos", operation="scale")
+# The reference notebook's operation: chosen neurons set to base mean x (1 -/+ alpha).
+EDIT_CONST = _kind(Editing, operation="const")
 BASE, DPO = ModelRun("base"), ModelRun("dpo")
 PATCHES: list[Row] = [
     Patching("toxic-interpretable"),
@@ -142,9 +144,18 @@ ROWS: dict[str, list[Row]] = {
         *(Patching(s) for s in ("four-groups", "all", "increased")),
         EDIT_PROBE_COS,
         EDIT_PROBE_ACT,
+        EDIT_CONST,
     ],
     "table_per_prompt": PATCHES,
-    "table_editing_grid": [BASE, DPO, STEER, EDIT_PROBE_COS, EDIT_PROBE_ACT, EDIT_FREE_COS],
+    "table_editing_grid": [
+        BASE,
+        DPO,
+        STEER,
+        EDIT_PROBE_COS,
+        EDIT_PROBE_ACT,
+        EDIT_FREE_COS,
+        EDIT_CONST,
+    ],
     "table_claims": [
         BASE,
         DPO,
@@ -167,6 +178,7 @@ _PATCH_LABELS = {
 _EDIT_LABELS = {
     ("probe", "cos"): "probe, by |cos|",
     ("probe", "act"): "probe, by ascending |activation|",
+    ("probe", "ref"): "probe, the reference's order",
     ("free", "cos"): "probe-free",
 }
 
@@ -193,8 +205,12 @@ def label(condition: str) -> str:
             return what + (" (generated positions only)" if gen else "")
         case KeyScaling(top=k, factor=f):
             return f"DPO, key vectors of the top {k} toxic neurons x{f:g}"
-        case Editing(direction=d, selection=s, beta=b, alpha=a) if (d, s) in _EDIT_LABELS:
-            return f"Activation editing ({_EDIT_LABELS[d, s]}) beta={b:g} alpha={a:g}"
+        case Editing(direction=d, selection=s, beta=b, alpha=a, operation=op) if (
+            d,
+            s,
+        ) in _EDIT_LABELS:
+            how = "set to base mean x 1-/+alpha, " if op == "const" else ""
+            return f"Activation editing ({how}{_EDIT_LABELS[d, s]}) beta={b:g} alpha={a:g}"
     return condition
 
 
@@ -350,7 +366,9 @@ def _per_prompt(rows: list[str], summ: dict[str, dict], eval_dir: Path, boot: di
 
 def _editing_grid(rows: list[str], summ: dict[str, dict]) -> pd.DataFrame:
     """Every editing condition with its method, beta and alpha as columns, beside the base
-    model, DPO and steering (alpha only): the data of the editing trade-off figure."""
+    model, DPO and steering (alpha only): the data of the editing trade-off figure. Editing
+    rows also give the edit's projected reduction along the probe and DPO's net reduction
+    (the neuron table's summed delta), from the spec: is the edit as strong as DPO's shift?"""
     out = []
     for c in rows:  # rows are base, dpo, steering and editing conditions (select_rows)
         method, beta, alpha = c, math.nan, math.nan
@@ -359,8 +377,16 @@ def _editing_grid(rows: list[str], summ: dict[str, dict]) -> pd.DataFrame:
                 method, alpha = "steering", a
             case Editing() as e:
                 method, beta, alpha = e.method, e.beta, e.alpha
-        out.append(_ours(summ[c]) | {"method": method, "beta": beta, "alpha": alpha})
-    return pd.DataFrame(out, columns=[*COLUMNS, "method", "beta", "alpha"])
+        meta = summ[c].get("spec_meta") or {}
+        out.append(
+            _ours(summ[c])
+            | {"method": method, "beta": beta, "alpha": alpha}
+            | {k: float(meta.get(k, math.nan)) for k in PROJECTED}
+        )
+    return pd.DataFrame(out, columns=[*COLUMNS, "method", "beta", "alpha", *PROJECTED])
+
+
+PROJECTED = ("projected_reduction", "dpo_net_reduction")
 
 
 def attach_published(

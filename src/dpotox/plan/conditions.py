@@ -26,10 +26,13 @@ through these classes, never through its own pattern.
   than the replacement of live activations by constants (:class:`Patching`).
 - ``steer-probe-a{alpha}``: subtract alpha times the unit probe direction from the last
   layer's residual output (:class:`Steering`).
-- ``edit-{probe|free}-{cos|act}-b{beta}-a{alpha}``: activation editing (Yang et al. 2025):
-  in each sign group the fraction beta of neurons with the largest |cos| (``cos``) or the
-  smallest |activation| (``act``) is scaled; ``probe`` takes cos against the probe, ``free``
-  against the contrast of toxic and neutral word embeddings (:class:`Editing`).
+- ``edit-{probe|free}-{cos|act|ref}-b{beta}-a{alpha}``: activation editing (Yang et al.
+  2025): in each sign group the fraction beta of neurons with the largest |cos| (``cos``), the
+  smallest |activation| (``act``), or in the reference notebook's order (``ref``: the largest
+  |cos| in TP and AN, the smallest in AP and TN) has its live activation scaled by 1 -/+ alpha;
+  ``edit-const-...``: the reference's operation, each chosen neuron *set* to its base mean times
+  1 -/+ alpha. ``probe`` takes cos against the probe, ``free`` against the contrast of toxic
+  and neutral word embeddings (:class:`Editing`).
 
 Numbers are written as ``f"{x:g}"``. The module imports neither torch nor transformers: the
 Snakefile plans the DAG from it, and every cluster job parses the Snakefile. What each
@@ -59,7 +62,8 @@ GROUP_SETS: dict[str, tuple[str, ...]] = {
     "four-groups": GROUPS,
     "increased": (INCREASED,),
 }
-SELECTIONS = ("cos", "act")
+SELECTIONS = ("cos", "act", "ref")
+OPERATIONS = ("scale", "const")
 
 
 class SweepError(DpotoxError, ValueError):
@@ -212,21 +216,23 @@ class Steering(Condition):
 
 @dataclass(frozen=True)
 class Editing(Condition):
-    """``edit-{direction}-{selection}-b{beta}-a{alpha}``."""
+    """``edit-[const-]{direction}-{selection}-b{beta}-a{alpha}``."""
 
     direction: Literal["probe", "free"]
-    selection: Literal["cos", "act"]
+    selection: Literal["cos", "act", "ref"]
     beta: float
     alpha: float
+    operation: Literal["scale", "const"] = "scale"
 
     @property
     def name(self) -> str:
-        return f"edit-{self.direction}-{self.selection}-b{_fmt(self.beta)}-a{_fmt(self.alpha)}"
+        return f"{self.method}-b{_fmt(self.beta)}-a{_fmt(self.alpha)}"
 
     @property
     def method(self) -> str:
-        """The name without its grid point: ``edit-{direction}-{selection}``."""
-        return f"edit-{self.direction}-{self.selection}"
+        """The name without its grid point: ``edit-[const-]{direction}-{selection}``."""
+        const = "const-" if self.operation == "const" else ""
+        return f"edit-{const}{self.direction}-{self.selection}"
 
     @property
     def numbers(self) -> tuple[float, ...]:
@@ -253,8 +259,8 @@ _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
     ),
     (re.compile(rf"steer-probe-a({_NUM})"), lambda m: Steering(float(m[1]))),
     (
-        re.compile(rf"edit-(probe|free)-(cos|act)-b({_NUM})-a({_NUM})"),
-        lambda m: Editing(m[1], m[2], float(m[3]), float(m[4])),
+        re.compile(rf"edit-(const-)?(probe|free)-(cos|act|ref)-b({_NUM})-a({_NUM})"),
+        lambda m: Editing(m[2], m[3], float(m[4]), float(m[5]), "const" if m[1] else "scale"),
     ),
 ]
 
@@ -271,7 +277,7 @@ def parse(name: str) -> Condition:
     raise SweepError(
         f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-[pos-][gen-]N, "
         "dpo-scale-keys-topK-xF, patch-SET[-per-prompt|-base-means], "
-        "steer-probe-aALPHA or edit-{probe,free}-{cos,act}-bBETA-aALPHA "
+        "steer-probe-aALPHA or edit-[const-]{probe,free}-{cos,act,ref}-bBETA-aALPHA "
         "(see dpotox.plan.conditions)"
     )
 
@@ -318,6 +324,11 @@ class SweepsConfig:
     edit_free: list[list[float]] = field(
         default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]]
     )
+    edit_constant: list[list[float]] = field(
+        default_factory=lambda: [[0.5, 0.05], [0.5, 0.2], [0.5, 0.5], [0.8, 0.5], [0.8, 1.0]]
+    )
+    edit_constant_selections: list[str] = field(default_factory=lambda: ["ref"])
+    edit_constant_quantile: float | None = 0.8
     toxic_words: list[str] = field(
         default_factory=lambda: ["fuck", "shit", "crap", "damn", "asshole"]
     )
@@ -364,6 +375,8 @@ def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
     for sel in sc.edit_selections:
         conds += [Editing("probe", sel, b, a) for b, a in sc.edit_probe]
     conds += [Editing("free", "cos", b, a) for b, a in sc.edit_free]
+    for sel in sc.edit_constant_selections:
+        conds += [Editing("probe", sel, b, a, "const") for b, a in sc.edit_constant]
     names = [c.name for c in conds]
     return list(dict.fromkeys(names))
 

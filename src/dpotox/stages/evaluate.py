@@ -224,6 +224,7 @@ def evaluate_conditions(
             "condition": c.name,
             "spec": spec.name if spec else None,
             "description": spec.description if spec else "the unmodified model",
+            "spec_meta": dict(spec.meta) if spec else {},
             "model_dir": str(model_dir),
             "scorer": scorer.name,
             "n_prompts": len(ids),

@@ -142,11 +142,20 @@ def positive_toxic(neurons: pd.DataFrame, n: int) -> pd.DataFrame:
 
 
 def edit_selection(
-    neurons: pd.DataFrame, cos: np.ndarray, beta: float, selection: str
+    neurons: pd.DataFrame,
+    cos: np.ndarray,
+    beta: float,
+    selection: str,
+    *,
+    quantile: float | None = None,
 ) -> pd.DataFrame:
     """Activation editing's neurons: in each sign(cos) x sign(base activation) group, the
-    fraction ``beta`` with the largest |cos| (``cos``) or smallest |activation| (``act``).
-    Returns the chosen rows with ``factor_sign`` = sign(cos) * sign(activation)."""
+    fraction ``beta`` with the largest |cos| (``cos``), the smallest |activation| (``act``), or
+    in the reference notebook's order (``ref``: the largest |cos| in TP and AN, the smallest in
+    AP and TN; groups by strict signs, the count rounded down, as it computed them).
+    ``quantile``: first drop the neurons whose base mean is above that quantile of all neurons'
+    (the reference's GPT-2 notebook: 0.8). Returns the chosen rows with ``factor_sign`` =
+    sign(cos) * sign(activation)."""
     if selection not in SELECTIONS:
         raise SweepError(
             f"config key 'sweeps.edit_selections': {selection!r} is not one of "
@@ -154,14 +163,25 @@ def edit_selection(
         )
     if not 0 < beta <= 1:
         raise SweepError(f"activation editing: beta {beta} is not a fraction in (0, 1]")
-    df = neurons[["layer", "neuron", "mbar_base"]].assign(
+    df = neurons[["layer", "neuron", "mbar_base", "proj_base"]].assign(
         _cos=cos.ravel(), _group=sign_groups(cos.ravel(), neurons["mbar_base"].to_numpy())
     )
-    df["_key"] = df["_cos"].abs() if selection == "cos" else -df["mbar_base"].abs()
+    if quantile is not None:
+        df = df[df["mbar_base"] <= df["mbar_base"].quantile(quantile)]
+    if selection == "ref":
+        df = df[(df["_cos"] != 0) & (df["mbar_base"] != 0)]
     chosen = []
-    for _, g in df.groupby("_group", sort=True):
-        k = int(beta * len(g) + 0.5)  # half up: 0.5 of one neuron is that neuron
-        chosen.append(g.sort_values("_key", ascending=False, kind="stable").head(k))
+    for group, g in df.groupby("_group", sort=True):
+        if selection == "ref":
+            ascending = group in ("AP", "TN")
+            key = -g["_cos"].abs() if ascending else g["_cos"].abs()
+            k = int(beta * len(g))
+        else:
+            key = g["_cos"].abs() if selection == "cos" else -g["mbar_base"].abs()
+            k = int(beta * len(g) + 0.5)  # half up: 0.5 of one neuron is that neuron
+        chosen.append(
+            g.assign(_key=key).sort_values("_key", ascending=False, kind="stable").head(k)
+        )
     out = pd.concat(chosen)
     out["factor_sign"] = np.where(out["_cos"] > 0, 1.0, -1.0) * np.where(
         out["mbar_base"] >= 0, 1.0, -1.0
@@ -177,21 +197,48 @@ def edit(
     alpha: float,
     selection: str,
     description: str,
+    *,
+    operation: str = "scale",
+    quantile: float | None = None,
 ) -> Intervention:
-    """Scale the chosen neurons by ``1 - alpha * sign(cos) * sign(activation)``: toxic-aligned
-    writes shrink, anti-toxic ones grow (see :func:`edit_selection`)."""
-    if not 0 < alpha < 1:
+    """Activation editing of the neurons :func:`edit_selection` chooses: toxic-aligned writes
+    shrink, anti-toxic ones grow. ``scale``: multiply the live activation by
+    ``1 - alpha * sign(cos) * sign(activation)``; ``const`` (the reference notebook's): set it
+    to the base mean times that factor. The spec's ``meta`` holds the edit's projected
+    reduction along the probe, ``sum_i alpha * factor_sign_i * proj_base_i``, beside DPO's net
+    reduction (the neuron table's summed ``delta``), so a table can tell whether the edit is as
+    strong as DPO's shift."""
+    limit_ok = 0 < alpha < 1 if operation == "scale" else 0 < alpha <= 1
+    if not limit_ok:
         raise SweepError(
-            f"activation editing: alpha {alpha} must be in (0, 1) (a factor "
-            "1 - alpha at or below 0 would flip or zero the neurons)"
+            f"activation editing ({operation}): alpha {alpha} must be in "
+            + (
+                "(0, 1) (a factor 1 - alpha at or below 0 would flip or zero the neurons)"
+                if operation == "scale"
+                else "(0, 1] (beyond 1 the factor flips the sign)"
+            )
         )
-    rows = edit_selection(neurons, cos, beta, selection)
+    rows = edit_selection(neurons, cos, beta, selection, quantile=quantile)
     factors = 1.0 - alpha * rows["factor_sign"].to_numpy()
-    edits = [
-        ScaleNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
-        for layer, idx, vals in _by_layer(rows, factors)
-    ]
-    return Intervention(name, edits, description)
+    if operation == "scale":
+        edits = [
+            ScaleNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
+            for layer, idx, vals in _by_layer(rows, factors)
+        ]
+    elif operation == "const":
+        values = rows["mbar_base"].to_numpy() * factors
+        edits = [
+            SetNeurons(layer, torch.from_numpy(idx), torch.from_numpy(vals.copy()))
+            for layer, idx, vals in _by_layer(rows, values)
+        ]
+    else:
+        raise SweepError(f"activation editing: unknown operation {operation!r}")
+    meta = {
+        "n_neurons": len(rows),
+        "projected_reduction": float((alpha * rows["factor_sign"] * rows["proj_base"]).sum()),
+        "dpo_net_reduction": float(neurons["delta"].sum()),
+    }
+    return Intervention(name, edits, description, meta=meta)
 
 
 # -- directions --------------------------------------------------------------------------------
@@ -414,10 +461,17 @@ def make_spec(
                 [AddResidual(adapter.n_layers - 1, unit(w).float(), -alpha, where="all")],
                 f"subtract {alpha:g} x the unit probe direction after the last layer",
             )
-        case Editing(direction=source, selection=selection, beta=beta, alpha=alpha):
+        case Editing(direction=source, selection=selection, beta=beta, alpha=alpha) as c:
             cos = cos_probe if source == "probe" else cos_free
             if cos is None:
                 raise SweepError(f"condition {name}: the probe-free direction was not computed")
+            order = {
+                "cos": "|cos|",
+                "act": "ascending |activation|",
+                "ref": "the reference's order",
+            }[selection]
+            const = c.operation == "const"
+            quantile = sc.edit_constant_quantile if const else None
             return edit(
                 name,
                 neurons,
@@ -425,9 +479,12 @@ def make_spec(
                 beta,
                 alpha,
                 selection,
-                f"activation editing ({source}): fraction {beta:g} of each group by "
-                f"{'|cos|' if selection == 'cos' else 'ascending |activation|'}, "
-                f"scale alpha {alpha:g}",
+                f"activation editing ({source}): fraction {beta:g} of each group by {order}"
+                + (f" below the {quantile:g} quantile of base activation" if quantile else "")
+                + (", set to base mean x 1 -/+ " if const else ", scaled by 1 -/+ ")
+                + f"{alpha:g}",
+                operation=c.operation,
+                quantile=quantile,
             )
     raise SweepError(
         f"condition {name!r} is not built by rule sweep_specs (ablate-toxic-N is "
