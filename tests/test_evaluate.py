@@ -40,6 +40,7 @@ CFG = {
         "ppl_texts": 4,
         "ppl_window": 32,
         "ppl_batch_size": 3,
+        "ppl_context_tokens": 8,
         "f1_texts": 3,
         "bootstrap_samples": 200,
         "ci_level": 0.9,
@@ -113,6 +114,9 @@ def test_base_evaluation_writes_both_outputs(inputs, tmp_path):
     assert summary["repetition"] == pytest.approx(table["repetition"].mean())
     assert 0 <= summary["empty_share"] <= 1
     assert summary["log_ppl"] > 0 and summary["n_wiki_tokens"] > 4 * 30
+    # Unedited, the placements of an intervention agree but for the tokens scored.
+    assert summary["log_ppl_first"] == pytest.approx(summary["log_ppl"])
+    assert summary["log_ppl_generation"] > 0
     assert 0 <= summary["f1"] <= 1 and summary["n_f1"] == 3
     assert summary["tokens_per_second"] > 0 and summary["seconds"] > 0
     again, _, _ = run(inputs, tmp_path / "again")
@@ -142,6 +146,8 @@ def test_a_spec_changes_the_numbers_and_first_position_quirk(inputs, tmp_path):
         pytest.approx(steered["log_ppl"]),
         pytest.approx(base["log_ppl"]),
     )
+    # Every evaluation also gives the position-0 perplexity beside the every-position one.
+    assert steered["log_ppl_first"] == pytest.approx(first["log_ppl"])
 
 
 def test_per_prompt_spec_without_wiki_rows_reports_why(inputs, tmp_path):

@@ -98,6 +98,52 @@ def test_perplexity_under_an_intervention_and_the_first_position_quirk(model):
     ).log_ppl == pytest.approx(log_perplexity(adapter, only_two, ids, spec=spec).log_ppl, rel=1e-6)
 
 
+def test_generation_like_perplexity_edits_and_scores_after_the_context(model):
+    """positions="generation": the first k tokens are an unedited context; activation edits act
+    from its last token on and only the tokens after it are scored; edits that act everywhere
+    (steering, value-vector ablation) act everywhere. Checked against a direct computation."""
+    adapter = Adapter(model)
+    wins, ids = _windows(1), [str(i) for i in range(5)]
+    k, neurons = 4, list(range(16))
+    spec = Intervention("abl", [ablate(0, neurons, where="generation")])
+
+    def direct(edit_from: int | None) -> float:
+        def hook(mod, args):
+            m = args[0].clone()
+            m[:, edit_from:, neurons] = 0.0
+            return (m, *args[1:])
+
+        h = adapter.out_proj(0).register_forward_pre_hook(hook) if edit_from is not None else None
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for w in wins:
+                    if len(w) <= k:
+                        continue
+                    logits = model(torch.tensor([w])).logits[0, :-1]
+                    nll = torch.nn.functional.cross_entropy(
+                        logits, torch.tensor(w[1:]), reduction="none"
+                    )
+                    total += float(nll[k - 1 :].sum())
+                    count += len(w) - k
+        finally:
+            if h is not None:
+                h.remove()
+        return total / count
+
+    got = log_perplexity(adapter, wins, ids, spec=spec, positions="generation", context=k)
+    assert got.log_ppl == pytest.approx(direct(k - 1), rel=1e-5)
+    assert got.n_tokens == sum(len(w) - k for w in wins if len(w) > k)
+    plain = log_perplexity(adapter, wins, ids, positions="generation", context=k).log_ppl
+    assert plain == pytest.approx(direct(None), rel=1e-5) and plain != pytest.approx(got.log_ppl)
+    # Ablating the value vectors acts on the context too, as in generation.
+    everywhere = Intervention("abl", [ablate(0, neurons, where="all")])
+    got_all = log_perplexity(adapter, wins, ids, spec=everywhere, positions="generation", context=k)
+    assert got_all.log_ppl == pytest.approx(direct(0), rel=1e-5)
+    first = log_perplexity(adapter, wins, ids, spec=everywhere, positions="first").log_ppl
+    assert first == pytest.approx(log_perplexity(adapter, wins, ids, spec=everywhere).log_ppl)
+
+
 def test_text_quality_of_hand_made_continuations():
     texts = ["The cat, the cat; THE CAT", "", "a b c d"]
     q = text_quality(texts)

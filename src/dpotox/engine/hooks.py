@@ -34,8 +34,12 @@ from dpotox.engine.spec import (
 #   prefix:  the prompt but its last token (``generation`` edits and recorders do not act)
 #   decode:  one new token per row, or a prompt's last token after its prefix (every edit)
 #   all:     teacher-forced scoring, every edit at every position (perplexity)
-#   first:   teacher-forced scoring, every edit at position 0 only (the reference code's quirk)
-Phase = Literal["prefill", "prefix", "decode", "all", "first"]
+#   first:   teacher-forced scoring, ``generation`` edits at position 0 only, ``all`` edits
+#            (steering, value-vector ablation) everywhere (the reference code's perplexity)
+#   from:    teacher-forced scoring as generation sees it: ``generation`` edits from position
+#            ``Context.start`` on (the last token of an unedited context), ``all`` edits
+#            everywhere
+Phase = Literal["prefill", "prefix", "decode", "all", "first", "from"]
 
 
 @dataclass
@@ -47,6 +51,8 @@ class Context:
     # Rows whose position in this pass produces a kept token (a row that has emitted an
     # end-of-sequence token is inactive); None means every row.
     active: torch.Tensor | None = None
+    # Phase "from": the first position ``generation`` edits act on.
+    start: int = 0
 
 
 class Recorder(Protocol):
@@ -76,7 +82,9 @@ class Recorder(Protocol):
 def _positions(ctx: Context, where: str) -> slice | None:
     """The positions of this pass an edit acts on; None for none."""
     if ctx.phase == "first":
-        return slice(0, 1)
+        return slice(0, 1) if where == "generation" else slice(None)
+    if ctx.phase == "from":
+        return slice(ctx.start, None) if where == "generation" else slice(None)
     if ctx.phase == "prefill" and where == "generation":
         return slice(-1, None)
     if ctx.phase == "prefix" and where == "generation":

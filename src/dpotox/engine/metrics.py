@@ -7,9 +7,14 @@ quality of the continuations.
   intervention. Each text is tokenised on its own (with the tokenizer's special tokens) and,
   if longer than ``window`` tokens, cut into consecutive non-overlapping windows of ``window``
   tokens; every token of a window but its first is predicted from the window's earlier tokens.
-  The mean runs over all predicted tokens of all windows. By default the intervention acts at
-  every position; ``positions="first"`` reproduces the reference code, which patched position 0
-  only (and so left perplexity almost unchanged in the papers' Table 2).
+  The mean runs over all predicted tokens of all windows. Three placements of the
+  intervention: ``positions="all"`` acts at every position; ``"generation"`` as in generation:
+  each window's first ``context`` tokens are an unedited, unscored context, activation edits act
+  from its last token on and only the tokens after it are scored (windows of ``context`` tokens
+  or fewer are left out); ``"first"`` reproduces the reference code, which patched activations
+  at position 0 only (and so left perplexity almost unchanged in the papers' Table 2). Edits
+  that act everywhere in generation too (steering, value-vector ablation, weight edits) act
+  everywhere in all three.
 - **F1**: bag-of-tokens F1 (as in SQuAD) between the greedy continuation of a Wikipedia prompt
   and the text's real continuation, on words after lower-casing and removing punctuation and
   the articles a/an/the. Prompts and gold continuations are built by :func:`f1_items`.
@@ -145,20 +150,34 @@ def log_perplexity(
     *,
     spec: Intervention | None = None,
     batch_size: int = 8,
-    positions: Literal["all", "first"] = "all",
+    positions: Literal["all", "generation", "first"] = "all",
+    context: int = 32,
     pad_id: int = 0,
 ) -> Perplexity:
     """Mean NLL of ``token_windows`` under ``spec`` (see the module docstring).
 
-    ``ids`` names each window's text, for per-prompt edits.
+    ``ids`` names each window's text, for per-prompt edits; ``context``: the unedited tokens of
+    ``positions="generation"``.
     """
     model = adapter.model
     device = next(model.parameters()).device
+    skip = 0
+    if positions == "generation":
+        keep = [i for i, w in enumerate(token_windows) if len(w) > context]
+        token_windows, ids = [token_windows[i] for i in keep], [ids[i] for i in keep]
+        skip = context
+        if not token_windows:
+            raise ValueError(
+                f"no perplexity window is longer than the {context} context tokens of the "
+                "generation-like perplexity; lower evaluation.ppl_context_tokens"
+            )
     order = sorted(range(len(token_windows)), key=lambda i: -len(token_windows[i]))
     total, count = 0.0, 0
     t0 = time.perf_counter()
     with applied(adapter, spec, prompt_ids=list(ids)) as ctx:
-        ctx.phase = positions
+        ctx.phase = "from" if positions == "generation" else positions
+        # The context's last token predicts the first scored one: edits act from there.
+        ctx.start = max(skip - 1, 0)
         for start in range(0, len(order), batch_size):
             rows = [token_windows[i] for i in order[start : start + batch_size]]
             ctx.prompt_ids = [ids[i] for i in order[start : start + batch_size]]
@@ -175,7 +194,9 @@ def log_perplexity(
             nll = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
             )
-            keep = mask[:, 1:].flatten().bool()
+            scored = mask[:, 1:].clone()
+            scored[:, : max(skip - 1, 0)] = 0  # predictions of context tokens are not scored
+            keep = scored.flatten().bool()
             total += float(nll[keep].double().sum())
             count += int(keep.sum())
     return Perplexity(total / count, count, len(token_windows), time.perf_counter() - t0)

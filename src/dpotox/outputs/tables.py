@@ -84,6 +84,9 @@ COLUMNS = [
     "pairs_ci_low",
     "pairs_ci_high",
     "log_ppl",
+    # The intervention placed as in generation, and as the reference code (position 0).
+    "log_ppl_generation",
+    "log_ppl_first",
     "f1",
     # Quality of the continuations (dpotox.engine.metrics.text_quality): low toxicity from a
     # model that writes nothing or repeats itself shows here.
@@ -287,8 +290,13 @@ def _ours(s: dict[str, Any]) -> dict[str, Any]:
             )
         },
         **{
-            k: math.nan if s[k] is None or s.get(note) else float(s[k])
-            for k, note in (("log_ppl", "ppl_note"), ("f1", "f1_note"))
+            k: math.nan if s.get(k) is None or s.get(note) else float(s[k])
+            for k, note in (
+                ("log_ppl", "ppl_note"),
+                ("log_ppl_generation", "ppl_note"),
+                ("log_ppl_first", "ppl_note"),
+                ("f1", "f1_note"),
+            )
         },
         "n": int(s["n_prompts"]),
         "n_neurons": int(s["n_edited_neurons"]),

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +54,8 @@ class EvalConfig:
     ppl_window: int = 256
     ppl_batch_size: int = 8
     ppl_positions: Literal["all", "first"] = "all"
+    ppl_variants: list[str] = field(default_factory=lambda: ["generation", "first"])
+    ppl_context_tokens: int = 32
     f1_texts: int = 200
     bootstrap_samples: int = 1000
     ci_level: float = 0.95
@@ -205,6 +207,10 @@ def evaluate_conditions(
             pairs_scores, pairs_tox, seconds2 = _toxicity(second, gen, ec, c.name)
             score_seconds += seconds2
         ppl_note, ppl = _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name)
+        variants = {
+            v: _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name, positions=v)[1]
+            for v in ec.ppl_variants
+        }
         f1_mean = _f1(f1_run, j, c.name)
         table = pd.DataFrame(
             {
@@ -245,6 +251,9 @@ def evaluate_conditions(
             "log_ppl": ppl.log_ppl if ppl else None,
             "ppl": math.exp(ppl.log_ppl) if ppl else None,
             "ppl_positions": ec.ppl_positions,
+            # The same text, the intervention placed as generation places it (an unedited
+            # context first) and as the reference code did (activations at position 0 only).
+            **{f"log_ppl_{v}": p.log_ppl if p else None for v, p in variants.items()},
             "n_wiki_tokens": ppl.n_tokens if ppl else 0,
             "n_ppl_windows": ppl.n_windows if ppl else 0,
             "ppl_note": ppl_note,
@@ -356,8 +365,11 @@ def _perplexity(
     win_ids: list[str],
     ec: EvalConfig,
     name: str,
+    positions: str | None = None,
 ):
-    """``(note, result)``: the log-perplexity under ``spec``, or why it cannot be computed."""
+    """``(note, result)``: the log-perplexity under ``spec`` with the intervention at
+    ``positions`` (default ``evaluation.ppl_positions``), or why it cannot be computed."""
+    positions = positions or ec.ppl_positions
     note = _needs_rows(spec, adapter, sorted(set(win_ids)))
     if note is not None:
         return note, None
@@ -367,12 +379,14 @@ def _perplexity(
         win_ids,
         spec=spec,
         batch_size=ec.ppl_batch_size,
-        positions=ec.ppl_positions,
+        positions=positions,
+        context=ec.ppl_context_tokens,
         pad_id=tok.pad_token_id or 0,
     )
     log.info(
-        "%s: log-perplexity %.4f over %d tokens in %.1f s",
+        "%s: log-perplexity (%s) %.4f over %d tokens in %.1f s",
         name,
+        positions,
         ppl.log_ppl,
         ppl.n_tokens,
         ppl.seconds,
