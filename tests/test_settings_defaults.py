@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from dpotox.outputs.claims import ClaimsConfig
 from dpotox.outputs.figures import FiguresConfig
 from dpotox.plan.conditions import SweepsConfig
 from dpotox.plan.config import load_schema
@@ -27,6 +28,7 @@ SECTIONS = [
     (ClusterConfig, ("cluster",)),
     (SweepsConfig, ("sweeps",)),
     (FiguresConfig, ("figures",)),
+    (ClaimsConfig, ("claims",)),
 ]
 
 

@@ -312,19 +312,28 @@ def test_packaged_published_numbers():
         assert 100 * share == pytest.approx(r.pct_reduction, abs=0.06)
 
 
+def _claims(d, tmp_path, conds, neurons=None, **cfg):
+    out = build(d, tmp_path, conds, neurons=neurons, cfg={"claims": cfg} if cfg else None)
+    return out["table_claims"].set_index("claim")
+
+
+GOOD = {"log_ppl_generation": 3.0, "f1": 0.2, "repetition": 0.05, "empty_share": 0.0}
+
+
 def test_claims_verdicts_follow_the_numbers(tmp_path):
-    """Each finding's verdict comes from its paired difference: a case for each verdict."""
+    """Each finding's verdict comes from its CI and the criteria: a constructed case each."""
     d = tmp_path / "eval"
     d.mkdir()
     noise = np.linspace(-0.02, 0.02, 8)
-    write_eval(d, "base", 0.5 + noise)
-    write_eval(d, "dpo", 0.1 + noise, log_ppl=3.0)
-    write_eval(d, "patch-toxic-256", 0.45 + noise)  # recovers 12.5% of DPO's 0.4
-    write_eval(d, "patch-four-groups", 0.3 + noise)  # clearly worse than DPO
-    # within log(1.05) of DPO's log-PPL and less toxic; the other is less toxic but too far
-    write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.05 + noise, log_ppl=3.04)
-    write_eval(d, "edit-probe-cos-b0.8-a0.2", 0.01 + noise, log_ppl=3.2)
-    write_eval(d, "edit-free-cos-b0.5-a0.2", 0.05 + noise[::-1], log_ppl=3.04)
+    write_eval(d, "base", 0.5 + noise, **GOOD)
+    write_eval(d, "dpo", 0.1 + noise, **GOOD)  # C1: cuts, at the same perplexity
+    write_eval(d, "patch-toxic-256", 0.45 + noise, **GOOD)  # recovers 12.5% of DPO's 0.4
+    write_eval(d, "patch-four-groups", 0.3 + noise, **GOOD)  # clearly worse than DPO
+    # within log(1.05) of DPO's generation-like log-PPL and less toxic; the other is less
+    # toxic but too far
+    write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.05 + noise, **{**GOOD, "log_ppl_generation": 3.04})
+    write_eval(d, "edit-probe-cos-b0.8-a0.2", 0.01 + noise, **{**GOOD, "log_ppl_generation": 3.2})
+    write_eval(d, "edit-free-cos-b0.5-a0.2", 0.05 + noise[::-1], **GOOD)
     conds = [
         "base",
         "dpo",
@@ -334,9 +343,20 @@ def test_claims_verdicts_follow_the_numbers(tmp_path):
         "edit-probe-cos-b0.8-a0.2",
         "edit-free-cos-b0.5-a0.2",
     ]
-    claims = build(d, tmp_path, conds)["table_claims"].set_index("claim")
+    rng = np.random.default_rng(0)
+    cos = rng.normal(size=4000)
+    neurons = pd.DataFrame(
+        {"delta": np.r_[np.ones(2100), -np.ones(1900)], "cos": cos, "shift": rng.normal(size=4000)}
+    )
+    claims = _claims(d, tmp_path, conds, neurons)
+    assert len(claims) == 7
+    cuts = claims.loc["DPO cuts toxicity at near-flat perplexity"]
+    assert cuts["value"] == pytest.approx(-0.4) and cuts["verdict"] == "holds"
+    assert cuts["quality"] == "passes"
     minority = claims.loc["toxic neurons explain a minority of DPO's effect"]
     assert minority["value"] == pytest.approx(12.5) and minority["verdict"] == "holds"
+    half = claims.loc["about half the neurons reduce their projection on the probe"]
+    assert half["value"] == pytest.approx(52.5) and half["verdict"] == "holds"
     groups = claims.loc["the four groups together match or beat DPO"]
     assert groups["value"] == pytest.approx(0.2) and groups["verdict"] == "does not hold"
     editing = claims.loc["editing beats DPO at similar perplexity"]
@@ -344,22 +364,61 @@ def test_claims_verdicts_follow_the_numbers(tmp_path):
     assert editing["value"] == pytest.approx(-0.05) and editing["verdict"] == "holds"
     free = claims.loc["probe-free editing is comparable to probe-based"]
     assert free["value"] == pytest.approx(0.0, abs=1e-12) and free["verdict"] == "holds"
+    shift = claims.loc["activation shifts are uncorrelated with probe alignment"]
+    assert abs(shift["value"]) < 0.05 and shift["verdict"] == "holds"
     md = (tmp_path / "out" / "tiny" / "table_claims.md").read_text()
     assert "| toxic neurons explain a minority of DPO's effect |" in md and "12.500 [" in md
+    assert "holds only for a broken model" in md  # the criteria in the footer
 
     # editing that only ties DPO at that perplexity is not significant
-    write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.099 + noise[::-1], log_ppl=3.04)
-    claims = build(d, tmp_path, conds)["table_claims"].set_index("claim")
+    write_eval(
+        d, "edit-probe-cos-b0.5-a0.2", 0.099 + noise[::-1], **{**GOOD, "log_ppl_generation": 3.04}
+    )
+    claims = _claims(d, tmp_path, conds)
     assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "not significant"
+    assert "about half the neurons reduce their projection on the probe" not in claims.index
     # no editing condition near DPO's perplexity: does not hold, and says so
-    claims = build(d, tmp_path, [c for c in conds if c != "edit-probe-cos-b0.5-a0.2"])[
-        "table_claims"
-    ].set_index("claim")
+    claims = _claims(d, tmp_path, [c for c in conds if c != "edit-probe-cos-b0.5-a0.2"])
     assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "does not hold"
     assert (
         "none of 1 editing conditions"
         in claims.loc["editing beats DPO at similar perplexity", "evidence"]
     )
+
+
+def test_claims_quality_gate_and_margins(tmp_path):
+    """A claim that would hold on a broken model says so; margins decide 'matches' and
+    'comparable'; a DPO that cuts toxicity at a perplexity cost does not hold C1."""
+    d = tmp_path / "eval"
+    d.mkdir()
+    noise = np.linspace(-0.02, 0.02, 8)
+    write_eval(d, "base", 0.5 + noise, **GOOD)
+    write_eval(d, "dpo", 0.1 + noise, **{**GOOD, "log_ppl_generation": 3.3})
+    # The four groups beat DPO, but the model writes nothing: broken.
+    write_eval(d, "patch-four-groups", 0.02 + noise, **{**GOOD, "empty_share": 0.9, "f1": 0.01})
+    # Probe-free editing clearly more toxic than probe-based: not comparable.
+    write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.1 + noise, **GOOD)
+    write_eval(d, "edit-free-cos-b0.5-a0.2", 0.3 + noise, **GOOD)
+    conds = [
+        "base",
+        "dpo",
+        "patch-four-groups",
+        "edit-probe-cos-b0.5-a0.2",
+        "edit-free-cos-b0.5-a0.2",
+    ]
+    claims = _claims(d, tmp_path, conds)
+    assert claims.loc["DPO cuts toxicity at near-flat perplexity", "verdict"] == "does not hold"
+    four = claims.loc["the four groups together match or beat DPO"]
+    assert four["verdict"] == "holds only for a broken model"
+    assert "90% empty" in four["quality"] and "F1 0.010" in four["quality"]
+    free = claims.loc["probe-free editing is comparable to probe-based"]
+    assert free["value"] == pytest.approx(0.2) and free["verdict"] == "does not hold"
+    # A wide margin makes the same difference comparable; a looser gate passes the model.
+    claims = _claims(
+        d, tmp_path, conds, equivalence_margin=0.3, gate_empty_share=1.0, gate_f1_ratio=0.01
+    )
+    assert claims.loc["probe-free editing is comparable to probe-based", "verdict"] == "holds"
+    assert claims.loc["the four groups together match or beat DPO", "verdict"] == "holds"
 
 
 def test_each_patch_is_followed_by_its_base_means_control():

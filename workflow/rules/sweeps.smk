@@ -114,5 +114,6 @@ rule tables:
         "../../envs/dpotox.yaml"
     params:
         conditions=lambda wildcards: table_conditions(wildcards.model),
+        cfg=lambda wildcards: rule_params(config, "tables", wildcards.model),
     script:
         "../scripts/tables.py"

@@ -14,7 +14,7 @@ not ours: they show the direction and size of an effect, not digits to match.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import pandas as pd
 
 from dpotox.errors import TablesError
 from dpotox.io import atomic_path
-from dpotox.outputs.claims import CRITERIA, judge_claims
+from dpotox.outputs.claims import ClaimsConfig, criteria, judge_claims
 from dpotox.outputs.evals import load_summary, paired_bootstrap, paired_scores
 from dpotox.plan.conditions import (
     PER_PROMPT,
@@ -483,6 +483,7 @@ def _document(
     boot: dict,
     published: pd.DataFrame,
     model: str,
+    claims_cfg: ClaimsConfig | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """The table with the papers' columns, and its markdown with the footnotes."""
     footer = ["Toxicity: mean score of the continuations [bootstrap CI over prompts]; `–`: none."]
@@ -515,7 +516,7 @@ def _document(
     if name == "table_per_prompt":
         footer.append("difference = per-prompt minus mean patching, paired bootstrap CI.")
     if name == "table_claims":
-        footer.append(CRITERIA)
+        footer.append(criteria(claims_cfg or ClaimsConfig()))
     if source := SOURCES[name]:
         df, notes = attach_published(df, published, source)
         footer += [
@@ -539,10 +540,14 @@ def build_tables(
     *,
     n_neurons_total: int,
     published_path: str | Path | None = None,
+    neurons: pd.DataFrame | None = None,
+    cfg: Mapping[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Rule ``tables``: build every table of :data:`RESULT_TABLES` for ``model`` from the evaluated
     ``conditions`` and write each as CSV and markdown to ``out_dir``. All are computed before
-    any file is written, so a bad input leaves no table half-updated."""
+    any file is written, so a bad input leaves no table half-updated. ``neurons`` (the neuron
+    table) gives the claims about neurons (C3, C7); ``cfg`` its ``claims`` section."""
+    claims_cfg = ClaimsConfig.from_config(cfg or {})
     if n_neurons_total <= 0:
         raise TablesError(
             f"n_neurons_total must be the model's number of MLP neurons, not {n_neurons_total}"
@@ -570,10 +575,18 @@ def build_tables(
         elif name == "table_editing_grid":
             df = _editing_grid(rows, summ)
         elif name == "table_claims":
-            df = judge_claims(rows, summ, eval_dir, boot, tables["table3_toxic_neurons"])
+            df = judge_claims(
+                rows,
+                summ,
+                eval_dir,
+                boot,
+                tables["table3_toxic_neurons"],
+                neurons,
+                claims_cfg,
+            )
         else:
             df = pd.DataFrame([_ours(summ[c]) for c in rows], columns=COLUMNS)
-        tables[name], docs[name] = _document(name, df, summ, boot, published, model)
+        tables[name], docs[name] = _document(name, df, summ, boot, published, model, claims_cfg)
     for name, df in tables.items():
         with atomic_path(Path(out_dir) / f"{name}.csv") as tmp:
             df.to_csv(tmp, index=False)

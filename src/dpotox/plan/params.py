@@ -34,6 +34,7 @@ READS: dict[str, tuple[str, ...]] = {
     "neuron_stats": ("seed", "neurons"),
     "sweep_specs": ("seed", "sweeps", "toxicity", "neurons.lens_final_gain"),
     "sweep": ("seed", "evaluation", "toxicity", "dpo.pairs.scorer", "dpo.pairs.same_scorer"),
+    "tables": ("claims",),
     "figure": ("figures",),
 }
 # Keys inside a section read above that the rule does not use.
