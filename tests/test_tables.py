@@ -362,6 +362,8 @@ def test_claims_verdicts_follow_the_numbers(tmp_path):
     editing = claims.loc["editing beats DPO at similar perplexity"]
     assert "edit-probe-cos-b0.5-a0.2" in editing["evidence"] and "1 of 2" in editing["evidence"]
     assert editing["value"] == pytest.approx(-0.05) and editing["verdict"] == "holds"
+    # Chosen on a seeded half of the prompts, reported on the other.
+    assert "chosen on 4 prompts, reported on the other 4" in editing["evidence"]
     free = claims.loc["probe-free editing is comparable to probe-based"]
     assert free["value"] == pytest.approx(0.0, abs=1e-12) and free["verdict"] == "holds"
     shift = claims.loc["activation shifts are uncorrelated with probe alignment"]
@@ -374,7 +376,9 @@ def test_claims_verdicts_follow_the_numbers(tmp_path):
     write_eval(
         d, "edit-probe-cos-b0.5-a0.2", 0.099 + noise[::-1], **{**GOOD, "log_ppl_generation": 3.04}
     )
-    claims = _claims(d, tmp_path, conds)
+    # (on all prompts: the papers' single split)
+    claims = _claims(d, tmp_path, conds, held_out=False)
+    assert "chosen on" not in claims.loc["editing beats DPO at similar perplexity", "evidence"]
     assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "not significant"
     assert "about half the neurons reduce their projection on the probe" not in claims.index
     # no editing condition near DPO's perplexity: does not hold, and says so
@@ -435,3 +439,14 @@ def test_each_patch_is_followed_by_its_base_means_control():
         label("patch-tp-base-means")
         == "Patch TP (the dampened toxic neurons) (control: base means)"
     )
+
+
+def test_prompt_halves_are_seeded_and_disjoint():
+    from dpotox.outputs.evals import prompt_halves
+
+    ids = [f"p{i}" for i in range(11)]
+    tune, held = prompt_halves(ids, 0)
+    assert len(tune) == 5 and len(held) == 6 and not set(tune) & set(held)
+    assert set(tune) | set(held) == set(ids)
+    assert prompt_halves(list(reversed(ids)), 0) == (tune, held)  # row order does not matter
+    assert prompt_halves(ids, 1) != (tune, held)

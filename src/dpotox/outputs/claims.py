@@ -17,8 +17,10 @@ share of neurons, a Fisher interval for a correlation. One criterion style for a
   configured bounds of the base model's. A claim that would hold on a condition that fails it
   gets ``holds only for a broken model``; the ``quality`` column says what failed.
 
-Conditions are chosen (the least toxic editing point) on every evaluation prompt; choosing on
-one half and reporting on the other is not done yet.
+A chosen condition (C5's least toxic editing point) is chosen on a seeded half of the
+evaluation prompts and its difference reported on the other half (``claims.held_out``; false
+chooses and reports on every prompt, as the papers did). The neuron groups themselves are still
+defined on every evaluation prompt's activations (cross-fitting them is not done yet).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpotox.outputs.evals import paired_bootstrap, paired_scores
+from dpotox.outputs.evals import condition_scores, paired_bootstrap, paired_scores, prompt_halves
 from dpotox.plan.conditions import Editing, ModelRun, Patching, try_parse
 from dpotox.plan.config import section_settings
 
@@ -66,6 +68,7 @@ class ClaimsConfig:
     gate_f1_ratio: float = 0.5
     gate_repetition: float = 0.5
     gate_empty_share: float = 0.2
+    held_out: bool = True
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ClaimsConfig:
@@ -91,8 +94,14 @@ def criteria(cc: ClaimsConfig) -> str:
         f"condition: generation-like log-PPL at most {cc.gate_log_ppl:g} above base's, F1 at "
         f"least {cc.gate_f1_ratio:g} x base's, bigram repetition at most "
         f"{cc.gate_repetition:g}, empty continuations at most {cc.gate_empty_share:g}; a claim "
-        "that would hold on a condition failing it: `holds only for a broken model`. Choices "
-        "(the least toxic editing point) are made on all evaluation prompts."
+        "that would hold on a condition failing it: `holds only for a broken model`. "
+        + (
+            "C5's choice (the least toxic editing point) is made on a seeded half of the "
+            "evaluation prompts and reported on the other half."
+            if cc.held_out
+            else "C5's choice (the least toxic editing point) is made and reported on every "
+            "evaluation prompt (claims.held_out: false)."
+        )
     )
 
 
@@ -187,9 +196,9 @@ def judge_claims(
     cc = cc or ClaimsConfig()
     rows = set(rows)
 
-    def diff(a: str, b: str) -> tuple[float, float, float]:
+    def diff(a: str, b: str, ids: list[str] | None = None) -> tuple[float, float, float]:
         return paired_bootstrap(
-            paired_scores(eval_dir, [a, b]), lambda m: m[..., 0] - m[..., 1], **boot
+            paired_scores(eval_dir, [a, b], ids), lambda m: m[..., 0] - m[..., 1], **boot
         )
 
     def row(key: str, evidence: str, d: tuple, verdict: str, support: list[str]) -> list:
@@ -262,15 +271,31 @@ def judge_claims(
         edits = sorted(c for c in rows if _editing(c, "probe"))
         similar = [c for c in edits if gen_log_ppl(summ[c]) <= limit]
         if similar:
-            best = min(similar, key=lambda c: summ[c]["toxicity"])
-            d = diff(best, DPO)
+            tune = held = None
+            if cc.held_out:
+                ids = list(condition_scores(eval_dir, DPO).index)
+                tune, held = prompt_halves(ids, int(boot.get("seed", 0)))
+            best = min(
+                similar,
+                key=lambda c: (
+                    summ[c]["toxicity"]
+                    if tune is None
+                    else float(condition_scores(eval_dir, c).loc[tune].mean())
+                ),
+            )
+            d = diff(best, DPO, held)
+            where = (
+                f"; chosen on {len(tune)} prompts, reported on the other {len(held)}"
+                if tune is not None
+                else ""
+            )
             out.append(
                 row(
                     "C5",
                     f"toxicity, {best} (generation-like log-PPL "
                     f"{gen_log_ppl(summ[best]):.3f}) minus DPO ({gen_log_ppl(summ[DPO]):.3f}); "
                     f"the least toxic of {len(similar)} of {len(edits)} editing conditions "
-                    f"within {cc.similar_log_ppl:.3f}",
+                    f"within {cc.similar_log_ppl:.3f}{where}",
                     d,
                     below(*d, 0.0),
                     [best],

@@ -103,8 +103,11 @@ def paired_bootstrap(
     return point, float(low), float(high)
 
 
-def paired_scores(eval_dir: Path, conditions: list[str]) -> np.ndarray:
-    """Per-prompt scores of ``conditions`` as columns, rows aligned by prompt id."""
+def paired_scores(
+    eval_dir: Path, conditions: list[str], ids: list[str] | None = None
+) -> np.ndarray:
+    """Per-prompt scores of ``conditions`` as columns, rows aligned by prompt id (only the
+    prompts ``ids``, in that order, if given)."""
     series = [condition_scores(eval_dir, c) for c in conditions]
     for s in series[1:]:
         if set(s.index) != set(series[0].index):
@@ -113,4 +116,16 @@ def paired_scores(eval_dir: Path, conditions: list[str]) -> np.ndarray:
                 f"different prompts ({len(series[0])} vs {len(s)}); evaluate both "
                 "on the same prompts"
             )
-    return np.column_stack([s.reindex(series[0].index).to_numpy() for s in series])
+    index = series[0].index if ids is None else pd.Index(ids)
+    if ids is not None and (missing := set(ids) - set(series[0].index)):
+        raise TablesError(f"{eval_dir}: no score for prompt(s) {sorted(missing)[:3]}")
+    return np.column_stack([s.reindex(index).to_numpy() for s in series])
+
+
+def prompt_halves(ids: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """``(tuning, held-out)``: the prompt ids split in two by a permutation seeded with
+    ``seed`` (sorted first, so the split does not depend on the file's row order). A choice
+    (the best editing point) is made on the first half and reported on the second."""
+    order = [str(i) for i in np.random.default_rng(seed).permutation(sorted(map(str, ids)))]
+    half = len(order) // 2
+    return sorted(order[:half]), sorted(order[half:])
