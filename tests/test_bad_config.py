@@ -165,6 +165,10 @@ def test_integers_are_integers_and_seeds_fit_32_bits(changes, words):
             {"dpo__pairs__scorer": "jigsaw-bilstm"},
             "'dpo.pairs.scorer': jigsaw-bilstm is also toxicity.scorer",
         ),
+        (
+            {"evaluation__ppl_context_tokens": 300},
+            "'evaluation.ppl_context_tokens': 300 tokens of unedited context leave nothing",
+        ),
     ],
 )
 def test_relations_between_keys(changes, words):

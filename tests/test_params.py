@@ -11,7 +11,7 @@ from dpotox.errors import ConfigError
 from dpotox.outputs.figures import FiguresConfig
 from dpotox.plan.conditions import SweepsConfig, sweep_conditions
 from dpotox.plan.config import load_config
-from dpotox.plan.params import READS, rule_params
+from dpotox.plan.params import READS, SKIPS, rule_params
 from dpotox.stages.activations import ActivationsConfig
 from dpotox.stages.dpo import DPOSettings
 from dpotox.stages.evaluate import EvalConfig
@@ -50,6 +50,20 @@ def _spec_settings(cfg):
     return dataclasses.replace(SweepsConfig.from_config(cfg), conditions_per_job=1)
 
 
+def _eval_settings(rule):
+    """EvalConfig as ``rule`` reads it: the keys SKIPS leaves out of its params at their
+    defaults (the stage does not read them)."""
+    skipped = [p.split(".", 1)[1] for p in SKIPS.get(rule, ()) if p.startswith("evaluation.")]
+
+    def read(cfg):
+        defaults = EvalConfig()
+        return dataclasses.replace(
+            EvalConfig.from_config(cfg), **{k: getattr(defaults, k) for k in skipped}
+        )
+
+    return read
+
+
 @pytest.mark.parametrize("cfg", [ONE, TWO, PAPER], ids=["default", "two-models", "paper"])
 def test_stages_read_the_same_settings_from_params_as_from_the_config(cfg):
     """Byte-identical outputs: each stage builds the same settings from its params."""
@@ -57,9 +71,10 @@ def test_stages_read_the_same_settings_from_params_as_from_the_config(cfg):
         for rule, read in [
             ("train_probe", ProbeConfig.from_config),
             ("make_pairs", PairsConfig.from_config),
-            ("make_pairs", EvalConfig.from_config),
+            ("make_pairs", _eval_settings("make_pairs")),
             ("evaluate", EvalConfig.from_config),
             ("cache_activations", ActivationsConfig.from_config),
+            ("cache_activations", _eval_settings("cache_activations")),
             ("neuron_table", NeuronsConfig.from_config),
             ("sweep_specs", _spec_settings),
             ("figure", FiguresConfig.from_config),

@@ -67,6 +67,27 @@ def test_a_nearby_direction_moves_a_few(pair):
     assert 0 < got["group_flip_share_mean"] < 0.5 and got["top_toxic_overlap_mean"] > 0.5
 
 
+@pytest.mark.parametrize("decomposition", ["exact", "naive"])
+def test_post_norm_models_regroup_as_their_table(decomposition):
+    """Gemma-2: the groups are recomputed from the written means and the table's vectors."""
+    model = tiny_model("gemma2")
+    base, dpo = Adapter(model), Adapter(dpo_like(model))
+    w = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    shape = (base.n_layers, base.d_mlp)
+    table = neuron_frame(
+        value_geometry(base, w, decomposition),
+        value_geometry(dpo, w, decomposition),
+        value_cosines(base, dpo, decomposition),
+        rng.normal(size=shape),
+        rng.normal(size=shape),
+        rng.normal(size=shape),  # written means: not the raw ones
+        rng.normal(size=shape),
+    )
+    got = group_stability(base, dpo, w, w[None], table, decomposition)
+    assert got["group_flip_share_max"] == 0.0
+
+
 def test_a_table_of_another_probe_is_refused(pair):
     base, dpo, w = pair
     with pytest.raises(ProbeError, match="built with another probe"):

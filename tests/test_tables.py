@@ -450,3 +450,17 @@ def test_prompt_halves_are_seeded_and_disjoint():
     assert set(tune) | set(held) == set(ids)
     assert prompt_halves(list(reversed(ids)), 0) == (tune, held)  # row order does not matter
     assert prompt_halves(ids, 1) != (tune, held)
+
+
+def test_claims_without_the_generation_like_perplexity_are_not_evaluated(tmp_path):
+    """evaluation.ppl_variants without generation: near-flat and similar perplexity cannot be
+    judged, and the verdict says so rather than failing the claim."""
+    d = tmp_path / "eval"
+    d.mkdir()
+    noise = np.linspace(-0.02, 0.02, 8)
+    write_eval(d, "base", 0.5 + noise)
+    write_eval(d, "dpo", 0.1 + noise)
+    write_eval(d, "edit-probe-cos-b0.5-a0.2", 0.05 + noise)
+    claims = _claims(d, tmp_path, ["base", "dpo", "edit-probe-cos-b0.5-a0.2"])
+    assert claims.loc["DPO cuts toxicity at near-flat perplexity", "verdict"] == "not evaluated"
+    assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "not evaluated"

@@ -162,6 +162,13 @@ def _gate(
     return (BROKEN if verdict == HOLDS else verdict), f"fails ({text})"
 
 
+def z_of(level: float) -> float:
+    """The two-sided normal quantile of a confidence ``level`` (1.96 for 0.95)."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(1 - (1 - level) / 2)
+
+
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n (95% by default)."""
     if n == 0:
@@ -211,7 +218,11 @@ def judge_claims(
         d = diff(DPO, BASE)
         rise = gen_log_ppl(summ[DPO]) - gen_log_ppl(summ[BASE])
         verdict = below(*d, 0.0)
-        if verdict == HOLDS and not rise <= cc.similar_log_ppl:
+        if math.isnan(rise):
+            # Without the generation-like perplexity (evaluation.ppl_variants) "near-flat"
+            # cannot be judged.
+            verdict = NOT_EVALUATED
+        elif verdict == HOLDS and rise > cc.similar_log_ppl:
             verdict = FAILS
         out.append(
             row(
@@ -240,7 +251,7 @@ def judge_claims(
     if neurons is not None and len(neurons):
         # C3: the share of neurons whose projection on the probe fell.
         k, n = int((neurons["delta"] > 0).sum()), len(neurons)
-        lo, hi = wilson(k, n)
+        lo, hi = wilson(k, n, z_of(float(boot.get("level", 0.95))))
         d = (100 * k / n, 100 * lo, 100 * hi)
         band = (50 - cc.half_band_pct, 50 + cc.half_band_pct)
         out.append(
@@ -266,7 +277,17 @@ def judge_claims(
             )
         )
     # C5: the least toxic probe-based editing within similar perplexity beats DPO.
-    if DPO in rows:
+    if DPO in rows and math.isnan(gen_log_ppl(summ[DPO])):
+        out.append(
+            row(
+                "C5",
+                "DPO has no generation-like log-PPL (evaluation.ppl_variants lacks generation)",
+                (math.nan,) * 3,
+                NOT_EVALUATED,
+                [],
+            )
+        )
+    elif DPO in rows:
         limit = gen_log_ppl(summ[DPO]) + cc.similar_log_ppl
         edits = sorted(c for c in rows if _editing(c, "probe"))
         similar = [c for c in edits if gen_log_ppl(summ[c]) <= limit]
@@ -346,7 +367,7 @@ def judge_claims(
         # C7: Pearson r of the activation shift with the probe cosine, over neurons.
         shift, cos = neurons["shift"].to_numpy(float), neurons["cos"].to_numpy(float)
         r = float(np.corrcoef(shift, cos)[0, 1]) if shift.std() and cos.std() else math.nan
-        lo, hi = fisher_ci(r, len(neurons))
+        lo, hi = fisher_ci(r, len(neurons), z_of(float(boot.get("level", 0.95))))
         out.append(
             row(
                 "C7",

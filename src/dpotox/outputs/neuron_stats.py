@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from dpotox.errors import NeuronsError
 from dpotox.io import atomic_path
@@ -273,6 +274,12 @@ def write_stats(
             raise NeuronsError(
                 f"{ablated_acts} was cached under spec {meta.get('spec')!r}, not "
                 f"{Ablation(nc.ablate_top_n)} (neurons.ablate_top_n)"
+            )
+        normed = (pq.read_schema(neurons_path).metadata or {}).get(b"dpotox.post_mlp_norm")
+        if normed not in (None, b"None") and not meta.get("written"):
+            raise NeuronsError(
+                f"{ablated_acts} has no written activations, which the neuron table's post-MLP "
+                "norm needs: it was cached by an older dpotox; rerun rule cache_activations"
             )
         ablated = mean_activations(ablated_acts, written=nc.decomposition == "exact")
     tables = {

@@ -119,6 +119,7 @@ STEER = _kind(Steering)
 EDIT_PROBE_COS = _kind(Editing, direction="probe", selection="cos", operation="scale")
 EDIT_PROBE_ACT = _kind(Editing, direction="probe", selection="act", operation="scale")
 EDIT_FREE_COS = _kind(Editing, direction="free", selection="cos", operation="scale")
+EDIT_PROBE_REF = _kind(Editing, direction="probe", selection="ref", operation="scale")
 # The reference notebook's operation: chosen neurons set to base mean x (1 -/+ alpha).
 EDIT_CONST = _kind(Editing, operation="const")
 BASE, DPO = ModelRun("base"), ModelRun("dpo")
@@ -147,6 +148,7 @@ ROWS: dict[str, list[Row]] = {
         *(Patching(s) for s in ("four-groups", "all", "increased")),
         EDIT_PROBE_COS,
         EDIT_PROBE_ACT,
+        EDIT_PROBE_REF,
         EDIT_CONST,
     ],
     "table_per_prompt": PATCHES,
@@ -157,6 +159,7 @@ ROWS: dict[str, list[Row]] = {
         EDIT_PROBE_COS,
         EDIT_PROBE_ACT,
         EDIT_FREE_COS,
+        EDIT_PROBE_REF,
         EDIT_CONST,
     ],
     "table_claims": [

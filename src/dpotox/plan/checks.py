@@ -105,6 +105,13 @@ def relation_problems(config: Mapping[str, Any]) -> list[str]:
             "config key 'dpo.pairs.method' is jsonl, which reads data.pairs, but data.pairs is "
             "not set; give data.pairs (a JSONL file of prompt/chosen/rejected) or another method"
         )
+    ev = config["evaluation"]
+    if "generation" in ev["ppl_variants"] and ev["ppl_context_tokens"] >= ev["ppl_window"]:
+        problems.append(
+            f"config key 'evaluation.ppl_context_tokens': {ev['ppl_context_tokens']} tokens of "
+            f"unedited context leave nothing to score in windows of evaluation.ppl_window "
+            f"({ev['ppl_window']}); lower it or raise ppl_window"
+        )
     pairs_scorer, scorer = config["dpo"]["pairs"]["scorer"], config["toxicity"]["scorer"]
     if pairs_scorer == scorer and not config["dpo"]["pairs"]["same_scorer"]:
         problems.append(

@@ -37,12 +37,23 @@ READS: dict[str, tuple[str, ...]] = {
     "tables": ("claims",),
     "figure": ("figures",),
 }
+_PPL = ("ppl_window", "ppl_batch_size", "ppl_positions", "ppl_variants", "ppl_context_tokens")
 # Keys inside a section read above that the rule does not use.
 SKIPS: dict[str, tuple[str, ...]] = {
     # The pairs are an input file of train_dpo; how they were made is make_pairs' business.
     "train_dpo": ("dpo.pairs",),
     # How sweep conditions are spread over jobs does not change a spec.
     "sweep_specs": ("sweeps.conditions_per_job",),
+    # The pairs keep the evaluation's prompts and texts out, the caches generate as it does;
+    # neither depends on how perplexity and the bootstrap are computed.
+    "make_pairs": tuple(
+        f"evaluation.{k}"
+        for k in (*_PPL, "batch_size", "stack_rows", "bootstrap_samples", "ci_level")
+    ),
+    "cache_activations": tuple(
+        f"evaluation.{k}"
+        for k in (*_PPL, "ppl_texts", "f1_texts", "stack_rows", "bootstrap_samples", "ci_level")
+    ),
 }
 
 

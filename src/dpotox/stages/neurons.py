@@ -348,6 +348,14 @@ def build_neuron_table(
     base, tok = load_prepared(base_model, device="cpu")
     dpo, _ = load_prepared(dpo_model, device="cpu")
     a_base, a_dpo = Adapter(base), Adapter(dpo)
+    if a_base.post_mlp_norm(0) is not None:
+        for v, p in (("base", base_acts), ("dpo", dpo_acts)):
+            if not meta[v].get("written"):
+                raise NeuronsError(
+                    f"{p} has no written activations (m times the post-MLP norm's scale), "
+                    f"which the {a_base.family.name} model's exact decomposition needs: it was "
+                    "cached by an older dpotox; rerun rule cache_activations"
+                )
     w, _ = load_probe(probe_path, a_base.d_model)
     mbar = {v: mean_activations(p) for v, p in (("base", base_acts), ("dpo", dpo_acts))}
     # Both decompositions: the configured one is the table, the pair is compared.

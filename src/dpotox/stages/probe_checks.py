@@ -44,7 +44,14 @@ from safetensors.torch import load_file
 from dpotox.engine.arch import Adapter
 from dpotox.io import write_json
 from dpotox.plan.conditions import INCREASED
-from dpotox.stages.neurons import sign_groups, top_cosine_neurons, unit, value_geometry
+from dpotox.stages.neurons import (
+    EXACT,
+    sign_groups,
+    table_decomposition,
+    top_cosine_neurons,
+    unit,
+    value_geometry,
+)
 from dpotox.stages.probe import (
     ProbeConfig,
     ProbeError,
@@ -59,12 +66,13 @@ log = logging.getLogger("dpotox")
 TOP_TOXIC = 256  # Lee et al. 2024's toxic neurons: the value vectors most aligned with w
 
 
-def _groups(base: Adapter, dpo: Adapter, w: torch.Tensor, mbar_base, mbar_dpo):
+def _groups(base: Adapter, dpo: Adapter, w: torch.Tensor, wbar_base, wbar_dpo, decomposition: str):
     """``(cos [L, d_mlp], group labels [L, d_mlp])`` under direction ``w``, as neuron_frame
-    groups them."""
-    gb, gd = value_geometry(base, w), value_geometry(dpo, w)
-    delta = mbar_base * gb.along - mbar_dpo * gd.along
-    groups = np.where(delta > 0, sign_groups(gb.cos, mbar_base), INCREASED)
+    groups them (the written means and vectors of the table's decomposition)."""
+    gb = value_geometry(base, w, decomposition)
+    gd = value_geometry(dpo, w, decomposition)
+    delta = wbar_base * gb.along - wbar_dpo * gd.along
+    groups = np.where(delta > 0, sign_groups(gb.cos, wbar_base), INCREASED)
     return gb.cos, groups
 
 
@@ -74,17 +82,19 @@ def group_stability(
     w: torch.Tensor,
     directions: torch.Tensor,
     neurons: pd.DataFrame,
+    decomposition: str = EXACT,
 ) -> dict[str, Any]:
-    """How much alignment, groups and the top toxic neurons move under the refit directions."""
+    """How much alignment, groups and the top toxic neurons move under the refit directions
+    (``decomposition``: the neuron table's, :func:`dpotox.stages.neurons.table_decomposition`)."""
     shape = (base.n_layers, base.d_mlp)
     if len(neurons) != shape[0] * shape[1]:
         raise ProbeError(
             f"the neuron table has {len(neurons)} rows but the model {shape[0]} x {shape[1]} "
             "neurons: it was built for another model; rerun rule neuron_table"
         )
-    mbar_base = neurons["mbar_base"].to_numpy().reshape(shape)
-    mbar_dpo = neurons["mbar_dpo"].to_numpy().reshape(shape)
-    cos, groups = _groups(base, dpo, w, mbar_base, mbar_dpo)
+    wbar_base = neurons["wbar_base"].to_numpy().reshape(shape)
+    wbar_dpo = neurons["wbar_dpo"].to_numpy().reshape(shape)
+    cos, groups = _groups(base, dpo, w, wbar_base, wbar_dpo, decomposition)
     if not np.array_equal(groups.ravel(), neurons["group"].to_numpy()):
         raise ProbeError(
             "the groups recomputed from the neuron table's mean activations differ from its "
@@ -94,7 +104,7 @@ def group_stability(
     top = set(top_cosine_neurons(cos, n_top))
     align, flips, overlap = [], [], []
     for wk in directions:
-        cos_k, groups_k = _groups(base, dpo, wk, mbar_base, mbar_dpo)
+        cos_k, groups_k = _groups(base, dpo, wk, wbar_base, wbar_dpo, decomposition)
         align.append(float(((cos_k > 0) != (cos > 0)).mean()))
         flips.append(float((groups_k != groups).mean()))
         overlap.append(len(top & set(top_cosine_neurons(cos_k, n_top))) / n_top)
@@ -190,13 +200,14 @@ def probe_checks(
     base, dpo = Adapter(base_m), Adapter(dpo_m)
     w, b = load_probe(probe_path, base.d_model)
     directions = load_file(str(bootstrap_path))["directions"]
-    neurons = pd.read_parquet(neurons_path, columns=["mbar_base", "mbar_dpo", "group"])
+    neurons = pd.read_parquet(neurons_path, columns=["wbar_base", "wbar_dpo", "group"])
+    decomposition = table_decomposition(neurons_path)
     evals = pd.read_parquet(base_eval)
     contrast = word_contrast(
         base, tok, sweeps.get("toxic_words", []), sweeps.get("neutral_words", [])
     )
     result = {
-        "stability": group_stability(base, dpo, w, directions, neurons),
+        "stability": group_stability(base, dpo, w, directions, neurons, decomposition),
         "cos_probe_free": float(unit(contrast) @ unit(w)),
         "continuations": continuation_check(base, tok, w, b, evals, pc),
         "cos_dpo_shift": dpo_shift_cosine(base, dpo, tok, w, evals, pc),

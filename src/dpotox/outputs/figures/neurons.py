@@ -221,7 +221,7 @@ def activation_shifts(axes: Sequence[Axes], t: Tables, *, legend: bool, shift_bi
     for v, style in ((lo, ":"), (hi, ":"), (shift.mean(), "-")):
         ax.axvline(v, color=OKABE_ITO["vermillion"], linestyle=style, linewidth=1)
     ax.set(
-        xlabel="activation shift, mean m after DPO - before (activation units)",
+        xlabel="activation shift, mean written m after DPO - before (activation units)",
         ylabel="neurons (log scale)",
         title=f"mean {shift.mean():.2g}, sd {shift.std():.2g}, 1-99%: [{lo:.2g}, {hi:.2g}]",
     )

@@ -63,8 +63,10 @@ EDIT_STYLES = {  # method -> (colour, marker, legend label)
     "edit-probe-cos": (OKABE_ITO["blue"], "o", "editing, probe, by |cos|"),
     "edit-probe-act": (OKABE_ITO["sky"], "s", "editing, probe, by ascending |activation|"),
     "edit-free-cos": (OKABE_ITO["orange"], "D", "editing, probe-free, by |cos|"),
+    "edit-probe-ref": (OKABE_ITO["vermillion"], "P", "editing, probe, the reference's order"),
     "edit-const-probe-ref": (OKABE_ITO["green"], "^", "editing to constants, the reference's"),
     "edit-const-probe-cos": (OKABE_ITO["purple"], "v", "editing to constants, by |cos|"),
+    "edit-const-probe-act": (OKABE_ITO["yellow"], "<", "editing to constants, by |activation|"),
 }
 PANEL_INCHES = (5.2, 3.6)  # width, height of one panel
 PROJ_UNIT = "residual-stream units"  # a dot product with the unit probe direction
