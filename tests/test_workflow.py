@@ -467,7 +467,10 @@ def test_paper_dag_plans_on_slurm(tmp_path):
         # each model's, and all four in one (a row each)
         **{name: 5 for name in FIGURES},
     }
-    assert len(conds["gpt2-medium"]) == 33 and "steer-probe-a30" in conds["gpt2-medium"]
+    # 33 of the papers' grids, 9 base-means controls (one per patch set), 5 constant edits
+    # (the reference's editing): 47.
+    assert len(conds["gpt2-medium"]) == 47 and "steer-probe-a30" in conds["gpt2-medium"]
+    assert "patch-four-groups-base-means" in conds["gpt2-medium"]
     # The GPU-hour estimate (bench/gpu_hours.py) reads the same plan, per rule and model.
     per_model = estimate_jobs(out)
     assert sum(n for (r, _), n in per_model.items() if r == "sweep") == sum(
@@ -503,7 +506,8 @@ def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     cfg = load_config(*E2E_CONFIG, check_paths=False)
     res = run_dir / "results" / "smollm2-135m"
     conds = sweep_conditions(cfg, "smollm2-135m")
-    assert len(conds) == 12
+    # 12 of the papers' kinds, a base-means control per patch set (5), one constant edit
+    assert len(conds) == 18
     summaries = {c: json.loads((res / "eval" / f"{c}.json").read_text()) for c in conds}
     for c, s in summaries.items():
         assert s["n_prompts"] == N_EVAL and s["evaluated_with"], c
@@ -512,6 +516,8 @@ def test_sweeps_and_tables_of_the_embedded_model(run_dir):
             assert s["n_edited_neurons"] > 0, c
     assert summaries["patch-four-groups-per-prompt"]["ppl_note"]  # no per-prompt wiki values
     assert summaries["patch-four-groups"]["log_ppl"] is not None
+    assert summaries["patch-four-groups"]["log_ppl_generation"] is not None
+    assert summaries["edit-const-probe-ref-b0.5-a0.5"]["spec_meta"]["projected_reduction"] != 0
     assert summaries["dpo-scale-keys-top7-x5"]["model_dir"].endswith("dpo/model")
     assert (res / "sweep" / "specs" / "interpretable_toxic.parquet").is_file()
     tables = run_dir / "results" / "tables" / "smollm2-135m"
