@@ -207,8 +207,17 @@ def evaluate_conditions(
             pairs_scores, pairs_tox, seconds2 = _toxicity(second, gen, ec, c.name)
             score_seconds += seconds2
         ppl_note, ppl = _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name)
+        # Without an edit confined to the generation positions (no spec, steering, value-vector
+        # ablation, weight edits) the position-0 placement is the every-position one: reuse it.
+        placement_free = spec is None or all(
+            getattr(e, "where", "all") != "generation" for e in spec.edits
+        )
         variants = {
-            v: _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name, positions=v)[1]
+            v: (
+                ppl
+                if v == "first" and ec.ppl_positions == "all" and placement_free
+                else _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name, positions=v)[1]
+            )
             for v in ec.ppl_variants
         }
         f1_mean = _f1(f1_run, j, c.name)
