@@ -9,9 +9,13 @@ edits act on all of these. Conditions that differ only from the last prompt toke
 the prefix pass (:func:`generate_many`). Rows are sorted by length before batching (less
 padding); results come back in the caller's order. Decoding is greedy (argmax; ties go to the
 lowest token id) or, with a temperature, sampled from the softmax of ``logits / temperature``
-with a generator seeded per batch (same prompts, seed and batch size: same samples). A row
-that emits an end-of-sequence token is finished and pads from then on, as Hugging Face
-``generate`` does.
+by inverse transform (one uniform draw per row against the row's cumulative distribution),
+with a generator seeded per batch (same prompts, seed and batch size: same samples).
+``torch.multinomial`` draws an exponential variate for every vocabulary entry of every row
+instead: with Gemma-3's 262,144 tokens that took more time than the model's forward pass.
+Several samples of one prompt (``n_samples``) share its prefill: the prefix runs once and its
+key-value cache is repeated, one block of rows per sample. A row that emits an
+end-of-sequence token is finished and pads from then on, as Hugging Face ``generate`` does.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ def generate(
     sort: bool = True,
     temperature: float = 0.0,
     seed: int = 0,
+    n_samples: int = 1,
     recorder: Recorder | None = None,
 ) -> Generation:
     """Continuations of tokenised ``prompts`` under ``spec``.
@@ -187,6 +192,9 @@ def generate(
         sort: batch prompts of similar length together (less padding, same tokens).
         temperature: 0 decodes greedily; above 0 samples at this temperature.
         seed: seeds the sampling generator (unused when greedy).
+        n_samples: continuations per prompt, sampled from one prefill of the prompt (needs a
+            temperature); the result then has ``n_samples`` rows per prompt, consecutive,
+            each with the prompt's id, and ``batch_size`` counts rows, not prompts.
         recorder: reads every layer's activations at the positions that produce the kept
             tokens (``ctx.active`` marks the rows still generating); see
             ``dpotox.stages.activations``.
@@ -202,6 +210,7 @@ def generate(
         sort=sort,
         temperature=temperature,
         seed=seed,
+        n_samples=n_samples,
         recorder=recorder,
     )[0]
 
@@ -219,6 +228,7 @@ def generate_many(
     sort: bool = True,
     temperature: float = 0.0,
     seed: int = 0,
+    n_samples: int = 1,
     recorder: Recorder | None = None,
     stack_rows: int = 512,
 ) -> list[Generation]:
@@ -237,6 +247,16 @@ def generate_many(
         raise ValueError(f"temperature must be 0 (greedy) or positive, not {temperature}")
     if recorder is not None and len(specs) != 1:
         raise ValueError("a recorder reads one condition; give one spec")
+    if n_samples < 1 or (n_samples > 1 and temperature == 0):
+        raise ValueError(
+            f"n_samples must be 1, or above 1 with a temperature (greedy samples are all the "
+            f"same), not {n_samples} at temperature {temperature}"
+        )
+    if n_samples > 1 and (recorder is not None or not all(_shares(s) for s in specs)):
+        raise ValueError(
+            "several samples share one prefill: give specs that leave the prefix unedited, "
+            "and no recorder"
+        )
     model = adapter.model
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -247,14 +267,14 @@ def generate_many(
         if sort
         else list(range(len(prompts)))
     )
-    batch_size = balanced_batch_size(len(order), batch_size)
+    batch_size = balanced_batch_size(len(order), max(1, batch_size // n_samples))
     stacks = _stacks(specs, min(batch_size, len(order)), stack_rows, temperature)
     # Hooks are checked and moved to the device once, and attached per batch.
     ctx = Context(prompt_ids=list(ids))
     hooks = [
         Hooks(adapter, spec, prompt_ids=list(ids), recorder=recorder, ctx=ctx) for spec in specs
     ]
-    outs: list[list[list[int]]] = [[[] for _ in prompts] for _ in specs]
+    outs: list[list[list[int]]] = [[[] for _ in range(len(prompts) * n_samples)] for _ in specs]
     seconds = [0.0] * len(specs)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -263,11 +283,13 @@ def generate_many(
         # Left padding shifts each row; positions count real tokens only.
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         width = input_ids.shape[1]
-        ctx.prompt_ids = [ids[i] for i in rows]
+        ctx.prompt_ids = [ids[i] for i in rows] * n_samples
         shared = None
         for stack in stacks:
             t0 = time.perf_counter()
-            k = len(stack)
+            # Blocks of n rows: one per stacked condition, or one per sample (never both:
+            # sampling does not stack).
+            k = len(stack) * n_samples
             # A cache allocated once for the whole continuation: a growing one copies every
             # layer's keys and values at each step (a tenth of the time at batch 128 on CPU).
             cache = StaticCache(config=model.config, max_cache_len=width + new_tokens)
@@ -284,7 +306,9 @@ def generate_many(
                         _restore(cache, shared, repeat=k)
             with ExitStack() as es:
                 for block, j in enumerate(stack):
-                    hooks[j].restrict(slice(block * n, (block + 1) * n) if k > 1 else slice(None))
+                    hooks[j].restrict(
+                        slice(block * n, (block + 1) * n) if len(stack) > 1 else slice(None)
+                    )
                     es.enter_context(hooks[j].attached())
                 rng = (
                     torch.Generator(device=device).manual_seed(seed + start)
@@ -307,9 +331,11 @@ def generate_many(
                     recorder=recorder,
                 )
             for block, j in enumerate(stack):
-                for row, toks in zip(rows, gen[block * n : (block + 1) * n], strict=True):
-                    outs[j][row] = _until_stop(toks, stops)
-                seconds[j] += (time.perf_counter() - t0) / k
+                for sample in range(n_samples):
+                    first = (block * n_samples + sample) * n
+                    for row, toks in zip(rows, gen[first : first + n], strict=True):
+                        outs[j][row * n_samples + sample] = _until_stop(toks, stops)
+                seconds[j] += (time.perf_counter() - t0) / len(stack)
             # Free the key-value cache before the next allocates its own: held over, two
             # caches (300 MB each for the embedded model at batch 128) coexist.
             del cache
@@ -318,14 +344,51 @@ def generate_many(
         h.restrict(slice(None))
     return [
         Generation(
-            list(ids),
-            [list(p) for p in prompts],
+            [pid for pid in ids for _ in range(n_samples)],
+            [list(p) for p in prompts for _ in range(n_samples)],
             out,
             tok.batch_decode(out, skip_special_tokens=True),
             secs,
         )
         for out, secs in zip(outs, seconds, strict=True)
     ]
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, rng: torch.Generator, *, block: int = 1024
+) -> torch.Tensor:
+    """One token per row of ``logits`` (rows x vocabulary), drawn from the softmax of
+    ``logits / temperature`` by inverse transform: the first token whose cumulative
+    probability exceeds a uniform draw scaled to the row's total.
+
+    The cumulative sum runs in two levels: over blocks of ``block`` tokens to find the block
+    the draw falls in, then within that block only, since a float64 cumulative sum over the
+    whole vocabulary is slow sequential work on every entry. At 128 rows and Gemma-3's
+    262,144 tokens a step takes about a tenth of ``torch.multinomial``'s 1.2 s
+    (``bench/pair_sampling.py``).
+    """
+    # Each pass over rows x vocabulary costs about 50 ms at Gemma-3's size (memory-bound), so
+    # the passes are few: one softmax (fused), one float32 block sum.
+    z = logits.float()
+    probs = torch.softmax(z if temperature == 1 else z / temperature, dim=-1)
+    rows, vocab = probs.shape
+    n_blocks = -(-vocab // block)
+    if n_blocks * block != vocab:
+        probs = torch.nn.functional.pad(probs, (0, n_blocks * block - vocab))
+    blocks = probs.view(rows, n_blocks, block)
+    # The block sums' float32 rounding (about 1e-7 of a block's mass) shifts a draw by far
+    # less than one token's share; the cumulative sums run in float64.
+    outer = blocks.sum(-1).double().cumsum(-1)
+    u = torch.rand((rows, 1), generator=rng, device=probs.device, dtype=torch.float64)
+    u = u * outer[:, -1:]
+    j = torch.searchsorted(outer, u, right=True).clamp(max=n_blocks - 1)
+    before = torch.where(j > 0, outer.gather(1, (j - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = blocks[torch.arange(rows, device=probs.device), j[:, 0]].double().cumsum(-1)
+    # Rounding can leave the remainder a hair above the block's own sum: keep it inside, so
+    # that a token of zero probability (after the block's last real one) is never drawn.
+    rest = torch.minimum(u - before, inner[:, -1:] * (1 - 1e-12))
+    k = torch.searchsorted(inner, rest, right=True).clamp(max=block - 1)
+    return (j[:, 0] * block + k[:, 0]).clamp(max=vocab - 1)
 
 
 def _stacks(
@@ -433,11 +496,7 @@ def _continue(
     generated = []
     for step in range(new_tokens):
         logits = res.logits[:, -1]
-        if rng is None:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=rng)[:, 0]
+        nxt = logits.argmax(-1) if rng is None else sample(logits, temperature, rng)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         generated.append(nxt)
         done |= torch.isin(nxt, stop)

@@ -164,21 +164,21 @@ def best_of_n(
     """``(pairs, all samples)`` by best-of-n sampling (see the module docstring)."""
     ids = prompts["id"].astype(str).tolist()
     tokens = encode_prompts(tok, prompts["text"].tolist(), ids, max_tokens=pc.prompt_tokens)
-    rep_ids = [f"{pid}#{k}" for pid in ids for k in range(pc.n_samples)]
-    rep_tokens = [t for t in tokens for _ in range(pc.n_samples)]
+    # Each prompt is prefilled once and its n continuations sampled from the shared cache.
     gen = generate(
         adapter,
         tok,
-        rep_tokens,
-        rep_ids,
+        tokens,
+        ids,
         new_tokens=pc.new_tokens,
         batch_size=pc.batch_size,
         temperature=pc.temperature,
         seed=pc.seed,
+        n_samples=pc.n_samples,
     )
     log.info(
         "sampled %d continuations (%d tokens) in %.1f s",
-        len(rep_ids),
+        len(gen.ids),
         gen.n_new_tokens,
         gen.seconds,
     )
