@@ -89,8 +89,20 @@ def test_base_means_controls():
     c = parse("patch-four-groups-base-means")
     assert c == Patching("four-groups", base_means=True) and c.means == Patching("four-groups")
     assert Patching("tp").control.name == "patch-tp-base-means"
-    with pytest.raises(SweepError, match="not both"):
+    with pytest.raises(SweepError, match="not several"):
         Patching("tp", per_prompt=True, base_means=True)
+    with pytest.raises(SweepError, match="not several"):
+        Patching("tp", base_means=True, fit="a")
+
+
+def test_cross_fitted_patch_names():
+    for half in ("a", "b", "cross"):
+        c = Patching("toxic-256").fitted(half)
+        assert parse(c.name) == c and c.means == Patching("toxic-256")
+    assert Patching("four-groups").fitted("cross").name == "patch-four-groups-cross-fit"
+    assert parse("patch-tp-fit-b") == Patching("tp", fit="b")
+    with pytest.raises(SweepError, match="unknown condition"):
+        parse("patch-tp-fit-c")
 
 
 def test_generation_only_ablations_join_when_asked():

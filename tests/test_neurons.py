@@ -8,7 +8,7 @@ import torch
 from tiny_models import D_MLP, D_MODEL, N_LAYERS, VOCAB, TokenIdTokenizer, dpo_like, tiny_model
 
 from dpotox.engine.arch import Adapter
-from dpotox.errors import NeuronsError
+from dpotox.errors import DpotoxError, NeuronsError
 from dpotox.outputs.neuron_stats import (
     activation_signs,
     cumulative_reduction,
@@ -24,11 +24,12 @@ from dpotox.outputs.neuron_stats import (
 )
 from dpotox.plan.conditions import GROUPS, INCREASED
 from dpotox.plan.outputs import NEURON_STATS as TABLES
-from dpotox.stages.activations import cache_generation, mean_activations
+from dpotox.stages.activations import cache_generation, mean_activations, prompt_means
 from dpotox.stages.neurons import (
     decomposition_frame,
     layer_frame,
     neuron_frame,
+    refit,
     sign_groups,
     top_cosine_neurons,
     toxic_ablation,
@@ -134,6 +135,22 @@ def test_projections_sum_to_the_mlp_output_along_the_probe(model, tmp_path, deco
     assert neurons.loc[neurons["rank_delta"] == 1, "delta"].item() == neurons["delta"].max()
     assert neurons.loc[neurons["rank_cos"] == 1, "cos"].item() == neurons["cos"].max()
     assert np.isclose(neurons["cos_base_dpo"], 1, atol=0.05).mean() > 0.9
+    # Refitted on every prompt, the table is the same; on half of them, its means are those
+    # prompts' position-weighted means and the rest follows from them.
+    again = refit(neurons, tmp_path / "base", tmp_path / "dpo", ids, decomposition)
+    pd.testing.assert_frame_equal(again, neurons, check_exact=False, rtol=1e-9, atol=1e-12)
+    half = ids[:3]
+    fitted = refit(neurons, tmp_path / "base", tmp_path / "dpo", half, decomposition)
+    for side in ("base", "dpo"):
+        got_ids, means, counts = prompt_means(tmp_path / side, 1, written=written)
+        keep = np.isin(got_ids, half)
+        want = counts[keep] @ means[keep] / counts[keep].sum()
+        np.testing.assert_allclose(fitted.loc[fitted["layer"] == 1, f"wbar_{side}"], want)
+    assert np.allclose(fitted["delta"], fitted["proj_base"] - fitted["proj_dpo"])
+    assert not np.allclose(fitted["delta"], neurons["delta"])
+    assert ((fitted["delta"] > 0) == (fitted["group"] != INCREASED)).all()
+    with pytest.raises(DpotoxError, match="holds no positions of prompts"):
+        refit(neurons, tmp_path / "base", tmp_path / "dpo", ["nope"], decomposition)
 
 
 def test_geometry_of_known_vectors():

@@ -15,15 +15,18 @@ from dpotox.engine.hooks import applied
 from dpotox.engine.spec import AddResidual, ScaleKeys, ScaleNeurons, SetNeurons
 from dpotox.errors import ConfigError
 from dpotox.plan.conditions import (
+    GROUPS,
+    HALVES,
     SweepError,
     SweepsConfig,
     chunks,
+    prompt_halves,
     spec_conditions,
     sweep_conditions,
 )
 from dpotox.plan.config import validate_config
 from dpotox.stages.activations import cache_generation, mean_activations, prompt_means
-from dpotox.stages.neurons import neuron_frame, value_cosines, value_geometry
+from dpotox.stages.neurons import neuron_frame, refit, value_cosines, value_geometry
 from dpotox.stages.sweeps import (
     edit,
     edit_selection,
@@ -68,6 +71,11 @@ def test_condition_names_follow_the_grids():
         "patch-tp",
         "patch-four-groups",
         "patch-toxic-8-per-prompt",
+        # cross_fit's default: the sets table_claims judges
+        "patch-toxic-8-fit-a",
+        "patch-toxic-8-fit-b",
+        "patch-four-groups-fit-a",
+        "patch-four-groups-fit-b",
         "patch-toxic-8-base-means",
         "patch-toxic-interpretable-base-means",
         "patch-tp-base-means",
@@ -87,6 +95,15 @@ def test_condition_names_follow_the_grids():
     unchecked = copy.deepcopy(cfg)
     unchecked["sweeps"].update(patch_toxic=[8], patch_sets=["tp"], per_prompt=["tp-an"])
     with pytest.raises(SweepError, match="sweeps.per_prompt.*'tp-an'.*toxic-8"):
+        sweep_conditions(unchecked, "m")
+    # An explicit cross_fit list: those sets only, each a set of the config.
+    assert [c for c in sweep_conditions(_cfg(cross_fit=["tp"]), "m") if "-fit-" in c] == [
+        "patch-tp-fit-a",
+        "patch-tp-fit-b",
+    ]
+    assert not [c for c in sweep_conditions(_cfg(cross_fit=[]), "m") if "-fit-" in c]
+    unchecked["sweeps"].update(per_prompt=[], cross_fit=["all"])
+    with pytest.raises(SweepError, match="sweeps.cross_fit.*'all'"):
         sweep_conditions(unchecked, "m")
     # Conditions on the DPO model get jobs of their own.
     a, b, c = "patch-tp", "patch-all", "steer-probe-a1"
@@ -242,6 +259,7 @@ def _spec(name, base_a, w, neurons, dpo_acts, sc=None, **kw):
         cos_free=kw.get("cos_free"),
         interpretable=kw.get("interpretable"),
         dpo_acts=dpo_acts,
+        fits=kw.get("fits"),
     )
 
 
@@ -286,6 +304,34 @@ def test_patching_sets_the_dpo_means_and_per_prompt_each_prompts_own(tables):
     assert [x.neurons.tolist() for x in control.edits] == [x.neurons.tolist() for x in spec.edits]
     want = tp[tp["layer"] == c.layer].sort_values("neuron")["mbar_base"].to_numpy()
     assert np.allclose(c.values.numpy(), want, atol=1e-6) and "control" in control.description
+
+
+def test_cross_fitted_patches_take_neurons_and_means_from_one_half(tables):
+    """patch-SET-fit-a/b: the set as the neuron table refitted on that half of the prompts
+    picks it, at that half's DPO means; the halves are the seeded ones the tables use."""
+    base_a, _, tok, prompts, ids, w, neurons, dpo_acts = tables
+    base_acts = dpo_acts.parent / "base"
+    halves = dict(zip(HALVES, prompt_halves(ids, 0), strict=True))
+    fits = {h: refit(neurons, base_acts, dpo_acts, halves[h]) for h in HALVES}
+    got = {}
+    for h in HALVES:
+        spec = _spec(f"patch-four-groups-fit-{h}", base_a, w, neurons, dpo_acts, fits=fits)
+        rows = fits[h][fits[h]["group"].isin(GROUPS)]
+        assert sum(e.neurons.numel() for e in spec.edits) == len(rows) > 0
+        for e in spec.edits:
+            want = rows[rows["layer"] == e.layer].sort_values("neuron")
+            assert e.neurons.tolist() == want["neuron"].tolist()
+            assert np.allclose(e.values.numpy(), want["mbar_dpo"].to_numpy(), atol=1e-6)
+        got[h] = {
+            (e.layer, int(n)): float(v) for e in spec.edits for n, v in zip(e.neurons, e.values)
+        }
+        # toxic-N: the same neurons (cos does not depend on prompts), the half's means.
+        top = _spec(f"patch-toxic-5-fit-{h}", base_a, w, neurons, dpo_acts, fits=fits)
+        plain = _spec("patch-toxic-5", base_a, w, neurons, dpo_acts)
+        assert [e.neurons.tolist() for e in top.edits] == [e.neurons.tolist() for e in plain.edits]
+    assert got["a"] != got["b"]
+    with pytest.raises(SweepError, match="not fitted on half a"):
+        _spec("patch-tp-fit-a", base_a, w, neurons, dpo_acts)
 
 
 def test_ablation_keys_steering_and_editing_specs(tables):

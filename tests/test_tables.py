@@ -27,9 +27,9 @@ IDS = [f"p{i}" for i in range(8)]
 def write_eval(d, condition, scores, **extra):
     """One condition's outputs as rule evaluate writes them: per-prompt Parquet + summary JSON."""
     scores = np.asarray(scores, dtype=float)
-    pd.DataFrame({"id": IDS[: len(scores)], "prompt": "x", "score": scores}).to_parquet(
-        d / f"{condition}.parquet", index=False
-    )
+    pd.DataFrame(
+        {"id": IDS[: len(scores)], "prompt": "x", "continuation": "a b", "score": scores}
+    ).to_parquet(d / f"{condition}.parquet", index=False)
     summary = {
         "condition": condition,
         "toxicity": float(scores.mean()),
@@ -442,7 +442,7 @@ def test_each_patch_is_followed_by_its_base_means_control():
 
 
 def test_prompt_halves_are_seeded_and_disjoint():
-    from dpotox.outputs.evals import prompt_halves
+    from dpotox.plan.conditions import prompt_halves
 
     ids = [f"p{i}" for i in range(11)]
     tune, held = prompt_halves(ids, 0)
@@ -464,3 +464,56 @@ def test_claims_without_the_generation_like_perplexity_are_not_evaluated(tmp_pat
     claims = _claims(d, tmp_path, ["base", "dpo", "edit-probe-cos-b0.5-a0.2"])
     assert claims.loc["DPO cuts toxicity at near-flat perplexity", "verdict"] == "not evaluated"
     assert claims.loc["editing beats DPO at similar perplexity", "verdict"] == "not evaluated"
+
+
+def test_cross_fitted_patch_scores_each_prompt_under_the_other_halfs_fit(tmp_path):
+    """patch-SET-cross-fit: fit-a's scores on the held-out half, fit-b's on the tuning half,
+    a row after the patch and its control, its own CI; C4 judges it (claims.held_out), the
+    single split without held_out."""
+    from dpotox.plan.conditions import prompt_halves
+
+    d = tmp_path / "eval"
+    d.mkdir()
+    noise = np.linspace(-0.02, 0.02, 8)
+    write_eval(d, "base", 0.5 + noise, **GOOD)
+    write_eval(d, "dpo", 0.1 + noise, **GOOD)
+    # In-sample the groups match DPO; fitted on one half and judged on the other they don't.
+    write_eval(d, "patch-four-groups", 0.1 + noise, **GOOD)
+    write_eval(d, "patch-four-groups-base-means", 0.45 + noise, **GOOD)
+    tune, held = prompt_halves(IDS, 0)
+    fit_a = np.where(np.isin(IDS, tune), 0.1, 0.3)  # good where fitted, poor elsewhere
+    fit_b = np.where(np.isin(IDS, held), 0.1, 0.35)
+    write_eval(d, "patch-four-groups-fit-a", fit_a, **{**GOOD, "log_ppl_generation": 3.1})
+    write_eval(d, "patch-four-groups-fit-b", fit_b, **{**GOOD, "log_ppl_generation": 3.3})
+    conds = [
+        "base",
+        "dpo",
+        "patch-four-groups",
+        "patch-four-groups-base-means",
+        "patch-four-groups-fit-a",
+        "patch-four-groups-fit-b",
+    ]
+    out = build(d, tmp_path, conds)
+    t2 = out["table2_interventions"].set_index("condition")
+    rows = list(t2.index)
+    x = "patch-four-groups-cross-fit"
+    assert rows[rows.index("patch-four-groups") :][:3] == [
+        "patch-four-groups",
+        "patch-four-groups-base-means",
+        x,
+    ]
+    assert "patch-four-groups-fit-a" not in rows
+    want = np.where(np.isin(IDS, held), fit_a, fit_b)
+    assert t2.loc[x, "toxicity"] == pytest.approx(want.mean())
+    assert t2.loc[x, "ci_low"] <= want.mean() <= t2.loc[x, "ci_high"]
+    assert t2.loc[x, "log_ppl_generation"] == pytest.approx(3.2)  # the two fits' mean
+    assert t2.loc[x, "label"] == (
+        "Patch four groups (cross-fitted: each half's fit on the other half)"
+    )
+    claims = _claims(d, tmp_path, conds)
+    four = claims.loc["the four groups together match or beat DPO"]
+    assert x in four["evidence"] and four["verdict"] == "does not hold"
+    assert four["value"] == pytest.approx(want.mean() - 0.1)
+    single = _claims(d, tmp_path, conds, held_out=False)
+    four = single.loc["the four groups together match or beat DPO"]
+    assert x not in four["evidence"] and four["verdict"] == "holds"

@@ -468,9 +468,11 @@ def test_paper_dag_plans_on_slurm(tmp_path):
         **{name: 5 for name in FIGURES},
     }
     # 33 of the papers' grids, 9 base-means controls (one per patch set), 5 constant edits
-    # (the reference's editing): 47.
-    assert len(conds["gpt2-medium"]) == 47 and "steer-probe-a30" in conds["gpt2-medium"]
+    # (the reference's editing), toxic-256, toxic-128 and the four groups fitted on each half
+    # of the prompts (6): 53.
+    assert len(conds["gpt2-medium"]) == 53 and "steer-probe-a30" in conds["gpt2-medium"]
     assert "patch-four-groups-base-means" in conds["gpt2-medium"]
+    assert "patch-toxic-128-fit-b" in conds["gpt2-medium"]
     # The GPU-hour estimate (bench/gpu_hours.py) reads the same plan, per rule and model.
     per_model = estimate_jobs(out)
     assert sum(n for (r, _), n in per_model.items() if r == "sweep") == sum(
@@ -506,8 +508,9 @@ def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     cfg = load_config(*E2E_CONFIG, check_paths=False)
     res = run_dir / "results" / "smollm2-135m"
     conds = sweep_conditions(cfg, "smollm2-135m")
-    # 12 of the papers' kinds, a base-means control per patch set (5), one constant edit
-    assert len(conds) == 18
+    # 12 of the papers' kinds, a base-means control per patch set (5), one constant edit,
+    # the four groups fitted on each half of the prompts (2)
+    assert len(conds) == 20
     summaries = {c: json.loads((res / "eval" / f"{c}.json").read_text()) for c in conds}
     for c, s in summaries.items():
         assert s["n_prompts"] == N_EVAL and s["evaluated_with"], c
@@ -524,7 +527,21 @@ def test_sweeps_and_tables_of_the_embedded_model(run_dir):
     for name in TABLES:
         assert (tables / f"{name}.md").read_text().strip(), name
     t2 = pd.read_csv(tables / "table2_interventions.csv")
-    assert {"base", "dpo", "patch-four-groups", "edit-probe-cos-b0.5-a0.2"} <= set(t2["condition"])
+    assert {
+        "base",
+        "dpo",
+        "patch-four-groups",
+        "patch-four-groups-cross-fit",
+        "edit-probe-cos-b0.5-a0.2",
+    } <= set(t2["condition"])
+    # The halves' fits differ, and table_claims judges the cross-fitted groups.
+    fits = [pd.read_parquet(res / "eval" / f"patch-four-groups-fit-{h}.parquet") for h in "ab"]
+    assert not fits[0]["continuation"].equals(fits[1]["continuation"])
+    claims = pd.read_csv(tables / "table_claims.csv").set_index("claim")
+    assert (
+        "patch-four-groups-cross-fit"
+        in claims.loc["the four groups together match or beat DPO", "evidence"]
+    )
     # The sweep job shares prefills between conditions; alone, the same continuations.
     alone = evaluate(
         model_dir=run_dir / "resources/models/smollm2-135m/base",

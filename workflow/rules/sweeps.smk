@@ -13,6 +13,7 @@ rule sweep_specs:
         model="resources/models/{model}/base",
         probe="results/{model}/probe/probe.safetensors",
         dpo_acts="results/{model}/activations/dpo",
+        base_acts="results/{model}/activations/base",
     output:
         specs=directory("results/{model}/sweep/specs"),
     log:

@@ -13,6 +13,7 @@ with rule_log(snakemake) as log:
         model_dir=smk.input.model,
         probe_path=smk.input.probe,
         dpo_acts=smk.input.dpo_acts,
+        base_acts=smk.input.base_acts,
         cfg=smk.params.cfg,
         conditions=smk.params.conditions,
         out_dir=out,

@@ -17,10 +17,11 @@ share of neurons, a Fisher interval for a correlation. One criterion style for a
   configured bounds of the base model's. A claim that would hold on a condition that fails it
   gets ``holds only for a broken model``; the ``quality`` column says what failed.
 
-A chosen condition (C5's least toxic editing point) is chosen on a seeded half of the
-evaluation prompts and its difference reported on the other half (``claims.held_out``; false
-chooses and reports on every prompt, as the papers did). The neuron groups themselves are still
-defined on every evaluation prompt's activations (cross-fitting them is not done yet).
+What is chosen is chosen on one seeded half of the evaluation prompts and reported on the
+other (``claims.held_out``; false chooses and reports on every prompt, as the papers did):
+C5's least toxic editing point, and the patched neurons with their DPO means, which C2 and C4
+take cross-fitted (``patch-SET-cross-fit``: each half's groups and means judged on the other
+half's prompts) wherever ``sweeps.cross_fit`` evaluated them.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dpotox.outputs.evals import condition_scores, paired_bootstrap, paired_scores, prompt_halves
-from dpotox.plan.conditions import Editing, ModelRun, Patching, try_parse
+from dpotox.outputs.evals import condition_scores, paired_bootstrap, paired_scores
+from dpotox.plan.conditions import Editing, ModelRun, Patching, prompt_halves, try_parse
 from dpotox.plan.config import section_settings
 
 FOUR, DPO, BASE = Patching("four-groups").name, ModelRun("dpo").name, ModelRun("base").name
+FOUR_CROSS = Patching("four-groups", fit="cross").name
 CLAIM_COLUMNS = ["claim", "paper", "evidence", "value", "ci_low", "ci_high", "verdict", "quality"]
 HOLDS, NOT_SIGNIFICANT, FAILS = "holds", "not significant", "does not hold"
 BROKEN, NOT_EVALUATED = "holds only for a broken model", "not evaluated"
@@ -97,10 +99,13 @@ def criteria(cc: ClaimsConfig) -> str:
         "that would hold on a condition failing it: `holds only for a broken model`. "
         + (
             "C5's choice (the least toxic editing point) is made on a seeded half of the "
-            "evaluation prompts and reported on the other half."
+            "evaluation prompts and reported on the other half; C2 and C4 take the patches "
+            "cross-fitted where evaluated (each half's neurons and DPO means on the other "
+            "half's prompts)."
             if cc.held_out
             else "C5's choice (the least toxic editing point) is made and reported on every "
-            "evaluation prompt (claims.held_out: false)."
+            "evaluation prompt, and C2 and C4 take the patches fitted on every prompt "
+            "(claims.held_out: false)."
         )
     )
 
@@ -233,8 +238,11 @@ def judge_claims(
                 [DPO],
             )
         )
-    # C2: table 3's recovered shares of the patch-toxic-* rows (means, not per-prompt).
+    # C2: table 3's recovered shares of the patch-toxic-* rows (means, not per-prompt),
+    # cross-fitted where they were.
     t3 = table3[table3["condition"].isin(rows) & table3["recovered_pct"].notna()]
+    crossed = t3["condition"].map(lambda c: getattr(try_parse(c), "fit", None) == "cross")
+    t3 = t3[crossed] if cc.held_out and crossed.any() else t3[~crossed]
     if len(t3):
         r = t3.loc[t3["recovered_pct"].idxmax()]
         d = (r["recovered_pct"], r["recovered_ci_low"], r["recovered_ci_high"])
@@ -264,16 +272,17 @@ def judge_claims(
             )
         )
     # C4: the four groups together match or beat DPO (one-sided margin).
-    if {FOUR, DPO} <= rows:
-        d = diff(FOUR, DPO)
+    four = FOUR_CROSS if cc.held_out and FOUR_CROSS in rows else FOUR
+    if {four, DPO} <= rows:
+        d = diff(four, DPO)
         out.append(
             row(
                 "C4",
-                f"toxicity, {FOUR} ({summ[FOUR]['toxicity']:.3f}) minus DPO "
+                f"toxicity, {four} ({summ[four]['toxicity']:.3f}) minus DPO "
                 f"({summ[DPO]['toxicity']:.3f})",
                 d,
                 within(*d, -math.inf, cc.equivalence_margin),
-                [FOUR],
+                [four],
             )
         )
     # C5: the least toxic probe-based editing within similar perplexity beats DPO.

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from dpotox.errors import TablesError
+from dpotox.plan.conditions import Patching, prompt_halves, try_parse
 
 SUMMARY_KEYS = (
     "condition",
@@ -30,8 +31,20 @@ SUMMARY_KEYS = (
 )
 
 
+def cross_fit_parts(condition: str) -> tuple[str, str] | None:
+    """``(fit-a, fit-b)`` condition names of a cross-fitted patch ``patch-SET-cross-fit``;
+    None for any other condition."""
+    p = try_parse(condition)
+    if isinstance(p, Patching) and p.fit == "cross":
+        return p.fitted("a").name, p.fitted("b").name
+    return None
+
+
 def load_summary(eval_dir: str | Path, condition: str) -> dict[str, Any]:
-    """The summary JSON of one condition, checked for every key the tables read."""
+    """The summary JSON of one condition, checked for every key the tables read; for a
+    cross-fitted patch, the summary :func:`cross_fit_summary` combines."""
+    if cross_fit_parts(condition):
+        return cross_fit_summary(Path(eval_dir), condition)
     path = Path(eval_dir) / f"{condition}.json"
     if not path.is_file():
         raise TablesError(
@@ -59,7 +72,11 @@ def load_summary(eval_dir: str | Path, condition: str) -> dict[str, Any]:
 
 
 def condition_scores(eval_dir: Path, condition: str) -> pd.Series:
-    """Per-prompt toxicity scores of one condition, indexed by prompt id."""
+    """Per-prompt toxicity scores of one condition, indexed by prompt id (a cross-fitted
+    patch's: each prompt scored under the fit of the other half)."""
+    if cross_fit_parts(condition):
+        table = cross_fit_table(Path(eval_dir), condition)
+        return pd.Series(table["score"].to_numpy(float), index=table["id"], name=condition)
     path = eval_dir / f"{condition}.parquet"
     if not path.is_file():
         raise TablesError(
@@ -122,10 +139,86 @@ def paired_scores(
     return np.column_stack([s.reindex(index).to_numpy() for s in series])
 
 
-def prompt_halves(ids: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """``(tuning, held-out)``: the prompt ids split in two by a permutation seeded with
-    ``seed`` (sorted first, so the split does not depend on the file's row order). A choice
-    (the best editing point) is made on the first half and reported on the second."""
-    order = [str(i) for i in np.random.default_rng(seed).permutation(sorted(map(str, ids)))]
-    half = len(order) // 2
-    return sorted(order[:half]), sorted(order[half:])
+def cross_fit_table(eval_dir: Path, condition: str) -> pd.DataFrame:
+    """The per-prompt rows of a cross-fitted patch: the prompts of the held-out half from
+    ``-fit-a`` (fitted on the tuning half) and those of the tuning half from ``-fit-b``, in
+    the order of ``-fit-a``'s file. The halves are :func:`prompt_halves` with the
+    evaluation's seed, as sweep_specs fitted them."""
+    fit_a, fit_b = cross_fit_parts(condition)
+    seed = int(load_summary(eval_dir, fit_a)["settings"]["seed"])
+    tables = {}
+    for c in (fit_a, fit_b):
+        path = eval_dir / f"{c}.parquet"
+        if not path.is_file():
+            raise TablesError(
+                f"{path} does not exist: the cross-fitted {condition} needs both fits' "
+                f"per-prompt scores; re-run rule evaluate for {c!r}"
+            )
+        tables[c] = pd.read_parquet(path).assign(id=lambda d: d["id"].astype(str))
+    ids = tables[fit_a]["id"].tolist()
+    if set(ids) != set(tables[fit_b]["id"]):
+        raise TablesError(
+            f"{eval_dir}: {fit_a}.parquet and {fit_b}.parquet hold different prompts; "
+            "evaluate both on the same prompts"
+        )
+    tune, held = prompt_halves(ids, seed)
+    parts = pd.concat(
+        [
+            tables[fit_a][tables[fit_a]["id"].isin(held)],
+            tables[fit_b][tables[fit_b]["id"].isin(tune)],
+        ]
+    )
+    return parts.set_index("id").loc[ids].reset_index()
+
+
+def cross_fit_summary(eval_dir: Path, condition: str) -> dict[str, Any]:
+    """The summary of a cross-fitted patch, in the keys of rule evaluate's: toxicity (both
+    scorers) with its bootstrap CI and the continuations' quality from the combined
+    per-prompt rows; log-perplexities, F1 and the neuron count are the mean of the two fits'
+    (their Wikipedia texts are no evaluation prompt, so neither fit was chosen on them)."""
+    from dpotox.engine.metrics import text_quality  # torch: only where a table needs it
+
+    parts = [load_summary(eval_dir, c) for c in cross_fit_parts(condition)]
+    table = cross_fit_table(eval_dir, condition)
+    first = parts[0]
+    boot = {
+        "samples": int(first["bootstrap_samples"]),
+        "level": float(first["ci_level"]),
+        "seed": int(first["settings"]["seed"]),
+    }
+
+    def ci(column: str) -> tuple[float, float, float]:
+        scores = table[column].to_numpy(float)[:, None]
+        return paired_bootstrap(scores, lambda m: m[..., 0], **boot)
+
+    def mean(key: str) -> float | None:
+        values = [p.get(key) for p in parts]
+        return None if any(v is None for v in values) else float(np.mean(values))
+
+    tox = ci("score")
+    pairs = ci("pairs_score") if "pairs_score" in table and first.get("pairs_scorer") else None
+    notes = [p.get(k) for p in parts for k in ("ppl_note",) if p.get(k)]
+    return {
+        **{k: v for k, v in first.items() if k in ("scorer", "pairs_scorer", "settings")},
+        "condition": condition,
+        "spec": None,
+        "description": f"{parts[0]['condition']} on the held-out half's prompts, "
+        f"{parts[1]['condition']} on the tuning half's",
+        "spec_meta": {},
+        "n_prompts": len(table),
+        "n_edited_neurons": int(round(np.mean([p["n_edited_neurons"] for p in parts]))),
+        "toxicity": tox[0],
+        "toxicity_ci_low": tox[1],
+        "toxicity_ci_high": tox[2],
+        "ci_level": boot["level"],
+        "bootstrap_samples": boot["samples"],
+        "pairs_toxicity": pairs[0] if pairs else None,
+        "pairs_toxicity_ci_low": pairs[1] if pairs else None,
+        "pairs_toxicity_ci_high": pairs[2] if pairs else None,
+        "frac_toxic": float((table["score"] >= 0.5).mean()),
+        **text_quality(table["continuation"].tolist()),
+        **{k: mean(k) for k in ("log_ppl", "log_ppl_generation", "log_ppl_first", "f1")},
+        "ppl_note": notes[0] if notes else None,
+        "f1_note": next((p["f1_note"] for p in parts if p.get("f1_note")), None),
+        "cross_fit": [p["condition"] for p in parts],
+    }

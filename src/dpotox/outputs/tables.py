@@ -111,6 +111,7 @@ def _toxic_top(c: Condition) -> bool:
         isinstance(c, Patching)
         and not c.per_prompt
         and not c.base_means
+        and c.fit is None
         and c.toxic_top is not None
     )
 
@@ -168,6 +169,7 @@ ROWS: dict[str, list[Row]] = {
         _toxic_top,
         Patching("toxic-interpretable"),
         Patching("four-groups"),
+        _kind(Patching, fit="cross"),
         _kind(Editing, direction="probe"),
         EDIT_FREE_COS,
     ],
@@ -198,6 +200,10 @@ def label(condition: str) -> str:
             return label(c.means.name) + " (per-prompt DPO activations)"
         case Patching(base_means=True) as c:
             return label(c.means.name) + " (control: base means)"
+        case Patching(fit="cross") as c:
+            return label(c.means.name) + " (cross-fitted: each half's fit on the other half)"
+        case Patching(fit=half) as c if half is not None:
+            return label(c.means.name) + f" (fitted on prompt half {half})"
         case Patching(neurons=s) as c:
             return (
                 f"Patch top {c.toxic_top} toxic neurons"
@@ -225,10 +231,23 @@ CONTROLLED = ("table1_ablation", "table2_interventions", "table3_toxic_neurons",
 
 
 def _controls(condition: str) -> tuple[str, ...]:
+    """The base-means control and the cross-fitted version of a plain DPO-means patch."""
     p = try_parse(condition)
-    if isinstance(p, Patching) and not p.per_prompt and not p.base_means:
-        return (p.control.name,)
+    if isinstance(p, Patching) and not p.per_prompt and not p.base_means and p.fit is None:
+        return (p.control.name, p.fitted("cross").name)
     return ()
+
+
+def cross_fitted(conditions: Iterable[str]) -> list[str]:
+    """The cross-fitted patches (``patch-SET-cross-fit``) whose two fits are among
+    ``conditions``: the tables add them as rows."""
+    conditions = set(conditions)
+    out = []
+    for c in conditions:
+        p = try_parse(c)
+        if isinstance(p, Patching) and p.fit == "a" and p.fitted("b").name in conditions:
+            out.append(p.fitted("cross").name)
+    return sorted(out)
 
 
 def select_rows(name: str, conditions: Iterable[str]) -> list[str]:
@@ -248,7 +267,8 @@ def select_rows(name: str, conditions: Iterable[str]) -> list[str]:
                 )
             ]
     if name in CONTROLLED:
-        # Each patch with DPO means is followed by its control, the same set at base means.
+        # Each patch with DPO means is followed by its control, the same set at base means,
+        # and its cross-fitted version.
         rows = [r for c in rows for r in (c, *_controls(c)) if r in conditions]
     if name == "table3_toxic_neurons":
         rows = [r for c in rows for r in (c, c + PER_PROMPT) if r in conditions]
@@ -556,6 +576,7 @@ def build_tables(
             f"n_neurons_total must be the model's number of MLP neurons, not {n_neurons_total}"
         )
     eval_dir, conditions = Path(eval_dir), list(dict.fromkeys(conditions))
+    conditions += cross_fitted(conditions)
     summ = {c: load_summary(eval_dir, c) for c in conditions}
     published = load_published(published_path)
     s0 = summ.get("base") or next(iter(summ.values()), None)

@@ -23,7 +23,11 @@ through these classes, never through its own pattern.
   ``increased``. ``patch-{set}-per-prompt``: each prompt's own DPO means instead (beyond the
   papers, which patched means); ``patch-{set}-base-means``: the control, the same set set to
   its *base* means, so that a table shows how much of a patch's effect is DPO's shift rather
-  than the replacement of live activations by constants (:class:`Patching`).
+  than the replacement of live activations by constants; ``patch-{set}-fit-{a|b}``: the set's
+  neurons and their DPO means taken from one half of the evaluation prompts only (a: the
+  tuning half, b: the held-out one), for cross-fitting; ``patch-{set}-cross-fit`` is what the
+  tables make of the two: each prompt scored under the fit of the other half
+  (:class:`Patching`).
 - ``steer-probe-a{alpha}``: subtract alpha times the unit probe direction from the last
   layer's residual output (:class:`Steering`).
 - ``edit-{probe|free}-{cos|act|ref}-b{beta}-a{alpha}``: activation editing (Yang et al.
@@ -167,14 +171,31 @@ class Patching(Condition):
     neurons: str
     per_prompt: bool = False
     base_means: bool = False
+    # "a" or "b": the neurons and means are fitted on that half of the evaluation prompts;
+    # "cross": the two fits combined, each on the other half's prompts (built by the tables
+    # from the two evaluations, never evaluated itself).
+    fit: Literal["a", "b", "cross"] | None = None
 
     def __post_init__(self) -> None:
-        if self.per_prompt and self.base_means:
-            raise SweepError("a patch is per-prompt (DPO activations) or base-means, not both")
+        if self.per_prompt + self.base_means + (self.fit is not None) > 1:
+            raise SweepError(
+                "a patch is one of per-prompt (DPO activations), base-means or fitted on a "
+                "half, not several"
+            )
 
     @property
     def name(self) -> str:
-        suffix = PER_PROMPT if self.per_prompt else BASE_MEANS if self.base_means else ""
+        suffix = (
+            PER_PROMPT
+            if self.per_prompt
+            else BASE_MEANS
+            if self.base_means
+            else CROSS_FIT
+            if self.fit == "cross"
+            else f"{FIT}{self.fit}"
+            if self.fit
+            else ""
+        )
         return f"patch-{self.neurons}{suffix}"
 
     @property
@@ -197,6 +218,11 @@ class Patching(Condition):
     def control(self) -> Patching:
         """The same set patched with its base means (the control of a DPO-means patch)."""
         return Patching(self.neurons, base_means=True)
+
+    def fitted(self, half: Literal["a", "b", "cross"]) -> Patching:
+        """The same set with neurons and means fitted on one half of the prompts (or the two
+        fits cross-combined)."""
+        return Patching(self.neurons, fit=half)
 
 
 @dataclass(frozen=True)
@@ -241,6 +267,9 @@ class Editing(Condition):
 
 PER_PROMPT = "-per-prompt"
 BASE_MEANS = "-base-means"
+FIT = "-fit-"
+CROSS_FIT = "-cross-fit"
+HALVES = ("a", "b")
 _PATCH_SETS = "|".join([r"toxic-\d+", "toxic-interpretable", "all", *map(re.escape, GROUP_SETS)])
 # One pattern per kind, and the only ones: each builds its Condition from the match.
 _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
@@ -254,8 +283,10 @@ _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
         lambda m: KeyScaling(int(m[1]), float(m[2])),
     ),
     (
-        re.compile(rf"patch-({_PATCH_SETS})({PER_PROMPT}|{BASE_MEANS})?"),
-        lambda m: Patching(m[1], m[2] == PER_PROMPT, m[2] == BASE_MEANS),
+        re.compile(
+            rf"patch-({_PATCH_SETS})(?:({PER_PROMPT}|{BASE_MEANS})|{FIT}([ab])|({CROSS_FIT}))?"
+        ),
+        lambda m: Patching(m[1], m[2] == PER_PROMPT, m[2] == BASE_MEANS, "cross" if m[4] else m[3]),
     ),
     (re.compile(rf"steer-probe-a({_NUM})"), lambda m: Steering(float(m[1]))),
     (
@@ -263,6 +294,19 @@ _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
         lambda m: Editing(m[2], m[3], float(m[4]), float(m[5]), "const" if m[1] else "scale"),
     ),
 ]
+
+
+def prompt_halves(ids: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """``(tuning, held-out)``: the prompt ids split in two by a permutation seeded with
+    ``seed`` (sorted first, so the split does not depend on the file's row order). A choice
+    (the best editing point) is made on the first half and reported on the second; a
+    cross-fitted patch (``patch-SET-fit-a``) is fitted on the first and judged on the second,
+    ``-fit-b`` the other way round."""
+    import numpy as np  # here: the Snakefile imports this module and plans without numpy
+
+    order = [str(i) for i in np.random.default_rng(seed).permutation(sorted(map(str, ids)))]
+    half = len(order) // 2
+    return sorted(order[:half]), sorted(order[half:])
 
 
 def parse(name: str) -> Condition:
@@ -276,7 +320,7 @@ def parse(name: str) -> Condition:
             return build(m)
     raise SweepError(
         f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-[pos-][gen-]N, "
-        "dpo-scale-keys-topK-xF, patch-SET[-per-prompt|-base-means], "
+        "dpo-scale-keys-topK-xF, patch-SET[-per-prompt|-base-means|-fit-a|-fit-b|-cross-fit], "
         "steer-probe-aALPHA or edit-[const-]{probe,free}-{cos,act,ref}-bBETA-aALPHA "
         "(see dpotox.plan.conditions)"
     )
@@ -316,6 +360,8 @@ class SweepsConfig:
         default_factory=lambda: ["tp", "tp-an", "tp-an-tn", "four-groups", "all", "increased"]
     )
     per_prompt: list[str] = field(default_factory=lambda: ["toxic-256", "tp", "four-groups"])
+    # None: the sets table_claims judges (every toxic-N of patch_toxic, and four-groups).
+    cross_fit: list[str] | None = None
     steer_alphas: list[float] = field(default_factory=lambda: [10, 20, 30])
     edit_probe: list[list[float]] = field(
         default_factory=lambda: [[0.5, 0.2], [0.8, 0.1], [0.8, 0.2]]
@@ -362,13 +408,12 @@ def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
     conds += [KeyScaling(sc.scale_keys_top, f) for f in sc.scale_keys_factors]
     sets = sc.patch_sets_all()
     conds += [Patching(s) for s in sets]
-    unknown = [p for p in sc.per_prompt if p not in sets]
-    if unknown:
-        raise SweepError(
-            f"config key 'sweeps.per_prompt': {unknown[0]!r} is not a patch set of "
-            f"this config; choose from {', '.join(sets)}"
-        )
-    conds += [Patching(s, per_prompt=True) for s in sc.per_prompt]
+    conds += [Patching(s, per_prompt=True) for s in _known_sets("per_prompt", sc.per_prompt, sets)]
+    if sc.cross_fit is None:
+        cross = [s for s in sets if Patching(s).toxic_top is not None or s == "four-groups"]
+    else:
+        cross = _known_sets("cross_fit", sc.cross_fit, sets)
+    conds += [Patching(s).fitted(h) for s in cross for h in HALVES]
     if sc.base_mean_controls:
         conds += [Patching(s, base_means=True) for s in sets]
     conds += [Steering(a) for a in sc.steer_alphas]
@@ -379,6 +424,17 @@ def sweep_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:
         conds += [Editing("probe", sel, b, a, "const") for b, a in sc.edit_constant]
     names = [c.name for c in conds]
     return list(dict.fromkeys(names))
+
+
+def _known_sets(key: str, names: Sequence[str], sets: Sequence[str]) -> list[str]:
+    """``names``, each checked to be one of the config's patch ``sets``."""
+    unknown = [p for p in names if p not in sets]
+    if unknown:
+        raise SweepError(
+            f"config key 'sweeps.{key}': {unknown[0]!r} is not a patch set of "
+            f"this config; choose from {', '.join(sets)}"
+        )
+    return list(names)
 
 
 def spec_conditions(cfg: Mapping[str, Any], model: str) -> list[str]:

@@ -32,7 +32,14 @@ READS: dict[str, tuple[str, ...]] = {
     "toxic_ablation_spec": ("neurons.decomposition",),
     "probe_checks": ("seed", "probe", "sweeps.toxic_words", "sweeps.neutral_words"),
     "neuron_stats": ("seed", "neurons"),
-    "sweep_specs": ("seed", "sweeps", "toxicity", "neurons.lens_final_gain"),
+    "sweep_specs": (
+        "seed",
+        "sweeps",
+        "toxicity",
+        "neurons.lens_final_gain",
+        # The seeded halves of the cross-fitted patches (the tables split with it too).
+        "evaluation.seed",
+    ),
     "sweep": ("seed", "evaluation", "toxicity", "dpo.pairs.scorer", "dpo.pairs.same_scorer"),
     "tables": ("claims",),
     "figure": ("figures",),

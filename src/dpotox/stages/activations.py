@@ -37,7 +37,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -401,20 +401,33 @@ def _layer_means(
     return ids, acts, counts
 
 
-def mean_activations(root: str | Path, *, written: bool = False) -> np.ndarray:
+def mean_activations(
+    root: str | Path, *, written: bool = False, prompts: Collection[str] | None = None
+) -> np.ndarray:
     """``[n_layers, d_mlp]`` float64: each neuron's activation averaged over every cached
     position of every prompt (per-prompt means weighted by their position counts).
 
     ``written``: average ``m * s`` instead, ``s`` the post-MLP norm's per-token scale, so that
     the means times :meth:`~dpotox.engine.arch.Adapter.written_vectors` sum to the layer's mean
     residual increment; the same as ``m`` for families without that norm.
+    ``prompts``: average over these prompts' positions only (cross-fitting: the means of one
+    half of the evaluation prompts); every id must be in the cache.
     """
     meta = read_meta(root)
     column = _column(meta, written)
     out = np.empty((meta["n_layers"], meta["d_mlp"]))
     for layer in range(meta["n_layers"]):
         # The cache was checked once above; each layer is only read.
-        _, acts, counts = _layer_means(root, meta, layer, column)
+        ids, acts, counts = _layer_means(root, meta, layer, column)
+        if prompts is not None:
+            keep = np.isin(np.asarray(ids, dtype=object), list(prompts))
+            missing = set(prompts) - set(ids)
+            if missing or not keep.any():
+                raise ActivationsError(
+                    f"{root} holds no positions of prompts {sorted(missing)[:3]}: the cache "
+                    "is of other evaluation prompts; rerun rule cache_activations"
+                )
+            acts, counts = acts[keep], counts[keep]
         out[layer] = counts @ acts / counts.sum()
     return out
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,44 @@ def neuron_frame(
     df["rank_delta"] = df["delta"].rank(ascending=False, method="first").astype(np.int64)
     df["rank_cos"] = df["cos"].rank(ascending=False, method="first").astype(np.int64)
     return df
+
+
+def refit(
+    neurons: pd.DataFrame,
+    base_acts: str | Path,
+    dpo_acts: str | Path,
+    prompts: Collection[str],
+    decomposition: str = EXACT,
+) -> pd.DataFrame:
+    """The neuron table as if only ``prompts`` had been evaluated (cross-fitting): the value
+    geometry (cosines, writes along the probe) is kept, and the mean activations, projections,
+    reductions, groups and ranks are recomputed from these prompts' cached positions.
+    ``neurons``: a table of :func:`neuron_frame` in layer-major order; ``decomposition``: the
+    one it was built under (:func:`table_decomposition`)."""
+    n_layers = int(neurons["layer"].max()) + 1
+    shape = (n_layers, len(neurons) // n_layers)
+
+    def col(name: str) -> np.ndarray:
+        return neurons[name].to_numpy(np.float64).reshape(shape)
+
+    def geometry(side: str) -> ValueGeometry:
+        cos = col("cos" if side == "base" else "cos_dpo")
+        return ValueGeometry(col(f"along_{side}"), col(f"norm_{side}"), cos, np.zeros(n_layers))
+
+    means = {}
+    for side, path in (("base", base_acts), ("dpo", dpo_acts)):
+        m = mean_activations(path, prompts=prompts)
+        written = decomposition == EXACT and read_meta(path).get("written", False)
+        means[side] = (m, mean_activations(path, written=True, prompts=prompts) if written else m)
+    return neuron_frame(
+        geometry("base"),
+        geometry("dpo"),
+        col("cos_base_dpo"),
+        means["base"][0],
+        means["dpo"][0],
+        means["base"][1],
+        means["dpo"][1],
+    )
 
 
 def layer_frame(base: ValueGeometry, dpo: ValueGeometry, neurons: pd.DataFrame) -> pd.DataFrame:

@@ -29,6 +29,7 @@ from dpotox.engine.spec import AddResidual, Intervention, ScaleKeys, ScaleNeuron
 # Snakefile plans with them.
 from dpotox.plan.conditions import (
     GROUP_SETS,
+    HALVES,
     SELECTIONS,
     Ablation,
     Editing,
@@ -38,10 +39,13 @@ from dpotox.plan.conditions import (
     SweepError,
     SweepsConfig,
     parse,
+    prompt_halves,
 )
 from dpotox.stages.activations import prompt_means, read_meta
+from dpotox.stages.evaluate import EvalConfig
 from dpotox.stages.neurons import (
     neuron_vectors,
+    refit,
     sign_groups,
     table_decomposition,
     toxic_ablation,
@@ -319,6 +323,7 @@ def build_specs(
     conditions: Sequence[str],
     out_dir: str | Path,
     judged_path: str | Path | None = None,
+    base_acts: str | Path | None = None,
 ) -> dict[str, int]:
     """Rule ``sweep_specs``: write ``{out_dir}/{condition}.json`` for every condition in
     ``conditions`` (names as :func:`spec_conditions` makes them); returns neurons per spec.
@@ -367,6 +372,23 @@ def build_specs(
             pool,
             scorer.name,
         )
+    fits = {}
+    halves_needed = sorted({c.fit for c in parsed if isinstance(c, Patching) and c.fit in HALVES})
+    if halves_needed:
+        if base_acts is None:
+            raise SweepError("cross-fitted patches (patch-SET-fit-a/b) need the base cache")
+        ids = prompt_means(dpo_acts, 0)[0]
+        halves = dict(
+            zip(HALVES, prompt_halves(ids, EvalConfig.from_config(cfg).seed), strict=True)
+        )
+        for h in halves_needed:
+            fits[h] = refit(neurons, base_acts, dpo_acts, halves[h], decomposition)
+            log.info(
+                "fit on half %s (%d prompts): %d neurons reduce their projection",
+                h,
+                len(halves[h]),
+                int((fits[h]["delta"] > 0).sum()),
+            )
     cos_free = None
     if any(isinstance(c, Editing) and c.direction == "free" for c in parsed):
         contrast = word_contrast(adapter, tok, sc.toxic_words, sc.neutral_words)
@@ -384,6 +406,7 @@ def build_specs(
             cos_free=cos_free,
             interpretable=interpretable,
             dpo_acts=dpo_acts,
+            fits=fits,
         )
         for c in conditions
     ]
@@ -410,8 +433,11 @@ def make_spec(
     cos_free: np.ndarray | None,
     interpretable: pd.DataFrame | None,
     dpo_acts: str | Path,
+    fits: Mapping[str, pd.DataFrame] | None = None,
 ) -> Intervention:
-    """The spec of one condition name (see :mod:`dpotox.plan.conditions`)."""
+    """The spec of one condition name (see :mod:`dpotox.plan.conditions`). ``fits``: the
+    neuron table refitted on each half of the prompts (:func:`~dpotox.stages.neurons.refit`),
+    for the cross-fitted patches."""
     match parse(name):
         case Ablation(n=n, positive=True) as c:
             rows = positive_toxic(neurons, n)
@@ -439,6 +465,21 @@ def make_spec(
                 ],
                 f"the DPO model with the key vectors of the {k} most toxic-aligned "
                 f"neurons scaled x{f:g}",
+            )
+        case Patching(neurons=set_name, fit=half) if half is not None:
+            if fits is None or half not in fits:
+                raise SweepError(
+                    f"condition {name}: the neuron table was not fitted on half {half}"
+                )
+            # The set's neurons as the half's table picks them, their values from that table
+            # (toxic-interpretable's judged rows carry the all-prompt means).
+            keys = patch_set(fits[half], set_name, interpretable)[["layer", "neuron"]]
+            rows = fits[half].merge(keys, on=["layer", "neuron"])
+            return patch(
+                name,
+                rows,
+                f"patch set {set_name} ({len(rows)} neurons) as fitted on half {half} of the "
+                "prompts, set to that half's DPO mean activations",
             )
         case Patching(neurons=set_name, per_prompt=per_prompt, base_means=base_means):
             rows = patch_set(neurons, set_name, interpretable)
