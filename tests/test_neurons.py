@@ -313,3 +313,7 @@ def test_decomposition_comparison_of_a_constructed_case():
     for d in ("naive", "exact"):
         shares = table.loc[[f"{g}: share of the reduction (%)" for g in GROUPS], d]
         assert shares.sum() == pytest.approx(100.0)
+    # C7 under each: the cosines were negated, so the correlation flips its sign.
+    r = table.loc["C7: Pearson r of the activation shift with cos"]
+    assert r["naive"] == pytest.approx(np.corrcoef(neurons["shift"], neurons["cos"])[0, 1])
+    assert r["exact"] == pytest.approx(-r["naive"]) and r["naive"] != 0

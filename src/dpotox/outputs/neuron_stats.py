@@ -129,9 +129,10 @@ def decomposition_comparison(decomp: pd.DataFrame, top: int) -> pd.DataFrame:
     """The naive decomposition (down_proj columns, as the papers) against the exact one (what
     the layer writes through a post-MLP norm), from ``decomposition.parquet``
     (:func:`dpotox.stages.neurons.decomposition_frame`): each group's neurons and share of the
-    total reduction, the share of neurons that reduce their projection, and how many of the
-    ``top`` most toxic-aligned neurons (by cosine) and of the ``top`` largest reductions the
-    two have in common. For a family without a post-MLP norm the two columns are equal."""
+    total reduction, the share of neurons that reduce their projection (table_claims' C3), the
+    correlation of the activation shift with the cosine (C7), and how many of the ``top`` most
+    toxic-aligned neurons (by cosine) and of the ``top`` largest reductions the two have in
+    common. For a family without a post-MLP norm the two columns are equal."""
     rows: list[tuple[str, float, float]] = []
     n = len(decomp)
     shares = {}
@@ -156,6 +157,12 @@ def decomposition_comparison(decomp: pd.DataFrame, top: int) -> pd.DataFrame:
                 else np.nan
             ),
         }
+        # table_claims' C7 under each decomposition (written by older dpotox: no shift).
+        if f"shift_{d}" in decomp:
+            shift, cos = decomp[f"shift_{d}"].to_numpy(float), decomp[f"cos_{d}"].to_numpy(float)
+            shares[d]["C7: Pearson r of the activation shift with cos"] = (
+                float(np.corrcoef(shift, cos)[0, 1]) if shift.std() and cos.std() else np.nan
+            )
     for q in shares["naive"]:
         rows.append((q, shares["naive"][q], shares["exact"][q]))
 

@@ -474,10 +474,19 @@ def build_neuron_table(
 
 
 def decomposition_frame(exact: pd.DataFrame, naive: pd.DataFrame) -> pd.DataFrame:
-    """One row per neuron: ``cos``, ``delta``, ``group`` and their ranks under each
-    decomposition (suffixes ``_exact``, ``_naive``), from two :func:`neuron_frame` tables of
-    the same models."""
-    cols = ["cos", "delta", "group", "edit_group", "rank_delta", "rank_cos", "proj_base"]
+    """One row per neuron: ``cos``, ``delta``, ``group``, their ranks and the activation
+    ``shift`` under each decomposition (suffixes ``_exact``, ``_naive``), from two
+    :func:`neuron_frame` tables of the same models."""
+    cols = [
+        "cos",
+        "delta",
+        "group",
+        "edit_group",
+        "rank_delta",
+        "rank_cos",
+        "proj_base",
+        "shift",
+    ]
     out = exact[["layer", "neuron"]].copy()
     for name, df in (("exact", exact), ("naive", naive)):
         for c in cols:
