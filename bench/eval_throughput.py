@@ -52,6 +52,15 @@ def patch_spec(adapter: Adapter, n: int, seed: int = 0) -> Intervention:
     return Intervention(f"patch-{n}", edits, f"{n} random neurons set to fixed values")
 
 
+def new_rows(gen: torch.Tensor, prompt_width: int, eos: int) -> list[list[int]]:
+    """Each row's generated ids after the (left-padded) prompt, up to and including EOS."""
+    out = []
+    for row in gen[:, prompt_width:].tolist():
+        cut = row.index(eos) + 1 if eos in row else len(row)
+        out.append(row[:cut])
+    return out
+
+
 def reference(
     adapter: Adapter,
     tok,
@@ -88,9 +97,7 @@ def reference(
                     max_new_tokens=new_tokens,
                     pad_token_id=tok.pad_token_id,
                 )
-            for row in gen[:, batch["input_ids"].shape[1] :].tolist():
-                cut = row.index(eos) + 1 if eos in row else len(row)
-                out.append(row[:cut])
+            out += new_rows(gen, batch["input_ids"].shape[1], eos)
     finally:
         for h in handles:
             h.remove()

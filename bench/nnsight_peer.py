@@ -27,7 +27,7 @@ import time
 
 import torch
 from _embedded import MODEL_DIR, embedded_prompts
-from eval_throughput import patch_spec
+from eval_throughput import new_rows, patch_spec
 
 from dpotox.engine.generate import greedy
 
@@ -62,9 +62,7 @@ def nnsight_generate(model_dir, tok, prompts, spec, *, new_tokens: int, batch_si
                 for e in spec.edits:
                     layers[e.layer].mlp.down_proj.input[:, -1, e.neurons] = e.values
             ids = tracer.result.save()
-        for row in ids[:, batch["input_ids"].shape[1] :].tolist():
-            cut = row.index(eos) + 1 if eos in row else len(row)
-            out.append(row[:cut])
+        out += new_rows(ids, batch["input_ids"].shape[1], eos)
     return out, time.perf_counter() - t0
 
 

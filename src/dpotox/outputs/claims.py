@@ -193,6 +193,13 @@ def fisher_ci(r: float, n: int, z: float = 1.959964) -> tuple[float, float]:
     return math.tanh(f - z * se), math.tanh(f + z * se)
 
 
+def shift_cos_r(shift: pd.Series, cos: pd.Series) -> float:
+    """C7's statistic: the Pearson r of the activation shift with the probe cosine over
+    neurons (NaN where either is constant)."""
+    x, y = shift.to_numpy(float), cos.to_numpy(float)
+    return float(np.corrcoef(x, y)[0, 1]) if x.std() and y.std() else math.nan
+
+
 def judge_claims(
     rows: list[str],
     summ: dict[str, dict],
@@ -374,8 +381,7 @@ def judge_claims(
         )
     if neurons is not None and len(neurons) > 3:
         # C7: Pearson r of the activation shift with the probe cosine, over neurons.
-        shift, cos = neurons["shift"].to_numpy(float), neurons["cos"].to_numpy(float)
-        r = float(np.corrcoef(shift, cos)[0, 1]) if shift.std() and cos.std() else math.nan
+        r = shift_cos_r(neurons["shift"], neurons["cos"])
         lo, hi = fisher_ci(r, len(neurons), z_of(float(boot.get("level", 0.95))))
         out.append(
             row(

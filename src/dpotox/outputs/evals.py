@@ -197,7 +197,6 @@ def cross_fit_summary(eval_dir: Path, condition: str) -> dict[str, Any]:
 
     tox = ci("score")
     pairs = ci("pairs_score") if "pairs_score" in table and first.get("pairs_scorer") else None
-    notes = [p.get(k) for p in parts for k in ("ppl_note",) if p.get(k)]
     return {
         **{k: v for k, v in first.items() if k in ("scorer", "pairs_scorer", "settings")},
         "condition": condition,
@@ -218,7 +217,6 @@ def cross_fit_summary(eval_dir: Path, condition: str) -> dict[str, Any]:
         "frac_toxic": float((table["score"] >= 0.5).mean()),
         **text_quality(table["continuation"].tolist()),
         **{k: mean(k) for k in ("log_ppl", "log_ppl_generation", "log_ppl_first", "f1")},
-        "ppl_note": notes[0] if notes else None,
-        "f1_note": next((p["f1_note"] for p in parts if p.get("f1_note")), None),
+        **{k: next((p[k] for p in parts if p.get(k)), None) for k in ("ppl_note", "f1_note")},
         "cross_fit": [p["condition"] for p in parts],
     }

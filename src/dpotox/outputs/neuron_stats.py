@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from dpotox.errors import NeuronsError
 from dpotox.io import atomic_path
+from dpotox.outputs.claims import shift_cos_r
 from dpotox.plan.conditions import GROUPS, INCREASED, Ablation
 from dpotox.plan.outputs import NEURON_STATS
 
@@ -159,9 +160,8 @@ def decomposition_comparison(decomp: pd.DataFrame, top: int) -> pd.DataFrame:
         }
         # table_claims' C7 under each decomposition (written by older dpotox: no shift).
         if f"shift_{d}" in decomp:
-            shift, cos = decomp[f"shift_{d}"].to_numpy(float), decomp[f"cos_{d}"].to_numpy(float)
-            shares[d]["C7: Pearson r of the activation shift with cos"] = (
-                float(np.corrcoef(shift, cos)[0, 1]) if shift.std() and cos.std() else np.nan
+            shares[d]["C7: Pearson r of the activation shift with cos"] = shift_cos_r(
+                decomp[f"shift_{d}"], decomp[f"cos_{d}"]
             )
     for q in shares["naive"]:
         rows.append((q, shares["naive"][q], shares["exact"][q]))
