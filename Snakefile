@@ -28,14 +28,24 @@ from dpotox.plan.checks import rows_needed
 from dpotox.plan.config import missing_paths, read_yaml, validate_config
 from dpotox.errors import ConfigError
 from dpotox.plan.resources import requests
+from dpotox.plan.alignment import (
+    DEFAULT_RUN,
+    RUN_PREFIX,
+    alignment_run,
+    alignment_runs,
+    run_overrides,
+    run_patches,
+)
 from dpotox.plan.conditions import (
     Ablation,
+    ModelRun,
     chunks,
     parse as parse_condition,
     spec_conditions,
     sweep_conditions,
     toxic_ablation,
     runs_dpo_model,
+    try_parse as try_parse_condition,
 )
 from dpotox.plan.params import rule_params
 from dpotox.plan.outputs import (
@@ -43,6 +53,7 @@ from dpotox.plan.outputs import (
     FIGURES,
     figure_files,
     figure_inputs,
+    method_table_files,
     neuron_stats_files,
     probe_table_files,
     result_table_files,
@@ -90,6 +101,7 @@ include: "workflow/rules/dpo.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/neurons.smk"
 include: "workflow/rules/sweeps.smk"
+include: "workflow/rules/methods.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/targets.smk"
 
@@ -104,4 +116,9 @@ rule all:
     default_target: True
     input:
         expand("results/{model}/MANIFEST.tsv", model=MODELS),
-        [f for s in FIGURE_SCOPES if s == ALL_MODELS for f in figure_files("results/figures", s)],
+        [
+            f
+            for s in FIGURE_SCOPES
+            if s == ALL_MODELS
+            for f in figure_files("results/figures", s, methods=bool(OTHER_RUNS))
+        ],

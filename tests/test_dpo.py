@@ -719,3 +719,82 @@ def test_an_early_stopped_run_is_not_continued(llama_dir, tmp_path):
     again, _, _ = run(llama_dir, tmp_path, **changes)
     assert again["resumed_from_step"] == 3 and again["steps"] == 3 and again["best_step"] == 1
     assert (out / "model.safetensors").read_bytes() == out_bytes
+
+
+# ---- other alignment methods (dpotox.stages.dpo.methods) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        dict(trainer="dpo", loss_type="ipo"),
+        dict(trainer="kto", loss_type="kto"),
+        dict(trainer="orpo"),
+        dict(trainer="cpo", loss_type="simpo", cpo_alpha=0.0, beta=2.0),
+    ],
+    ids=["ipo", "kto", "orpo", "simpo"],
+)
+def test_each_method_trains_and_writes_a_model_the_evaluation_loads(method, llama_dir, tmp_path):
+    """Every method goes through the same stage: the seeded split, validation and early
+    stopping, the atomic model folder with its training record, and the log."""
+    summary, table, (out, _, ckpt) = run(
+        llama_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2, **method
+    )
+    assert summary["steps"] == 4 and summary["best_step"] in (2, 4)
+    evals = table[table["split"] == "eval"]
+    assert evals["step"].tolist() == [2, 4] and evals["loss"].notna().all()
+    # The margin between chosen and rejected grows on these easy pairs, whatever the loss.
+    assert evals["rewards/margins"].iloc[-1] > evals["rewards/margins"].iloc[0]
+    model, tok = load_prepared(out)
+    meta = json.loads((out / "source.json").read_text())
+    assert meta["dpo"]["settings"]["trainer"] == method["trainer"]
+    assert meta["dpo"]["settings"]["loss_type"] == method.get("loss_type", "sigmoid")
+    base = load_prepared(llama_dir)[0]
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(model.state_dict()[name], base.state_dict()[name])
+    ids = tok("The neighbour said that you are", return_tensors="pt")
+    assert (
+        model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1]
+        == ids["input_ids"].shape[1] + 3
+    )
+    assert not ckpt.exists()
+
+
+def test_methods_cut_texts_to_the_budgets_before_their_trainers_tokenise():
+    from dpotox.stages.dpo.methods import budget_texts, unpaired
+
+    tok = small_tokenizer()
+    pairs = PAIRS.head(2)
+    cut = budget_texts(pairs, tok, max_prompt=3, max_completion=2)
+    for col, n, keep_end in (("prompt", 3, True), ("chosen", 2, False), ("rejected", 2, False)):
+        for full, short in zip(pairs[col], cut[col], strict=True):
+            ids = tok(full, add_special_tokens=False)["input_ids"]
+            want = ids[-n:] if keep_end else ids[:n]
+            assert tok(short, add_special_tokens=False)["input_ids"] == want
+    assert budget_texts(pairs, tok, 64, 64).equals(pairs[["prompt", "chosen", "rejected"]])
+    u = unpaired(pairs)
+    assert u["label"].tolist() == [True, False, True, False]
+    assert u["completion"].tolist()[:2] == [pairs["chosen"].iloc[0], pairs["rejected"].iloc[0]]
+
+
+def test_a_method_resumes_and_stops_early_as_dpo_does(llama_dir, tmp_path):
+    """KTO (unpaired, with a reference) through the interruption and the early stop of DPO's
+    tests: the resumed run ends where an uninterrupted one does; validation that only gets
+    worse stops the run and keeps the best model."""
+    kto = dict(trainer="kto", loss_type="kto", max_steps=4, eval_steps=2, save_steps=2)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        run(llama_dir, tmp_path, callbacks=[Interrupt(3)], **kto)
+    summary, table, (out, _, _) = run(llama_dir, tmp_path, **kto)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    straight, straight_table, _ = run(llama_dir, tmp_path, name="straight", **kto)
+    pd.testing.assert_series_equal(table["loss"], straight_table["loss"], rtol=1e-5)
+    stopped, stopped_table, _ = run(
+        llama_dir,
+        tmp_path,
+        name="stopped",
+        pairs=reversed_validation(),
+        **{**kto, "max_steps": 20, "early_stopping_patience": 1},
+    )
+    evals = stopped_table[stopped_table["split"] == "eval"]
+    assert stopped["stopped_early"] and stopped["steps"] < 20
+    assert stopped["best_step"] == int(evals.loc[evals["loss"].idxmin(), "step"])

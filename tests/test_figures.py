@@ -22,8 +22,10 @@ from dpotox.outputs.figures.style import (
     OKABE_ITO,
     figure_pixels,
 )
+from dpotox.outputs.methods import write_methods_tables
 from dpotox.outputs.neuron_stats import write_stats
 from dpotox.outputs.tables import build_tables
+from dpotox.plan.alignment import alignment_runs
 from dpotox.plan.outputs import FIGURES, TABLE_SOURCES, figure_files, figure_inputs
 from dpotox.stages.neurons import layer_frame, neuron_frame, value_geometry
 
@@ -93,6 +95,30 @@ def _write_model_tables(model: str, family: str, seed: int) -> None:
     build_tables(
         eval_dir, CONDITIONS, model, f"results/tables/{model}", n_neurons_total=N_LAYERS * D_MLP
     )
+    # A second alignment method, for the methods' figures: its own neuron table and evaluation.
+    runs = alignment_runs({"alignment": {"methods": {"dpo": {}, "kto": {"trainer": "kto"}}}})
+    other = neurons.assign(delta=neurons["delta"] * rng.uniform(0, 2, len(neurons)))
+    Path(f"{root}/align/kto").mkdir(parents=True)
+    other.to_parquet(f"{root}/align/kto/neurons.parquet")
+    write_eval(eval_dir, "align-kto", rng.uniform(0, 1, 8), log_ppl=3.1, f1=0.2)
+    models = {"dpo": Path(f"{root}/dpo/model"), "align-kto": Path(f"{root}/align/kto/model")}
+    patch_dirs = {"dpo": eval_dir, "align-kto": Path(f"{root}/align/kto/eval")}
+    patch_dirs["align-kto"].mkdir()
+    for d in patch_dirs.values():
+        write_eval(d, "patch-four-groups", rng.uniform(0, 1, 8))
+    for m in models.values():
+        m.mkdir(parents=True)
+        (m / "source.json").write_text('{"dpo": {"settings": {}, "steps": 4}}')
+    write_methods_tables(
+        runs,
+        eval_dir,
+        {"dpo": f"{root}/neurons.parquet", "align-kto": f"{root}/align/kto/neurons.parquet"},
+        models,
+        f"results/tables/{model}",
+        patches=["patch-four-groups"],
+        patch_dirs=patch_dirs,
+        bootstrap_samples=50,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +149,8 @@ def test_every_figure_for_one_model_and_for_all(name, tables_dir, monkeypatch):
         assert size == figure_pixels(len(models), n_cols, 60)
         _check_image(png, pdf, size)
         assert {f"{scope}/{name}.png", f"{scope}/{name}.pdf"} <= {
-            f.removeprefix("results/figures/") for f in figure_files("results/figures", scope)
+            f.removeprefix("results/figures/")
+            for f in figure_files("results/figures", scope, methods=True)
         }
 
 
@@ -179,6 +206,7 @@ def test_registry_reads_only_tables_of_earlier_stages():
                 "neuron_table",
                 "neuron_stats",
                 "tables",
+                "methods_tables",
             )
 
 

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from dpotox.plan.alignment import alignment_runs
 from dpotox.plan.conditions import chunks, sweep_conditions, toxic_ablation
 from dpotox.plan.config import load_config
 from dpotox.plan.estimate import planned_jobs as estimate_jobs
@@ -50,6 +51,28 @@ def snakemake(
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def slurm_dry_run(workdir: Path, *configfiles: Path) -> subprocess.CompletedProcess:
+    """`snakemake -n -p` with the SLURM profile and ``configfiles``; fails on a non-zero exit."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "-p",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(REPO / "profiles" / "slurm"),
+        "--configfile",
+        *map(str, configfiles),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
 
 
@@ -419,30 +442,48 @@ def test_missing_local_file_stops_a_real_run_before_any_job(tmp_path):
     assert "data.wiki[0].path" in proc.stdout + proc.stderr
 
 
+def test_methods_and_seeds_plan_per_run(tmp_path):
+    """config/methods.yaml: every other method and seed is trained, evaluated and cached as a
+    condition of its own and gets a neuron table; the methods' tables and figures come last.
+    DPO's jobs are the default's."""
+    extra = str(REPO / "config" / "methods.yaml")
+    jobs = planned_jobs(snakemake(tmp_path, "-n", configfiles=(*DEFAULT_CONFIG, extra)))
+    default = planned_jobs(snakemake(tmp_path, "-n"))
+    cfg = load_config(*DEFAULT_CONFIG, extra, check_paths=False)
+    others = len(alignment_runs(cfg)) - 1
+    assert others == 6  # ipo, kto, orpo, simpo, and DPO at two more seeds
+    assert jobs["train_aligned"] == jobs["neuron_table_aligned"] == others
+    assert jobs["evaluate"] == default["evaluate"] + others
+    assert jobs["cache_activations"] == default["cache_activations"] + others
+    assert jobs["methods_tables"] == jobs["methods_comparison"] == jobs["methods_layer_groups"] == 1
+    assert jobs["aligned_patch_specs"] == others
+    assert sum(v for k, v in jobs.items() if k.startswith("aligned_patches_")) == others
+    same = {"evaluate", "cache_activations"}
+    assert {k: v for k, v in jobs.items() if k in default and k not in same} == {
+        k: v for k, v in default.items() if k not in same
+    }
+    proc = snakemake(
+        tmp_path,
+        "-n",
+        "-p",
+        "results/tables/smollm2-135m/table_methods.csv",
+        configfiles=(*DEFAULT_CONFIG, extra),
+    )
+    out = proc.stdout + proc.stderr
+    kto = out.split("output: results/smollm2-135m/align/kto/model")[1].split("\n\n")[0]
+    assert "--method kto" in kto and "results/smollm2-135m/align/kto/checkpoints" in kto
+    assert "results/smollm2-135m/activations/align-dpo-seed2" in out
+    # DPO's patches are its sweeps'; the others' are evaluated in their folders.
+    assert "results/smollm2-135m/align/orpo/eval/patch-four-groups.json" in out
+
+
 def test_paper_dag_plans_on_slurm(tmp_path):
     """The papers' config plans with the SLURM profile on a machine without the hub or Jigsaw;
     a request one model overrides applies to that model only."""
     override = tmp_path / "override.yaml"
     override.write_text("models:\n  llama-3.1-8b:\n    resources: {cpus_per_task: 16}\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-n",
-        "-p",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(tmp_path),
-        "--profile",
-        str(REPO / "profiles" / "slurm"),
-        "--configfile",
-        str(REPO / "config" / "paper.yaml"),
-        str(override),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    proc = slurm_dry_run(tmp_path, REPO / "config" / "paper.yaml", override)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
     # prepare_data: prompts, wiki, probe_texts and pair_prompts (RTP's non-challenging prompts).
     cfg = load_config(REPO / "config" / "paper.yaml", check_paths=False)
     conds = {m: sweep_conditions(cfg, m) for m in cfg["models"]}
@@ -592,3 +633,24 @@ def test_figures_and_report_of_the_embedded_model(run_dir):
     for name in [*FIGURES, *STATS, *TABLES]:
         assert f"{name}.{'png' if name in FIGURES else 'csv'}" in html, name
     assert "System Message" not in html and "Yang et al. (2024)" in html
+
+
+def test_paper_dag_with_methods_plans_on_slurm(tmp_path):
+    """config/paper.yaml with config/methods.yaml: every model trains every run, each other
+    method with DPO's cluster requests (the 8B model's under FSDP on two GPUs)."""
+    proc = slurm_dry_run(tmp_path, REPO / "config" / "paper.yaml", REPO / "config" / "methods.yaml")
+    out = proc.stdout + proc.stderr
+    cfg = load_config(
+        REPO / "config" / "paper.yaml", REPO / "config" / "methods.yaml", check_paths=False
+    )
+    n_models, n_other = len(cfg["models"]), len(alignment_runs(cfg)) - 1
+    jobs = planned_jobs(proc)
+    assert jobs["train_dpo"] == n_models and jobs["train_aligned"] == n_models * n_other
+    assert jobs["methods_tables"] == n_models
+    block = out.split("output: results/llama-3.1-8b/align/orpo/model")[1].split("\n\n")[0]
+    assert "gpu=2" in block and "--num_processes 2" in block and "--method orpo" in block
+    # The GPU-hour estimate counts the other methods as DPO trainings.
+    per_model = estimate_jobs(out)
+    assert per_model[("train_dpo", "llama-3.1-8b")] == 1 + n_other
+    conds = sweep_conditions(cfg, "llama-3.1-8b")
+    assert per_model[("sweep", "llama-3.1-8b")] == len(conds) + n_other

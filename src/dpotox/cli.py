@@ -6,8 +6,8 @@ once per GPU.
     dpotox assets                                            # verify every embedded file
     dpotox inspect-model SOURCE [--check] [--dtype D] [--json]  # will dpotox run on it?
     dpotox profiles link|unlink [--repo DIR] [--warn-only]   # `--profile local|slurm` by name
-    dpotox train-dpo --model-name M --config-json '{...}' --base DIR --pairs FILE \
-        --out DIR --train-log FILE --checkpoints DIR [--device auto] [--log FILE]
+    dpotox train-dpo --model-name M --config-json '{...}' [--method dpo] --base DIR \
+        --pairs FILE --out DIR --train-log FILE --checkpoints DIR [--device auto] [--log FILE]
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def _train_dpo(args: argparse.Namespace) -> int:
         rule="train_dpo", wildcards={"model": args.model_name}, log=[args.log] if args.log else []
     )
     with rule_log(job) as log:
-        settings = DPOSettings.from_config(json.loads(args.config_json), args.model_name)
+        settings = DPOSettings.from_config(
+            json.loads(args.config_json), args.model_name, args.method
+        )
         pairs = read_pairs(args.pairs)
         log.info("read %d preference pairs from %s", len(pairs), args.pairs)
         summary = train_dpo(
@@ -150,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", required=True, help="the model's key under models:")
     p.add_argument(
         "--config-json", required=True, help="the config as JSON (at least seed, dpo, models)"
+    )
+    p.add_argument(
+        "--method",
+        default="dpo",
+        help="the method under alignment.methods (default: dpo, the papers' DPO)",
     )
     p.add_argument("--base", required=True, help="prepared base model folder")
     p.add_argument("--pairs", required=True, help="pairs Parquet file (make_pairs)")

@@ -6,6 +6,12 @@ import shlex
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 MODELS = list(config["models"])
+# The papers' DPO run first, then every other method and seed (dpotox.plan.alignment).
+ALIGNMENT_RUNS = alignment_runs(config)
+OTHER_RUNS = [r for r in ALIGNMENT_RUNS if not r.is_default]
+RUN_NAMES = [r.name for r in ALIGNMENT_RUNS]
+# What every run other than dpo patches at its own means (alignment.patch).
+RUN_PATCHES = run_patches(config)
 # pair_prompts and pairs are datasets only where the config names sources for them.
 DATASETS = ["prompts", "wiki", "probe_texts"] + [
     name for name in ("pair_prompts", "pairs") if config["data"][name]
@@ -18,6 +24,8 @@ SWEEP_CONDITIONS = sorted({c for m in MODELS for c in sweep_conditions(config, m
 
 wildcard_constraints:
     model="|".join(map(re.escape, MODELS)),
+    # An alignment run's folder under results/{model}/align (dpotox.plan.alignment).
+    run="|".join(re.escape(r.folder.removeprefix("align/")) for r in OTHER_RUNS) or "(?!)",
     dataset="|".join(DATASETS),
     condition=r"[A-Za-z0-9][A-Za-z0-9_.+=-]*",
 
@@ -56,7 +64,8 @@ def model_targets(model):
         *probe_table_files("results/tables", model),
         *neuron_stats_files("results/tables", model),
         *result_table_files("results/tables", model),
-        *figure_files("results/figures", model),
+        *figure_files("results/figures", model, methods=bool(OTHER_RUNS)),
+        *(method_table_files("results/tables", model) if OTHER_RUNS else []),
     ]
 
 
@@ -117,20 +126,57 @@ def model_resources(rule):
     return {name: request(name) for name in sorted(names)}
 
 
-# Conditions that are a model of their own rather than an intervention spec on the base model.
-MODEL_CONDITIONS = {"base": "resources/models/{model}/base", "dpo": "results/{model}/dpo/model"}
+def run_neuron_table(model, run):
+    """The neuron table of alignment run ``run``: DPO's is results/{model}/neurons.parquet, the
+    others' are in their folders (rule neuron_table_aligned)."""
+    root = f"results/{model}" if run.is_default else f"results/{model}/{run.folder}"
+    return f"{root}/neurons.parquet"
+
+
+def run_eval_dir(model, run):
+    """Where the patches of alignment run ``run`` are evaluated: DPO's sweeps write to
+    results/{model}/eval, the other runs' patch jobs to their folders."""
+    return f"results/{model}/eval" if run.is_default else f"results/{model}/{run.folder}/eval"
+
+
+def training_run(wildcards):
+    """The alignment run a training job trains: `dpo` (rule train_dpo) or the run of
+    results/{model}/align/{run} (rule train_aligned)."""
+    run = getattr(wildcards, "run", None)
+    return alignment_run(config, f"{RUN_PREFIX}{run}" if run else DEFAULT_RUN)
+
+
+def aligned_model(model, run):
+    """The model folder alignment run ``run`` (a name: dpo, align-kto...) writes."""
+    return f"results/{model}/{alignment_run(config, run).folder}/model"
+
+
+def train_params(wildcards):
+    """What one training run reads: the dpo section and the model's entry, with the run's
+    seed and its method's entry (dpotox.plan.alignment.run_overrides)."""
+    run = training_run(wildcards)
+    return {
+        **rule_params(config, "train_dpo", wildcards.model),
+        **run_overrides(config, run.name),
+    }
 
 
 def condition_model(wildcards):
-    """The model a condition runs: the DPO model for "dpo" and a spec on the DPO model
-    (dpotox.plan.conditions), else the base model (also for a hand-written spec)."""
-    key = "dpo" if runs_dpo_model(wildcards.condition) else "base"
-    return MODEL_CONDITIONS[key].format(model=wildcards.model)
+    """The model a condition runs: a trained model for a run's name (dpo, align-kto...), the
+    DPO model for a spec on it (dpotox.plan.conditions), else the base model (also for a
+    hand-written spec)."""
+    c = try_parse_condition(wildcards.condition)
+    if isinstance(c, ModelRun) and c.aligned:
+        return aligned_model(wildcards.model, c.name)
+    if runs_dpo_model(wildcards.condition):
+        return aligned_model(wildcards.model, DEFAULT_RUN)
+    return f"resources/models/{wildcards.model}/base"
 
 
 def condition_spec(wildcards):
-    """Conditions "base" and "dpo" are unmodified models; any other reads its spec file."""
-    if wildcards.condition in MODEL_CONDITIONS:
+    """A model of its own (base, dpo, align-...) has no spec; any other condition reads its
+    spec file."""
+    if isinstance(try_parse_condition(wildcards.condition), ModelRun):
         return []
     return [f"results/{wildcards.model}/specs/{wildcards.condition}.json"]
 

@@ -26,7 +26,9 @@ rule make_pairs:
 
 
 rule train_dpo:
-    """Fine-tune the base model on the pairs with TRL's DPOTrainer; resumes from a checkpoint.
+    """Fine-tune the base model on the pairs with TRL's DPOTrainer (the papers' DPO, the run
+    `dpo`); resumes from a checkpoint. Rule train_aligned below trains the other methods and
+    seeds of alignment.methods the same way.
 
     A shell rule, not a script, so that when the job gets more than one GPU the same command
     runs under `accelerate launch` with FSDP, one process per GPU (see docs/dpo.md).
@@ -47,7 +49,8 @@ rule train_dpo:
     resources:
         **model_resources("train_dpo"),
     params:
-        cfg=lambda wildcards: json.dumps(rule_params(config, "train_dpo", wildcards.model)),
+        cfg=lambda wildcards: json.dumps(train_params(wildcards)),
+        method=lambda wildcards: training_run(wildcards).method,
         device=lambda wildcards: config["models"][wildcards.model]["device"],
         launcher=dpo_launcher,
         # Kept outside the output folder, which Snakemake deletes before a job: an
@@ -55,6 +58,22 @@ rule train_dpo:
         checkpoint_dir="results/{model}/dpo/checkpoints",
     shell:
         "{params.launcher} train-dpo --model-name {wildcards.model:q} --config-json {params.cfg:q}"
-        " --base {input.model:q} --pairs {input.pairs:q} --out {output.model:q}"
-        " --train-log {output.log:q} --checkpoints {params.checkpoint_dir:q}"
-        " --device {params.device} > {log:q} 2>&1"
+        " --method {params.method:q} --base {input.model:q} --pairs {input.pairs:q}"
+        " --out {output.model:q} --train-log {output.log:q}"
+        " --checkpoints {params.checkpoint_dir:q} --device {params.device} > {log:q} 2>&1"
+
+
+use rule train_dpo as train_aligned with:
+    output:
+        model=directory("results/{model}/align/{run}/model"),
+        log="results/{model}/align/{run}/train_log.parquet",
+    log:
+        "logs/train_aligned/{model}/{run}.log",
+    benchmark:
+        "benchmarks/train_aligned/{model}/{run}.tsv"
+    params:
+        cfg=lambda wildcards: json.dumps(train_params(wildcards)),
+        method=lambda wildcards: training_run(wildcards).method,
+        device=lambda wildcards: config["models"][wildcards.model]["device"],
+        launcher=dpo_launcher,
+        checkpoint_dir="results/{model}/align/{run}/checkpoints",

@@ -82,6 +82,24 @@ rule neuron_table:
         "../scripts/neuron_table.py"
 
 
+use rule neuron_table as neuron_table_aligned with:
+    input:
+        base="resources/models/{model}/base",
+        dpo="results/{model}/align/{run}/model",
+        probe="results/{model}/probe/probe.safetensors",
+        base_acts="results/{model}/activations/base",
+        dpo_acts=f"results/{{model}}/activations/{RUN_PREFIX}{{run}}",
+    output:
+        neurons="results/{model}/align/{run}/neurons.parquet",
+        layers="results/{model}/align/{run}/layers.parquet",
+        tokens="results/{model}/align/{run}/value_vector_tokens.parquet",
+        decomposition="results/{model}/align/{run}/decomposition.parquet",
+    log:
+        "logs/neuron_table_aligned/{model}/{run}.log",
+    benchmark:
+        "benchmarks/neuron_table_aligned/{model}/{run}.tsv"
+
+
 rule neuron_stats:
     """The papers' statistics of the neuron table (Tables 5, 13, 14/15, 17, 18; data of
     Figs. 1a, 1b, 2b, 3) as CSV and markdown."""

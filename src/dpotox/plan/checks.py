@@ -93,6 +93,7 @@ def relation_problems(config: Mapping[str, Any]) -> list[str]:
     from dpotox.plan.conditions import SweepError, sweep_conditions
 
     problems: list[str] = []
+    problems += _alignment_problems(config)
     cluster = config["cluster"]
     if cluster["min_runtime"] > cluster["max_runtime"]:
         problems.append(
@@ -166,3 +167,43 @@ def rows_needed(config: Mapping[str, Any], dataset: str) -> tuple[int, str] | No
             "evaluation.n_prompts"
         )
     return None
+
+
+def _alignment_problems(config: Mapping[str, Any]) -> list[str]:
+    """The alignment runs can be named and every method's settings hold for every model."""
+    from dpotox.errors import ConfigError
+    from dpotox.plan.alignment import alignment_runs, methods_section, run_patches
+    from dpotox.plan.conditions import Patching, sweep_conditions, try_parse
+    from dpotox.plan.training import DPOSettings
+
+    try:
+        runs = alignment_runs(config)
+    except ConfigError as e:
+        return str(e).splitlines()[1:]
+    out = []
+    if len(runs) > 1:
+        for patch in run_patches(config):
+            c = try_parse(patch)
+            if not isinstance(c, Patching) or c.name != Patching(c.neurons).name:
+                out.append(
+                    f"config key 'alignment.patch': {patch.removeprefix('patch-')!r} is not a "
+                    "patch set (toxic-N, toxic-interpretable, tp, tp-an, tp-an-tn, four-groups, "
+                    "all, increased)"
+                )
+                continue
+            for model in config["models"]:
+                if patch not in sweep_conditions(config, model):
+                    out.append(
+                        f"config key 'alignment.patch': {patch} is not among model {model!r}'s "
+                        "sweep conditions, so DPO's row would have nothing to compare with; add "
+                        "the set to sweeps.patch_toxic or sweeps.patch_sets, or drop it here"
+                    )
+    for method in methods_section(config):
+        for model in config["models"]:
+            try:
+                DPOSettings.from_config(config, model, method)
+            except ConfigError as e:
+                msg = str(e).removeprefix("invalid DPO settings:").strip().lstrip("- ")
+                out.append(f"method {method!r}, model {model!r}: {msg}")
+                break
+    return out

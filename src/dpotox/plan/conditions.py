@@ -6,7 +6,8 @@ on one. Its name says what it does, and :func:`parse` turns a name into a typed
 part of dpotox that reads a name (the specs, the tables, the rule files, the tests) goes
 through these classes, never through its own pattern.
 
-- ``base``, ``dpo``: the models themselves (:class:`ModelRun`).
+- ``base``, ``dpo``: the models themselves; ``align-{method}[-seed{s}]``: the model another
+  alignment method (or another seed) trained (:class:`ModelRun`, :mod:`dpotox.plan.alignment`).
 - ``ablate-toxic-{n}``: zero the n value vectors most aligned with the probe, at every
   position, the prompt included (the papers zeroed the value vectors: Yang et al. 2024 workshop,
   Table 1 and Fig. 1a); ``ablate-toxic-pos-{n}``: the n most aligned among the neurons with a
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dpotox.errors import DpotoxError
+from dpotox.plan.alignment import RUN_NAME, RUN_PREFIX
 from dpotox.plan.config import section_settings
 
 # The four groups of Yang et al. (sign of cos x sign of the base activation) and the neurons
@@ -105,9 +107,10 @@ class Condition:
 
 @dataclass(frozen=True)
 class ModelRun(Condition):
-    """``base`` or ``dpo``: a model without an intervention."""
+    """``base``, ``dpo`` or an alignment run ``align-{method}[-seed{s}]``: a model without an
+    intervention."""
 
-    model: Literal["base", "dpo"]
+    model: str
 
     @property
     def name(self) -> str:
@@ -116,6 +119,11 @@ class ModelRun(Condition):
     @property
     def on_dpo_model(self) -> bool:
         return self.model == "dpo"
+
+    @property
+    def aligned(self) -> bool:
+        """Whether this is a trained model (DPO or another run), not the base model."""
+        return self.model != "base"
 
 
 @dataclass(frozen=True)
@@ -273,7 +281,7 @@ HALVES = ("a", "b")
 _PATCH_SETS = "|".join([r"toxic-\d+", "toxic-interpretable", "all", *map(re.escape, GROUP_SETS)])
 # One pattern per kind, and the only ones: each builds its Condition from the match.
 _GRAMMAR: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Condition]]] = [
-    (re.compile(r"base|dpo"), lambda m: ModelRun(m[0])),
+    (re.compile(rf"base|dpo|{RUN_PREFIX}{RUN_NAME.pattern}"), lambda m: ModelRun(m[0])),
     (
         re.compile(r"ablate-toxic-(pos-)?(gen-)?(\d+)"),
         lambda m: Ablation(int(m[3]), bool(m[1]), bool(m[2])),
@@ -319,7 +327,8 @@ def parse(name: str) -> Condition:
         if m := pattern.fullmatch(name):
             return build(m)
     raise SweepError(
-        f"unknown condition {name!r}: a condition is base, dpo, ablate-toxic-[pos-][gen-]N, "
+        f"unknown condition {name!r}: a condition is base, dpo, align-METHOD[-seedS], "
+        "ablate-toxic-[pos-][gen-]N, "
         "dpo-scale-keys-topK-xF, patch-SET[-per-prompt|-base-means|-fit-a|-fit-b|-cross-fit], "
         "steer-probe-aALPHA or edit-[const-]{probe,free}-{cos,act,ref}-bBETA-aALPHA "
         "(see dpotox.plan.conditions)"

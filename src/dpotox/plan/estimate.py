@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from dpotox.errors import DpotoxError
+from dpotox.plan.alignment import alignment_runs, run_patches
 from dpotox.plan.conditions import chunks, sweep_conditions
 from dpotox.plan.resources import GPU_RULES, ClusterConfig, gpu_plan, job_flops, rule_work
 
@@ -120,7 +121,10 @@ def planned_jobs(dry_run: str) -> Counter:
     model wildcard counts under model ``""``); the per-model sweep rules count as ``sweep``."""
     jobs: Counter = Counter()
     for m in _JOB.finditer(dry_run):
-        rule = "sweep" if re.fullmatch(r"sweep_\w+_\d+", m[1]) else m[1]
+        # The sweep chunks, and the patches of the other alignment runs, are rules per model.
+        rule = "sweep" if re.fullmatch(r"sweep_\w+_\d+|aligned_patches_\w+", m[1]) else m[1]
+        # Another alignment method trains as DPO does (at most a reference forward less).
+        rule = "train_dpo" if rule == "train_aligned" else rule
         model = re.search(r"wildcards: .*?\bmodel=([^,\n]+)", m[2])
         if rule == "sweep":  # a rule per model and chunk, without wildcards: its outputs say
             model = re.search(r"output: results/([^/]+)/", m[2])
@@ -154,7 +158,8 @@ def estimate(
             )
         job_cfg = cfg
         if rule == "sweep":  # the mean chunk: the planned jobs share the conditions
-            k = len(sweep_conditions(cfg, model)) / n
+            runs = len(alignment_runs(cfg)) - 1
+            k = (len(sweep_conditions(cfg, model)) + runs * len(run_patches(cfg))) / n
             job_cfg = _with_chunk(cfg, max(1, round(k)))
         plan = gpu_plan(rule, model, job_cfg)
         # Reading the weights does not scale with FLOPs: every job pays it on all its GPUs.

@@ -31,14 +31,20 @@ NEURON_STATS: dict[str, bool] = {
 }
 
 
-def neuron_stats_files(root: str, model: str) -> list[str]:
-    """Every file rule ``neuron_stats`` writes for ``model`` under ``root`` (results/tables)."""
+def _csv_and_md(root: str, model: str, tables: Mapping[str, object]) -> list[str]:
+    """``root/model/<name>.csv`` for every table, and ``.md`` beside it where its value is
+    truthy (a flag or a title)."""
     out = []
-    for name, md in NEURON_STATS.items():
+    for name, md in tables.items():
         out.append(f"{root}/{model}/{name}.csv")
         if md:
             out.append(f"{root}/{model}/{name}.md")
     return out
+
+
+def neuron_stats_files(root: str, model: str) -> list[str]:
+    """Every file rule ``neuron_stats`` writes for ``model`` under ``root`` (results/tables)."""
+    return _csv_and_md(root, model, NEURON_STATS)
 
 
 # Rule tables: name -> title
@@ -73,6 +79,21 @@ def probe_table_files(root: str, model: str) -> list[str]:
     return [f"{root}/{model}/{name}.{ext}" for name in PROBE_TABLES for ext in ("csv", "md")]
 
 
+# Rule methods_tables (where alignment.methods or alignment.seeds ask for more than DPO):
+# name -> title of its markdown twin, or None for CSV only (a figure's data).
+METHOD_TABLES: dict[str, str | None] = {
+    "table_methods": "Alignment methods side by side: toxicity, fluency, and how each moves the "
+    "neurons",
+    "table_method_seeds": "Spread across training seeds, and the stability of the neuron groups",
+    "table_methods_layers": None,
+}
+
+
+def method_table_files(root: str, model: str) -> list[str]:
+    """Every file rule ``methods_tables`` writes for ``model`` under ``root``."""
+    return _csv_and_md(root, model, METHOD_TABLES)
+
+
 ALL_MODELS = "all-models"  # the folder of the figures with a row of panels per model
 
 
@@ -91,6 +112,10 @@ TABLE_SOURCES: dict[str, tuple[str, str]] = {
         )
     },
     "table_editing_grid": ("results/tables/{model}/table_editing_grid.csv", "tables"),
+    **{
+        name: (f"results/tables/{{model}}/{name}.csv", "methods_tables")
+        for name in ("table_methods", "table_methods_layers")
+    },
 }
 
 
@@ -107,6 +132,8 @@ class FigureSpec:
     draw: str
     n_cols: int = 1
     options: Sequence[str] = field(default_factory=tuple)
+    #: Drawn only where the config trains more than DPO (alignment.methods, alignment.seeds).
+    methods: bool = False
 
 
 _NEURON_COLS = (
@@ -213,13 +240,46 @@ FIGURES: dict[str, FigureSpec] = {
             "editing:editing_tradeoff",
             n_cols=2,
         ),
+        FigureSpec(
+            "methods_comparison",
+            "Alignment methods: toxicity, the neurons that carry the reduction, and patching them",
+            "ours (the papers' claims C2-C4, Tables 3 and 5, for each method)",
+            {
+                "table_methods": (
+                    "run",
+                    "toxicity",
+                    "toxicity_ci_low",
+                    "toxicity_ci_high",
+                    "pct_reducing",
+                    *(f"share_{g}" for g in ("TP", "TN", "AP", "AN")),
+                )
+            },
+            "methods:methods_comparison",
+            n_cols=4,
+            methods=True,
+        ),
+        FigureSpec(
+            "methods_layer_groups",
+            "Per-layer toxicity reduction by neuron group, each alignment run",
+            "ours (the papers' Fig. 3 for each method)",
+            {"table_methods_layers": ("run", "layer", "TP", "TN", "AP", "AN")},
+            "methods:layer_groups",
+            n_cols=4,
+            methods=True,
+        ),
     )
 }
 
 
-def figure_files(root: str, scope: str) -> list[str]:
-    """Every file the figure rules write for ``scope`` (a model, or :data:`ALL_MODELS`)."""
-    return [f"{root}/{scope}/{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")]
+def figure_files(root: str, scope: str, methods: bool = False) -> list[str]:
+    """Every file the figure rules write for ``scope`` (a model, or :data:`ALL_MODELS`); the
+    alignment-methods figures only if ``methods``."""
+    return [
+        f"{root}/{scope}/{name}.{ext}"
+        for name, spec in FIGURES.items()
+        if methods or not spec.methods
+        for ext in ("png", "pdf")
+    ]
 
 
 def figure_inputs(name: str, model: str) -> dict[str, str]:

@@ -42,6 +42,7 @@ READS: dict[str, tuple[str, ...]] = {
     ),
     "sweep": ("seed", "evaluation", "toxicity", "dpo.pairs.scorer", "dpo.pairs.same_scorer"),
     "tables": ("claims",),
+    "methods_tables": ("seed", "alignment"),
     "figure": ("figures",),
 }
 _PPL = ("ppl_window", "ppl_batch_size", "ppl_positions", "ppl_variants", "ppl_context_tokens")

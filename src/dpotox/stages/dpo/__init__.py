@@ -1,6 +1,7 @@
 """DPO fine-tuning of a prepared model on preference pairs (Yang et al. 2025, App. C).
 
-Three modules, one concern each: :mod:`.settings` (the ``dpo`` config section, checked),
+Three modules, one concern each: :mod:`dpotox.plan.training` (the settings of a training
+run, checked: the planner checks them before any job),
 :mod:`.trainer` (TRL's trainer with what the papers need added; it imports TRL, so it is
 imported only when training starts) and :mod:`.run` (the stage: claim or resume the
 checkpoints, train, publish the model folder and the log).
@@ -43,8 +44,8 @@ writes the run marker, the final model folder and the log.
 """
 
 from dpotox.errors import DPOError
+from dpotox.plan.training import DPOSettings, accumulation_per_process
 from dpotox.stages.dpo.run import RUN_MARKER, checkpoints, log_table, split_pairs, train_dpo
-from dpotox.stages.dpo.settings import DPOSettings, accumulation_per_process
 
 __all__ = [
     "RUN_MARKER",

@@ -22,8 +22,8 @@ import pandas as pd
 
 from dpotox.errors import DPOError
 from dpotox.io import PARTIAL, atomic_dir, write_json, write_parquet
+from dpotox.plan.training import DPOSettings
 from dpotox.sources.models import resolve_device
-from dpotox.stages.dpo.settings import DPOSettings
 
 _log = logging.getLogger("dpotox")
 
@@ -221,7 +221,8 @@ def train_dpo(
     callbacks: Sequence[Any] = (),
     keep_checkpoints: bool = False,
 ) -> dict[str, Any]:
-    """Fine-tune the prepared model in ``model_dir`` with DPO on ``pairs``; write the best model.
+    """Fine-tune the prepared model in ``model_dir`` on ``pairs`` with DPO or the alignment
+    method ``settings.trainer`` names (:mod:`.methods`); write the best model.
 
     ``pairs`` needs text columns ``prompt``, ``chosen``, ``rejected`` (others are ignored); a
     seeded split holds out ``settings.validation_fraction`` of them for validation. Training
@@ -281,7 +282,8 @@ def train_dpo(
             checkpoint_dir.rmdir()  # only if nothing else is in it
     summary.setdefault("seconds", round(time.time() - t0, 1))
     logger.info(
-        "DPO done: %d steps%s, best validation loss %s at step %s, %.1f s",
+        "%s done: %d steps%s, best validation loss %s at step %s, %.1f s",
+        _label(settings),
         summary["steps"],
         " (stopped early)" if summary["stopped_early"] else "",
         round(summary["best_eval_loss"], 4) if summary["best_eval_loss"] is not None else None,
@@ -289,6 +291,11 @@ def train_dpo(
         summary["seconds"],
     )
     return summary
+
+
+def _label(settings: DPOSettings) -> str:
+    """How the log names the method: ``DPO (sigmoid)``, ``KTO (kto)``, ``CPO (simpo)``."""
+    return f"{settings.trainer.upper()} ({settings.loss_type})"
 
 
 def _claim(
@@ -316,8 +323,9 @@ def _log_start(
     logger: logging.Logger,
 ) -> None:
     logger.info(
-        "DPO on %s: %d train / %d validation pairs, device %s%s, %s lr %.3g, beta %.3g, "
+        "%s on %s: %d train / %d validation pairs, device %s%s, %s lr %.3g, beta %.3g, "
         "kl_weight %.3g, effective batch %d (%d pairs x %d accumulated x %d processes)",
+        _label(settings),
         model_dir,
         n_train,
         n_val,

@@ -18,8 +18,8 @@ import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 from trl import DPOTrainer
 
+from dpotox.plan.training import DPOSettings, accumulation_per_process
 from dpotox.sources.models import load_prepared, resolve_device
-from dpotox.stages.dpo.settings import DPOSettings, accumulation_per_process
 
 _log = logging.getLogger("dpotox")
 
@@ -389,15 +389,14 @@ class _LogProgress(TrainerCallback):
             )
 
 
-def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
+def training_args(settings: DPOSettings, checkpoint_dir: Path, device: str) -> dict[str, Any]:
+    """The Trainer arguments every method shares: optimiser and schedule, batches, validation
+    and early stopping, checkpoints, logging, seeds and device."""
     from accelerate import PartialState
-    from trl import DPOConfig
 
     cuda = device.startswith("cuda")
-    return DPOConfig(
+    return dict(
         output_dir=str(checkpoint_dir),
-        beta=settings.beta,
-        loss_type=["sigmoid"],
         learning_rate=settings.learning_rate,
         # The DPO reference implementation warms up linearly, then holds the rate; a decay tied
         # to the epoch count would make early stopping change the schedule.
@@ -413,9 +412,6 @@ def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
         max_grad_norm=settings.max_grad_norm,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
-        # Prompt and completion budgets are applied per part in _prepare_dataset; TRL's own
-        # max_length would drop pairs whose untruncated prompt is long.
-        max_length=None,
         eval_strategy="steps",
         eval_steps=settings.eval_steps,
         save_strategy="steps",
@@ -433,7 +429,7 @@ def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
         seed=settings.seed,
         data_seed=settings.seed,
         use_cpu=device == "cpu",
-        # DPOConfig defaults bf16 to True, which on a CPU means bf16 autocast: say it explicitly.
+        # TRL's configs default bf16 to True, which on a CPU means bf16 autocast: say it.
         bf16=cuda and torch.cuda.is_bf16_supported(),
         fp16=False,
         # Recomputation trades time for memory: worth it for large models on a GPU only. (The
@@ -441,6 +437,31 @@ def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
         activation_checkpointing=cuda,
         dataloader_num_workers=0,
     )
+
+
+def dpo_config(settings: DPOSettings, checkpoint_dir: Path, device: str):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **training_args(settings, checkpoint_dir, device),
+        beta=settings.beta,
+        loss_type=[settings.loss_type],
+        # Prompt and completion budgets are applied per part in _prepare_dataset; TRL's own
+        # max_length would drop pairs whose untruncated prompt is long.
+        max_length=None,
+    )
+
+
+def callbacks_for(
+    settings: DPOSettings, logger: logging.Logger | None, extra: Sequence[TrainerCallback]
+) -> list[TrainerCallback]:
+    """Early stopping, a checkpoint at every better validation, progress lines, then ``extra``."""
+    return [
+        EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience),
+        _SaveOnImprovement(),
+        _LogProgress(logger or _log, max(1, min(settings.eval_steps, 10))),
+        *extra,
+    ]
 
 
 def make_trainer(
@@ -454,14 +475,28 @@ def make_trainer(
     callbacks: Sequence[TrainerCallback] = (),
     logger: logging.Logger | None = None,
 ):
-    """A ready trainer: policy (float32 master weights, training mode) and a frozen reference,
-    both loaded from the prepared folder ``model_dir``, on the ``prompt``/``chosen``/``rejected``
-    columns of ``train`` and ``validation``. Texts are joined as ``prompt + completion``,
-    so a completion carries its own leading space."""
+    """A ready trainer of ``settings.trainer``: for DPO, a policy (float32 master weights,
+    training mode) and a frozen reference, both loaded from the prepared folder ``model_dir``,
+    on the ``prompt``/``chosen``/``rejected`` columns of ``train`` and ``validation``; the other
+    trainers come from :mod:`.methods`. Texts are joined as ``prompt + completion``, so a
+    completion carries its own leading space."""
     import datasets
     from transformers.trainer_callback import PrinterCallback
 
     device = resolve_device(device)
+    if settings.trainer != "dpo":
+        from dpotox.stages.dpo.methods import make_method_trainer
+
+        trainer = make_method_trainer(
+            model_dir,
+            train,
+            validation,
+            settings,
+            args=training_args(settings, Path(checkpoint_dir), device),
+            callbacks=callbacks_for(settings, logger, callbacks),
+        )
+        trainer.remove_callback(PrinterCallback)
+        return trainer
     # The optimizer updates float32 weights even when the prepared model is half precision;
     # on a GPU bf16 autocast supplies the speed.
     with quiet_progress_bars():
@@ -484,12 +519,7 @@ def make_trainer(
             train_dataset=train_ds,
             eval_dataset=val_ds,
             processing_class=tok,
-            callbacks=[
-                EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience),
-                _SaveOnImprovement(),
-                _LogProgress(logger or _log, max(1, min(settings.eval_steps, 10))),
-                *callbacks,
-            ],
+            callbacks=callbacks_for(settings, logger, callbacks),
             kl_weight=settings.kl_weight,
             kl=settings.kl,
             max_prompt_length=settings.max_prompt_length,

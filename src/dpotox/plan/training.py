@@ -1,4 +1,9 @@
-"""The ``dpo`` section of the config for one model, checked: :class:`DPOSettings`."""
+"""The training settings of one model and one alignment method, checked: :class:`DPOSettings`.
+
+The ``dpo`` section holds the settings every method shares (optimizer, schedule, budgets, early
+stopping); ``alignment.methods.<method>`` picks the TRL trainer and overrides any of them
+(:mod:`dpotox.plan.alignment`).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,44 @@ import numpy as np
 from dpotox.errors import ConfigError, DPOError
 from dpotox.plan.config import model_setting
 
+# TRL 1.16's loss types per trainer (DPOConfig.loss_type, CPOConfig.loss_type).
+DPO_LOSSES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
+)  # fmt: skip
+CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
+# Settings that only DPO's trainer has (the papers' KL term); another trainer ignores the
+# dpo section's values and refuses them in its own entry.
+_DPO_ONLY = ("kl_weight", "kl", "precompute_ref_log_probs")
+# What every trainer takes from the dpo section: optimisation, budgets, validation, checkpoints.
+_SHARED = (
+    "learning_rate", "optimizer", "warmup_steps", "batch_size", "gradient_accumulation_steps",
+    "eval_batch_size", "max_prompt_length", "max_completion_length", "max_length",
+    "max_grad_norm", "epochs", "max_steps", "eval_steps", "early_stopping_patience",
+    "validation_fraction", "save_steps",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class DPOSettings:
-    """The ``dpo`` section of the config (without ``dpo.pairs``), for one model.
+    """The training settings of one alignment method for one model: the ``dpo`` section
+    (without ``dpo.pairs``) under the method's own entry of ``alignment.methods``.
 
     Defaults follow Yang et al. 2025, App. C; the schema holds the same defaults and bounds.
     Construction checks the bounds and the relations the schema cannot express.
     """
 
+    #: TRL trainer: ``dpo`` (DPOTrainer with the KL term below; its ``loss_type`` gives IPO,
+    #: robust DPO, hinge...), ``kto`` (KTOTrainer: each pair's chosen text a desirable example
+    #: and its rejected text an undesirable one), ``orpo`` (ORPOTrainer: no reference model),
+    #: ``cpo`` (CPOTrainer: no reference model; SimPO is ``loss_type: simpo``).
+    trainer: Literal["dpo", "kto", "orpo", "cpo"] = "dpo"
+    #: The trainer's loss: for ``dpo`` one of TRL's DPO losses (``sigmoid`` is the papers'
+    #: DPO, ``ipo`` IPO); for ``cpo`` ``sigmoid``, ``hinge``, ``ipo``, ``simpo``, ``alphapo``;
+    #: for ``kto`` ``kto`` or ``apo_zero_unpaired``; ``orpo`` has one loss (``sigmoid``).
+    loss_type: str = "sigmoid"
+    #: Temperature of the preference loss (DPO's beta; IPO's regularisation tau; ORPO's
+    #: lambda, the weight of its odds-ratio term; SimPO's reward scale).
     beta: float = 0.1
     #: Weight of the KL penalty added to the DPO loss; 0 = plain DPO.
     kl_weight: float = 0.05
@@ -62,6 +96,13 @@ class DPOSettings:
     #: Run the reference model once over every pair before training and free it, rather than
     #: once per micro-batch: one forward pass per step instead of two, no reference in GPU memory.
     precompute_ref_log_probs: bool = False
+    #: SimPO's target reward margin (``cpo`` with ``loss_type: simpo``).
+    simpo_gamma: float = 0.5
+    #: Weight of CPO's behaviour-cloning NLL term; 0 for pure SimPO.
+    cpo_alpha: float = 1.0
+    #: KTO's weights of the desirable (chosen) and undesirable (rejected) examples.
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,11 +116,31 @@ class DPOSettings:
         def bad(name: str, rule: str) -> None:
             out.append(f"config key 'dpo.{name}': got {getattr(self, name)!r}, expected {rule}")
 
-        for name in ("beta", "learning_rate", "max_grad_norm"):
+        for name in (
+            "beta",
+            "learning_rate",
+            "max_grad_norm",
+            "desirable_weight",
+            "undesirable_weight",
+        ):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 bad(name, "a number > 0")
         if not _is_number(self.kl_weight) or self.kl_weight < 0:
             bad("kl_weight", "a number >= 0")
+        for name in ("simpo_gamma", "cpo_alpha"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "a number >= 0")
+        losses = {
+            "dpo": DPO_LOSSES,
+            "cpo": CPO_LOSSES,
+            "kto": ("kto", "apo_zero_unpaired"),
+            "orpo": ("sigmoid",),
+        }
+        if self.trainer not in losses:
+            bad("trainer", f"one of {', '.join(losses)}")
+        elif self.loss_type not in losses[self.trainer]:
+            allowed = ", ".join(losses[self.trainer])
+            bad("loss_type", f"for trainer {self.trainer}, one of {allowed}")
         if not _is_number(self.validation_fraction) or not 0 < self.validation_fraction < 1:
             bad("validation_fraction", "a number in (0, 1)")
         if self.optimizer not in ("rmsprop", "adamw"):
@@ -130,9 +191,11 @@ class DPOSettings:
         return out
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], model: str) -> DPOSettings:
-        """Settings for ``model``: ``dpo.*`` with ``models.<model>.dpo.kl_weight/learning_rate``
-        overriding, and the top-level ``seed``. Keys missing from ``dpo`` take the defaults.
+    def from_config(cls, config: Mapping[str, Any], model: str, method: str = "dpo") -> DPOSettings:
+        """Settings of ``method`` for ``model``: the defaults, under ``dpo.*``, under
+        ``models.<model>.dpo.kl_weight/learning_rate``, under ``alignment.methods.<method>``;
+        the top-level ``seed``. A method whose trainer is not ``dpo`` takes from the ``dpo``
+        section only the shared settings, not DPO's loss, KL term or reference precompute.
 
         Raises:
             ConfigError: an unknown key, or a value out of range (the message names the key).
@@ -143,13 +206,32 @@ class DPOSettings:
                 f"{', '.join(config.get('models', {})) or 'none'}"
             )
         defaults = {f.name: f.default for f in fields(cls)}
+        settable = sorted(set(defaults) - {"seed", "trainer"})
         section = {k: v for k, v in (config.get("dpo") or {}).items() if k != "pairs"}
-        unknown = sorted(set(section) - set(defaults) - {"seed"})
+        unknown = sorted(set(section) - set(settable) - {"seed"})
         if unknown:
             raise ConfigError(
                 f"unknown key(s) {', '.join(map(repr, unknown))} under 'dpo'; "
-                f"allowed: {', '.join(sorted(set(defaults) - {'seed'}))}, pairs"
+                f"allowed: {', '.join(settable)}, pairs"
             )
+        methods = (config.get("alignment") or {}).get("methods") or {}
+        entry = dict(methods.get(method) or {})
+        unknown = sorted(set(entry) - set(settable) - {"trainer"})
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(map(repr, unknown))} under "
+                f"'alignment.methods.{method}'; allowed: trainer, {', '.join(settable)}"
+            )
+        trainer = entry.get("trainer", "dpo")
+        if trainer != "dpo":
+            section = {k: v for k, v in section.items() if k in _SHARED}
+            refused = sorted(set(entry) & set(_DPO_ONLY))
+            if refused:
+                raise ConfigError(
+                    f"config key(s) {', '.join(f'alignment.methods.{method}.{k}' for k in refused)}"
+                    f": only DPO's trainer has the KL term; trainer {trainer} has none, "
+                    "remove the key(s)"
+                )
         section = {**{k: v for k, v in defaults.items() if k != "seed"}, **section}
         per_model = config["models"][model].get("dpo") or {}
         merged = {"models": config["models"], "dpo": section}
@@ -162,8 +244,21 @@ class DPOSettings:
                     f"config key 'models.{model}.dpo.{key}': got "
                     f"{per_model[key]!r}, expected {rule}"
                 )
-            section[key] = model_setting(merged, model, "dpo", key)
-        return cls(**section, seed=config.get("seed", 0))
+            if trainer == "dpo" or key in _SHARED:
+                section[key] = model_setting(merged, model, "dpo", key)
+        if trainer == "kto" and "loss_type" not in entry:
+            entry["loss_type"] = "kto"
+        if trainer != "dpo":
+            section["kl_weight"] = 0.0  # the record says what ran: no KL term
+        section.update(entry)
+        try:
+            return cls(**section, seed=config.get("seed", 0))
+        except ConfigError as e:
+            # Name the key where the value came from: the method's entry over the dpo section.
+            text = str(e)
+            for key in entry:
+                text = text.replace(f"'dpo.{key}'", f"'alignment.methods.{method}.{key}'")
+            raise ConfigError(text) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
