@@ -456,7 +456,7 @@ def test_methods_and_seeds_plan_per_run(tmp_path):
     assert jobs["evaluate"] == default["evaluate"] + others
     assert jobs["cache_activations"] == default["cache_activations"] + others
     assert jobs["methods_tables"] == jobs["methods_comparison"] == jobs["methods_layer_groups"] == 1
-    assert jobs["aligned_patch_specs"] == others
+    assert jobs["aligned_patch_specs"] == jobs["neuron_stats_aligned"] == others
     assert sum(v for k, v in jobs.items() if k.startswith("aligned_patches_")) == others
     same = {"evaluate", "cache_activations"}
     assert {k: v for k, v in jobs.items() if k in default and k not in same} == {

@@ -66,6 +66,12 @@ def model_targets(model):
         *result_table_files("results/tables", model),
         *figure_files("results/figures", model, methods=bool(OTHER_RUNS)),
         *(method_table_files("results/tables", model) if OTHER_RUNS else []),
+        # The papers' statistics of every other run's neuron table (rule neuron_stats_aligned).
+        *[
+            f
+            for r in OTHER_RUNS
+            for f in neuron_stats_files("results/tables", f"{model}/{r.folder}")
+        ],
     ]
 
 

@@ -121,3 +121,18 @@ rule neuron_stats:
         cfg=lambda wildcards: rule_params(config, "neuron_stats", wildcards.model),
     script:
         "../scripts/neuron_stats.py"
+
+
+use rule neuron_stats as neuron_stats_aligned with:
+    input:
+        neurons="results/{model}/align/{run}/neurons.parquet",
+        layers="results/{model}/align/{run}/layers.parquet",
+        tokens="results/{model}/align/{run}/value_vector_tokens.parquet",
+        decomposition="results/{model}/align/{run}/decomposition.parquet",
+        ablated=f"results/{{model}}/activations/{Ablation(config['neurons']['ablate_top_n'])}",
+    output:
+        reported_tables(neuron_stats_files("results/tables", "{model}/align/{run}"), "neuron_stats"),
+    log:
+        "logs/neuron_stats_aligned/{model}/{run}.log",
+    benchmark:
+        "benchmarks/neuron_stats_aligned/{model}/{run}.tsv"
