@@ -33,8 +33,8 @@ from dpotox.plan.alignment import (
     RUN_PREFIX,
     alignment_run,
     alignment_runs,
-    run_overrides,
     run_patches,
+    training_config,
 )
 from dpotox.plan.conditions import (
     Ablation,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dpotox.errors import ConfigError
-from dpotox.plan.alignment import alignment_run, alignment_runs, run_overrides
+from dpotox.plan.alignment import alignment_run, alignment_runs, trained_method, training_config
 from dpotox.plan.conditions import ModelRun, parse, runs_dpo_model
 from dpotox.plan.config import load_config
 from dpotox.plan.params import rule_params
@@ -87,7 +87,12 @@ def test_each_method_trains_with_the_shared_settings_and_its_own():
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"trainer": "kto", "kl_weight": 0.1}, r"alignment\.methods\.x\.kl_weight: only DPO's"),
+        (
+            {"trainer": "kto", "kl_weight": 0.1},
+            r"alignment\.methods\.x\.kl_weight: only trainer dpo",
+        ),
+        ({"trainer": "dpo", "simpo_gamma": 1}, r"methods\.x\.simpo_gamma: only trainer cpo"),
+        ({"trainer": "cpo", "desirable_weight": 2}, r"x\.desirable_weight: only trainer kto"),
         ({"trainer": "cpo", "loss_type": "kto"}, r"'alignment\.methods\.x\.loss_type': got 'kto'"),
         ({"trainer": "dpo", "lr": 1.0}, r"unknown key\(s\) 'lr' under 'alignment\.methods\.x'"),
         ({"trainer": "orpo", "beta": -1}, r"'alignment\.methods\.x\.beta': got -1"),
@@ -103,6 +108,10 @@ def test_a_bad_method_stops_the_config_before_any_job(tmp_path):
     extra.write_text("alignment:\n  methods:\n    dpo: {}\n    x: {trainer: cpo, loss_type: kto}\n")
     with pytest.raises(ConfigError, match=r"method 'x', model 'smollm2-135m'.*loss_type"):
         load_config(REPO / "config" / "config.yaml", extra, check_paths=False)
+    extra.write_text("alignment:\n  seeds: {dpo: [0]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "config" / "config.yaml", extra, check_paths=False)
+    assert "\n  - config key 'alignment.seeds.dpo' lists the top-level seed 0" in str(err.value)
 
 
 def test_adding_methods_or_seeds_does_not_retrain_dpo():
@@ -114,9 +123,13 @@ def test_adding_methods_or_seeds_does_not_retrain_dpo():
     )
 
     def params(c, run):
-        return {**rule_params(c, "train_dpo", "smollm2-135m"), **run_overrides(c, run)}
+        return training_config(c, "smollm2-135m", run)
 
+    # Exactly what train_dpo passed before there were methods: its existing models stay.
+    assert params(base, "dpo") == rule_params(base, "train_dpo", "smollm2-135m")
     assert params(base, "dpo") == params(more, "dpo")
+    assert trained_method(params(more, "dpo")) == "dpo"
+    assert trained_method(params(more, "align-kto")) == "kto"
     seed1 = params(more, "align-dpo-seed1")
     assert seed1["seed"] == 1 and "alignment" not in seed1
     assert params(more, "align-kto")["alignment"] == {
@@ -127,3 +140,8 @@ def test_adding_methods_or_seeds_does_not_retrain_dpo():
     assert (s.trainer, s.loss_type, s.learning_rate) == ("cpo", "simpo", 1e-5)
     with pytest.raises(ConfigError, match="no alignment run 'align-ppo'.*it has dpo"):
         alignment_run(more, "align-ppo")
+    # A change to DPO's own settings (beta, the KL term) retrains DPO's runs, not the others.
+    changed = {**more, "dpo": {**more["dpo"], "beta": 0.5, "kl_weight": 0.2}}
+    assert params(changed, "align-orpo") == params(more, "align-orpo")
+    assert params(changed, "align-ipo") != params(more, "align-ipo")
+    assert params(changed, "align-dpo-seed1") != params(more, "align-dpo-seed1")

@@ -741,6 +741,9 @@ def test_each_method_trains_and_writes_a_model_the_evaluation_loads(method, llam
         llama_dir, tmp_path, max_steps=4, eval_steps=2, save_steps=2, **method
     )
     assert summary["steps"] == 4 and summary["best_step"] in (2, 4)
+    # Every method reads the same pairs per step (KTO: a pair's two texts as two examples):
+    # 18 training pairs in batches of 4 are 5 steps an epoch.
+    assert table.loc[table["split"] == "train", "epoch"].iloc[-1] == pytest.approx(4 / 5)
     evals = table[table["split"] == "eval"]
     assert evals["step"].tolist() == [2, 4] and evals["loss"].notna().all()
     # The margin between chosen and rejected grows on these easy pairs, whatever the loss.
@@ -775,6 +778,12 @@ def test_methods_cut_texts_to_the_budgets_before_their_trainers_tokenise():
     u = unpaired(pairs)
     assert u["label"].tolist() == [True, False, True, False]
     assert u["completion"].tolist()[:2] == [pairs["chosen"].iloc[0], pairs["rejected"].iloc[0]]
+    # A seed fixes another order of the same examples (KTO reads them in order).
+    many = unpaired(PAIRS, seed=1)
+    assert many.equals(unpaired(PAIRS, seed=1)) and not many.equals(unpaired(PAIRS, seed=2))
+    assert sorted(map(tuple, many.values.tolist())) == sorted(
+        map(tuple, unpaired(PAIRS).values.tolist())
+    )
 
 
 def test_a_method_resumes_and_stops_early_as_dpo_does(llama_dir, tmp_path):

@@ -471,7 +471,9 @@ def test_methods_and_seeds_plan_per_run(tmp_path):
     )
     out = proc.stdout + proc.stderr
     kto = out.split("output: results/smollm2-135m/align/kto/model")[1].split("\n\n")[0]
-    assert "--method kto" in kto and "results/smollm2-135m/align/kto/checkpoints" in kto
+    # The job reads its method from the config it is passed: kto's entry alone.
+    assert '"alignment": {"methods": {"kto": {"trainer": "kto", "beta": 0.1}}}' in kto
+    assert "results/smollm2-135m/align/kto/checkpoints" in kto
     assert "results/smollm2-135m/activations/align-dpo-seed2" in out
     # DPO's patches are its sweeps'; the others' are evaluated in their folders.
     assert "results/smollm2-135m/align/orpo/eval/patch-four-groups.json" in out
@@ -648,7 +650,7 @@ def test_paper_dag_with_methods_plans_on_slurm(tmp_path):
     assert jobs["train_dpo"] == n_models and jobs["train_aligned"] == n_models * n_other
     assert jobs["methods_tables"] == n_models
     block = out.split("output: results/llama-3.1-8b/align/orpo/model")[1].split("\n\n")[0]
-    assert "gpu=2" in block and "--num_processes 2" in block and "--method orpo" in block
+    assert "gpu=2" in block and "--num_processes 2" in block and '"methods": {"orpo"' in block
     # The GPU-hour estimate counts the other methods as DPO trainings.
     per_model = estimate_jobs(out)
     assert per_model[("train_dpo", "llama-3.1-8b")] == 1 + n_other

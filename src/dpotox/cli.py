@@ -6,7 +6,7 @@ once per GPU.
     dpotox assets                                            # verify every embedded file
     dpotox inspect-model SOURCE [--check] [--dtype D] [--json]  # will dpotox run on it?
     dpotox profiles link|unlink [--repo DIR] [--warn-only]   # `--profile local|slurm` by name
-    dpotox train-dpo --model-name M --config-json '{...}' [--method dpo] --base DIR \
+    dpotox train-dpo --model-name M --config-json '{...}' [--method M] --base DIR \
         --pairs FILE --out DIR --train-log FILE --checkpoints DIR [--device auto] [--log FILE]
 """
 
@@ -58,6 +58,7 @@ def _inspect_model(args: argparse.Namespace) -> int:
 
 def _train_dpo(args: argparse.Namespace) -> int:
     from dpotox.logs import rule_log
+    from dpotox.plan.alignment import trained_method
     from dpotox.stages.dpo import DPOSettings, train_dpo
     from dpotox.stages.pairs import read_pairs
 
@@ -65,9 +66,8 @@ def _train_dpo(args: argparse.Namespace) -> int:
         rule="train_dpo", wildcards={"model": args.model_name}, log=[args.log] if args.log else []
     )
     with rule_log(job) as log:
-        settings = DPOSettings.from_config(
-            json.loads(args.config_json), args.model_name, args.method
-        )
+        cfg = json.loads(args.config_json)
+        settings = DPOSettings.from_config(cfg, args.model_name, args.method or trained_method(cfg))
         pairs = read_pairs(args.pairs)
         log.info("read %d preference pairs from %s", len(pairs), args.pairs)
         summary = train_dpo(
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--method",
-        default="dpo",
-        help="the method under alignment.methods (default: dpo, the papers' DPO)",
+        help="the method of alignment.methods to train (default: the one the config names "
+        "there, else dpo, the papers' DPO)",
     )
     p.add_argument("--base", required=True, help="prepared base model folder")
     p.add_argument("--pairs", required=True, help="pairs Parquet file (make_pairs)")

@@ -158,13 +158,8 @@ def aligned_model(model, run):
 
 
 def train_params(wildcards):
-    """What one training run reads: the dpo section and the model's entry, with the run's
-    seed and its method's entry (dpotox.plan.alignment.run_overrides)."""
-    run = training_run(wildcards)
-    return {
-        **rule_params(config, "train_dpo", wildcards.model),
-        **run_overrides(config, run.name),
-    }
+    """What one training run reads (dpotox.plan.alignment.training_config)."""
+    return training_config(config, wildcards.model, training_run(wildcards).name)
 
 
 def condition_model(wildcards):

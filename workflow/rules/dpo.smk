@@ -49,8 +49,8 @@ rule train_dpo:
     resources:
         **model_resources("train_dpo"),
     params:
+        # The run's settings; the method is the one under alignment.methods, if any (else dpo).
         cfg=lambda wildcards: json.dumps(train_params(wildcards)),
-        method=lambda wildcards: training_run(wildcards).method,
         device=lambda wildcards: config["models"][wildcards.model]["device"],
         launcher=dpo_launcher,
         # Kept outside the output folder, which Snakemake deletes before a job: an
@@ -58,9 +58,9 @@ rule train_dpo:
         checkpoint_dir="results/{model}/dpo/checkpoints",
     shell:
         "{params.launcher} train-dpo --model-name {wildcards.model:q} --config-json {params.cfg:q}"
-        " --method {params.method:q} --base {input.model:q} --pairs {input.pairs:q}"
-        " --out {output.model:q} --train-log {output.log:q}"
-        " --checkpoints {params.checkpoint_dir:q} --device {params.device} > {log:q} 2>&1"
+        " --base {input.model:q} --pairs {input.pairs:q} --out {output.model:q}"
+        " --train-log {output.log:q} --checkpoints {params.checkpoint_dir:q}"
+        " --device {params.device} > {log:q} 2>&1"
 
 
 use rule train_dpo as train_aligned with:
@@ -73,7 +73,6 @@ use rule train_dpo as train_aligned with:
         "benchmarks/train_aligned/{model}/{run}.tsv"
     params:
         cfg=lambda wildcards: json.dumps(train_params(wildcards)),
-        method=lambda wildcards: training_run(wildcards).method,
         device=lambda wildcards: config["models"][wildcards.model]["device"],
         launcher=dpo_launcher,
         checkpoint_dir="results/{model}/align/{run}/checkpoints",

@@ -15,7 +15,9 @@ with rule_log(snakemake) as log:
         ablated_acts=smk.input.ablated,
         cfg=smk.params.cfg,
         out_dir=out_dir,
-        model=smk.wildcards.model,
+        # An alignment run other than DPO says whose table it is (rule neuron_stats_aligned).
+        model=smk.wildcards.model
+        + (f", run align-{run}" if (run := getattr(smk.wildcards, "run", None)) else ""),
         decomposition_path=smk.input.decomposition,
     )
     shares = tables["table5_group_shares"].set_index("group")

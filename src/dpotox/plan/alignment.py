@@ -148,6 +148,39 @@ def alignment_run(cfg: Mapping[str, Any], name: str) -> AlignmentRun:
     return runs[name]
 
 
+def training_config(cfg: Mapping[str, Any], model: str, name: str) -> dict[str, Any]:
+    """What training run ``name`` of ``model`` is passed (its job's params, so a change reruns
+    it): the ``dpo`` section and the model's ``dpo`` entry (:func:`dpotox.plan.params.
+    rule_params`), with :func:`run_overrides`. A trainer other than DPO's gets only the shared
+    settings of both, so that a change to DPO's beta or KL term does not retrain it."""
+    from dpotox.plan.params import rule_params
+    from dpotox.plan.training import SHARED
+
+    out = {**rule_params(cfg, "train_dpo", model), **run_overrides(cfg, name)}
+    if alignment_run(cfg, name).trainer != "dpo":
+        out["dpo"] = {k: v for k, v in (out.get("dpo") or {}).items() if k in SHARED}
+        entry = out["models"][model]
+        if entry.get("dpo"):
+            entry["dpo"] = {k: v for k, v in entry["dpo"].items() if k in SHARED}
+    return out
+
+
+def trained_method(run_config: Mapping[str, Any]) -> str:
+    """The method a training job's config names (:func:`training_config`): the one method
+    under ``alignment.methods``, or ``dpo`` where there is none.
+
+    Raises:
+        ConfigError: several methods; the job cannot tell which one to train.
+    """
+    methods = list((run_config.get("alignment") or {}).get("methods") or {})
+    if len(methods) > 1:
+        raise ConfigError(
+            f"the training config names {len(methods)} methods ({', '.join(methods)}); "
+            "pass the one to train (dpotox train-dpo --method NAME)"
+        )
+    return methods[0] if methods else DEFAULT_METHOD
+
+
 def run_overrides(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
     """What training run ``name`` reads beyond the ``dpo`` section and the model's entry: its
     ``seed`` and, where the method sets anything, its entry under ``alignment.methods``. Other

@@ -179,7 +179,7 @@ def _alignment_problems(config: Mapping[str, Any]) -> list[str]:
     try:
         runs = alignment_runs(config)
     except ConfigError as e:
-        return str(e).splitlines()[1:]
+        return [line.strip().removeprefix("- ") for line in str(e).splitlines()[1:]]
     out = []
     if len(runs) > 1:
         for patch in run_patches(config):

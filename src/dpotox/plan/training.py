@@ -22,11 +22,15 @@ DPO_LOSSES = (
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm",
 )  # fmt: skip
 CPO_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
-# Settings that only DPO's trainer has (the papers' KL term); another trainer ignores the
-# dpo section's values and refuses them in its own entry.
-_DPO_ONLY = ("kl_weight", "kl", "precompute_ref_log_probs")
-# What every trainer takes from the dpo section: optimisation, budgets, validation, checkpoints.
-_SHARED = (
+# Settings of one trainer only: another ignores the dpo section's values of DPO's and refuses
+# any of them in its own entry.
+_ONLY = {
+    "dpo": ("kl_weight", "kl", "precompute_ref_log_probs"),
+    "cpo": ("simpo_gamma", "cpo_alpha"),
+    "kto": ("desirable_weight", "undesirable_weight"),
+}
+#: What every trainer takes from the dpo section: optimisation, budgets, validation, checkpoints.
+SHARED = (
     "learning_rate", "optimizer", "warmup_steps", "batch_size", "gradient_accumulation_steps",
     "eval_batch_size", "max_prompt_length", "max_completion_length", "max_length",
     "max_grad_norm", "epochs", "max_steps", "eval_steps", "early_stopping_patience",
@@ -224,13 +228,14 @@ class DPOSettings:
             )
         trainer = entry.get("trainer", "dpo")
         if trainer != "dpo":
-            section = {k: v for k, v in section.items() if k in _SHARED}
-            refused = sorted(set(entry) & set(_DPO_ONLY))
+            section = {k: v for k, v in section.items() if k in SHARED}
+        for owner, keys in _ONLY.items():
+            refused = sorted(set(entry) & set(keys)) if owner != trainer else []
             if refused:
                 raise ConfigError(
                     f"config key(s) {', '.join(f'alignment.methods.{method}.{k}' for k in refused)}"
-                    f": only DPO's trainer has the KL term; trainer {trainer} has none, "
-                    "remove the key(s)"
+                    f": only trainer {owner} has {'them' if len(refused) > 1 else 'it'}; "
+                    f"this method's trainer is {trainer}: remove the key(s)"
                 )
         section = {**{k: v for k, v in defaults.items() if k != "seed"}, **section}
         per_model = config["models"][model].get("dpo") or {}
@@ -244,7 +249,7 @@ class DPOSettings:
                     f"config key 'models.{model}.dpo.{key}': got "
                     f"{per_model[key]!r}, expected {rule}"
                 )
-            if trainer == "dpo" or key in _SHARED:
+            if trainer == "dpo" or key in SHARED:
                 section[key] = model_setting(merged, model, "dpo", key)
         if trainer == "kto" and "loss_type" not in entry:
             entry["loss_type"] = "kto"

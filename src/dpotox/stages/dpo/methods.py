@@ -5,7 +5,8 @@ checkpoints as DPO (:func:`dpotox.stages.dpo.trainer.training_args`); only the l
 
 - **KTO** (Ethayarajh et al. 2024) learns from unpaired examples: each pair gives its chosen
   text as a desirable example and its rejected text as an undesirable one (TRL's
-  ``KTOTrainer``, stable API). It keeps a frozen reference, as DPO does.
+  ``KTOTrainer``, stable API), in a seeded order (:func:`unpaired`), twice as many per batch
+  as pairs. It keeps a frozen reference, as DPO does.
 - **ORPO** (Hong et al. 2024; ``trl.experimental.orpo``) adds an odds-ratio term, weighted by
   ``beta``, to the chosen text's NLL. No reference model.
 - **CPO** (Xu et al. 2024; ``trl.experimental.cpo``): with ``loss_type: simpo`` and
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from transformers import TrainerCallback
 
@@ -61,15 +63,24 @@ def budget_texts(
     return out.reset_index(drop=True)
 
 
-def unpaired(pairs: pd.DataFrame) -> pd.DataFrame:
-    """KTO's examples: each pair's chosen text desirable, its rejected text undesirable, in
-    pair order (chosen then rejected)."""
+def unpaired(pairs: pd.DataFrame, seed: int | None = None) -> pd.DataFrame:
+    """KTO's examples: each pair's chosen text desirable, its rejected text undesirable; in
+    pair order (chosen then rejected), or shuffled with ``seed``.
+
+    TRL's KTO reads its training examples in a fixed order (its reference point is estimated
+    from each example's prompt with its neighbour's completion), so the order is set here: a
+    seeded shuffle, which keeps a pair's two texts from being neighbours (but by chance) and
+    makes the order one of the things a seed changes.
+    """
     rows = [
         (p, text, label)
         for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"], strict=True)
         for text, label in ((c, True), (r, False))
     ]
-    return pd.DataFrame(rows, columns=["prompt", "completion", "label"])
+    out = pd.DataFrame(rows, columns=["prompt", "completion", "label"])
+    if seed is not None:
+        out = out.iloc[np.random.default_rng(seed).permutation(len(out))].reset_index(drop=True)
+    return out
 
 
 def make_method_trainer(
@@ -112,6 +123,14 @@ def make_method_trainer(
 
             reference, _ = load_prepared(model_dir)
             reference.requires_grad_(False)
+            # A pair is two KTO examples: twice the examples per batch keep the pairs per
+            # optimizer step, and so the steps, warm-up and validations, those of the other
+            # methods (and TRL's KTO refuses a batch of one).
+            args = {
+                **args,
+                "per_device_train_batch_size": 2 * args["per_device_train_batch_size"],
+                "per_device_eval_batch_size": 2 * args["per_device_eval_batch_size"],
+            }
             return _quiet(KTOTrainer)(
                 model=policy,
                 ref_model=reference,
@@ -123,8 +142,8 @@ def make_method_trainer(
                     undesirable_weight=settings.undesirable_weight,
                     max_length=max_length,
                 ),
-                train_dataset=dataset(unpaired(train)),
-                eval_dataset=dataset(unpaired(validation)),
+                train_dataset=dataset(unpaired(train, settings.seed)),
+                eval_dataset=dataset(unpaired(validation, settings.seed)),
                 **common,
             )
         paired = dict(train_dataset=dataset(train), eval_dataset=dataset(validation), **common)
