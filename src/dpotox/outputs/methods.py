@@ -57,16 +57,6 @@ SPREAD = (
 )
 
 
-def patch_columns(patches: Sequence[str]) -> list[str]:
-    """The columns of each patch (a condition name): its toxicity and the share of the run's
-    reduction it recovers, with the CI."""
-    return [
-        f"{p}_{k}"
-        for p in patches
-        for k in ("toxicity", "recovered", "recovered_low", "recovered_high")
-    ]
-
-
 def neuron_summary(neurons: pd.DataFrame) -> dict[str, float]:
     """Claim C3's share of neurons that reduce their projection, the net reduction, and each
     group's share of the total reduction (Table 5), in percent."""
