@@ -33,7 +33,11 @@ PAPER_FIGURES = {name: spec for name, spec in FIGURES.items() if not spec.method
 
 
 def snakemake(
-    workdir: Path, *args: str, configfiles=DEFAULT_CONFIG, check: bool = True
+    workdir: Path,
+    *args: str,
+    configfiles=DEFAULT_CONFIG,
+    check: bool = True,
+    profile: str = "local",
 ) -> subprocess.CompletedProcess:
     # Targets and flags first: --configfile takes every value after it.
     cmd = [
@@ -46,35 +50,13 @@ def snakemake(
         "--directory",
         str(workdir),
         "--profile",
-        str(REPO / "profiles" / "local"),
-        "--configfile",
-        *configfiles,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def slurm_dry_run(workdir: Path, *configfiles: Path) -> subprocess.CompletedProcess:
-    """`snakemake -n -p` with the SLURM profile and ``configfiles``; fails on a non-zero exit."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-n",
-        "-p",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--profile",
-        str(REPO / "profiles" / "slurm"),
+        str(REPO / "profiles" / profile),
         "--configfile",
         *map(str, configfiles),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
@@ -487,7 +469,8 @@ def test_paper_dag_plans_on_slurm(tmp_path):
     a request one model overrides applies to that model only."""
     override = tmp_path / "override.yaml"
     override.write_text("models:\n  llama-3.1-8b:\n    resources: {cpus_per_task: 16}\n")
-    proc = slurm_dry_run(tmp_path, REPO / "config" / "paper.yaml", override)
+    paper = (REPO / "config" / "paper.yaml", override)
+    proc = snakemake(tmp_path, "-n", "-p", configfiles=paper, profile="slurm")
     out = proc.stdout + proc.stderr
     # prepare_data: prompts, wiki, probe_texts and pair_prompts (RTP's non-challenging prompts).
     cfg = load_config(REPO / "config" / "paper.yaml", check_paths=False)
@@ -643,7 +626,8 @@ def test_figures_and_report_of_the_embedded_model(run_dir):
 def test_paper_dag_with_methods_plans_on_slurm(tmp_path):
     """config/paper.yaml with config/methods.yaml: every model trains every run, each other
     method with DPO's cluster requests (the 8B model's under FSDP on two GPUs)."""
-    proc = slurm_dry_run(tmp_path, REPO / "config" / "paper.yaml", REPO / "config" / "methods.yaml")
+    paper = (REPO / "config" / "paper.yaml", REPO / "config" / "methods.yaml")
+    proc = snakemake(tmp_path, "-n", "-p", configfiles=paper, profile="slurm")
     out = proc.stdout + proc.stderr
     cfg = load_config(
         REPO / "config" / "paper.yaml", REPO / "config" / "methods.yaml", check_paths=False

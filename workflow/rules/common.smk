@@ -135,14 +135,13 @@ def model_resources(rule):
 def run_neuron_table(model, run):
     """The neuron table of alignment run ``run``: DPO's is results/{model}/neurons.parquet, the
     others' are in their folders (rule neuron_table_aligned)."""
-    root = f"results/{model}" if run.is_default else f"results/{model}/{run.folder}"
-    return f"{root}/neurons.parquet"
+    return f"{run.root(model)}/neurons.parquet"
 
 
 def run_eval_dir(model, run):
     """Where the patches of alignment run ``run`` are evaluated: DPO's sweeps write to
     results/{model}/eval, the other runs' patch jobs to their folders."""
-    return f"results/{model}/eval" if run.is_default else f"results/{model}/{run.folder}/eval"
+    return f"{run.root(model)}/eval"
 
 
 def training_run(wildcards):

@@ -125,17 +125,28 @@ def paired_scores(
 ) -> np.ndarray:
     """Per-prompt scores of ``conditions`` as columns, rows aligned by prompt id (only the
     prompts ``ids``, in that order, if given)."""
-    series = [condition_scores(eval_dir, c) for c in conditions]
+    return stack_scores([condition_scores(eval_dir, c) for c in conditions], eval_dir, ids)
+
+
+def stack_scores(
+    series: list[pd.Series], where: str | Path, ids: list[str] | None = None
+) -> np.ndarray:
+    """Per-prompt score series (:func:`condition_scores`) as columns, rows aligned by prompt
+    id (only the prompts ``ids``, in that order, if given); ``where`` names them in errors.
+
+    Raises:
+        TablesError: the series hold different prompts, or lack one of ``ids``.
+    """
     for s in series[1:]:
         if set(s.index) != set(series[0].index):
             raise TablesError(
-                f"{eval_dir}: {series[0].name}.parquet and {s.name}.parquet hold "
+                f"{where}: {series[0].name}.parquet and {s.name}.parquet hold "
                 f"different prompts ({len(series[0])} vs {len(s)}); evaluate both "
                 "on the same prompts"
             )
     index = series[0].index if ids is None else pd.Index(ids)
     if ids is not None and (missing := set(ids) - set(series[0].index)):
-        raise TablesError(f"{eval_dir}: no score for prompt(s) {sorted(missing)[:3]}")
+        raise TablesError(f"{where}: no score for prompt(s) {sorted(missing)[:3]}")
     return np.column_stack([s.reindex(index).to_numpy() for s in series])
 
 

@@ -27,7 +27,13 @@ import numpy as np
 import pandas as pd
 
 from dpotox.errors import TablesError
-from dpotox.outputs.evals import condition_scores, load_summary, paired_bootstrap, paired_scores
+from dpotox.outputs.evals import (
+    condition_scores,
+    load_summary,
+    paired_bootstrap,
+    paired_scores,
+    stack_scores,
+)
 from dpotox.outputs.neuron_stats import group_shares, layer_group_reduction
 from dpotox.plan.alignment import DEFAULT_RUN, AlignmentRun
 from dpotox.plan.conditions import GROUPS
@@ -126,18 +132,14 @@ def _recovered(
 ) -> dict[str, float]:
     """A patch's toxicity and the share of ``run``'s reduction it recovers, paired over
     prompts (base and the run from ``eval_dir``, the patch from ``patch_dir``)."""
-    series = [
-        condition_scores(eval_dir, "base"),
-        condition_scores(patch_dir, patch),
-        condition_scores(eval_dir, run),
-    ]
-    ids = series[0].index
-    if any(set(s.index) != set(ids) for s in series[1:]):
-        raise TablesError(
-            f"{patch_dir / patch}.parquet, {eval_dir}/base.parquet and {eval_dir}/{run}.parquet "
-            "hold different prompts; evaluate all three on the same prompts"
-        )
-    columns = np.column_stack([s.reindex(ids).to_numpy() for s in series])
+    columns = stack_scores(
+        [
+            condition_scores(eval_dir, "base"),
+            condition_scores(patch_dir, patch),
+            condition_scores(eval_dir, run),
+        ],
+        f"{eval_dir} and {patch_dir}",
+    )
     share = paired_bootstrap(
         columns, lambda m: 100 * (m[..., 0] - m[..., 1]) / (m[..., 0] - m[..., 2]), **boot
     )

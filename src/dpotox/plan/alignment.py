@@ -57,6 +57,11 @@ class AlignmentRun:
     def is_default(self) -> bool:
         return self.name == DEFAULT_RUN
 
+    def root(self, model: str) -> str:
+        """Where the run's analysis lives (neuron table, patches' evaluations): DPO's is the
+        model's results folder, as before there were runs; another run's is its own folder."""
+        return f"results/{model}" if self.is_default else f"results/{model}/{self.folder}"
+
 
 def run_patches(cfg: Mapping[str, Any]) -> list[str]:
     """The patch conditions evaluated for every run (``alignment.patch``: sets patched to the

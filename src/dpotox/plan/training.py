@@ -129,9 +129,7 @@ class DPOSettings:
         ):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 bad(name, "a number > 0")
-        if not _is_number(self.kl_weight) or self.kl_weight < 0:
-            bad("kl_weight", "a number >= 0")
-        for name in ("simpo_gamma", "cpo_alpha"):
+        for name in ("kl_weight", "simpo_gamma", "cpo_alpha"):
             if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "a number >= 0")
         losses = {
