@@ -10,6 +10,7 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "resources/models/smollm2-135m/base"
 PROMPTS = REPO / "resources/data/prompts.parquet"
+WIKI = REPO / "resources/data/wiki.parquet"
 
 
 def embedded_prompts(model_dir: Path, n: int, prompt_tokens: int = 32):

@@ -5,20 +5,21 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_models import VOCAB
+from tiny_models import ALL_FAMILIES, VOCAB, tiny_model
 
 from dpotox.engine.arch import Adapter
 from dpotox.engine.metrics import (
     bootstrap_ci,
     f1,
     f1_items,
+    log_perplexities,
     log_perplexity,
     repetition,
     text_quality,
     windows,
     words,
 )
-from dpotox.engine.spec import Intervention, ablate
+from dpotox.engine.spec import Intervention, SetNeurons, ablate
 from dpotox.sources import assets
 
 
@@ -98,6 +99,35 @@ def test_perplexity_under_an_intervention_and_the_first_position_quirk(model):
     ).log_ppl == pytest.approx(log_perplexity(adapter, only_two, ids, spec=spec).log_ppl, rel=1e-6)
 
 
+def _direct(model, adapter, wins, k: int, neurons: list[int], edit_from: int | None) -> float:
+    """The generation-like log-perplexity computed without the engine: one window at a time,
+    layer 0's ``neurons`` zeroed from position ``edit_from`` on (None: no edit), the
+    predictions of tokens after the first ``k`` scored."""
+
+    def hook(mod, args):
+        m = args[0].clone()
+        m[:, edit_from:, neurons] = 0.0
+        return (m, *args[1:])
+
+    h = adapter.out_proj(0).register_forward_pre_hook(hook) if edit_from is not None else None
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for w in wins:
+                if len(w) <= k:
+                    continue
+                logits = model(torch.tensor([w])).logits[0, :-1]
+                nll = torch.nn.functional.cross_entropy(
+                    logits, torch.tensor(w[1:]), reduction="none"
+                )
+                total += float(nll[k - 1 :].sum())
+                count += len(w) - k
+    finally:
+        if h is not None:
+            h.remove()
+    return total / count
+
+
 def test_generation_like_perplexity_edits_and_scores_after_the_context(model):
     """positions="generation": the first k tokens are an unedited context; activation edits act
     from its last token on and only the tokens after it are scored; edits that act everywhere
@@ -107,41 +137,56 @@ def test_generation_like_perplexity_edits_and_scores_after_the_context(model):
     k, neurons = 4, list(range(16))
     spec = Intervention("abl", [ablate(0, neurons, where="generation")])
 
-    def direct(edit_from: int | None) -> float:
-        def hook(mod, args):
-            m = args[0].clone()
-            m[:, edit_from:, neurons] = 0.0
-            return (m, *args[1:])
-
-        h = adapter.out_proj(0).register_forward_pre_hook(hook) if edit_from is not None else None
-        total, count = 0.0, 0
-        try:
-            with torch.no_grad():
-                for w in wins:
-                    if len(w) <= k:
-                        continue
-                    logits = model(torch.tensor([w])).logits[0, :-1]
-                    nll = torch.nn.functional.cross_entropy(
-                        logits, torch.tensor(w[1:]), reduction="none"
-                    )
-                    total += float(nll[k - 1 :].sum())
-                    count += len(w) - k
-        finally:
-            if h is not None:
-                h.remove()
-        return total / count
-
     got = log_perplexity(adapter, wins, ids, spec=spec, positions="generation", context=k)
-    assert got.log_ppl == pytest.approx(direct(k - 1), rel=1e-5)
+    assert got.log_ppl == pytest.approx(_direct(model, adapter, wins, k, neurons, k - 1), rel=1e-5)
     assert got.n_tokens == sum(len(w) - k for w in wins if len(w) > k)
     plain = log_perplexity(adapter, wins, ids, positions="generation", context=k).log_ppl
-    assert plain == pytest.approx(direct(None), rel=1e-5) and plain != pytest.approx(got.log_ppl)
+    assert plain == pytest.approx(_direct(model, adapter, wins, k, neurons, None), rel=1e-5)
+    assert plain != pytest.approx(got.log_ppl)
     # Ablating the value vectors acts on the context too, as in generation.
     everywhere = Intervention("abl", [ablate(0, neurons, where="all")])
     got_all = log_perplexity(adapter, wins, ids, spec=everywhere, positions="generation", context=k)
-    assert got_all.log_ppl == pytest.approx(direct(0), rel=1e-5)
+    assert got_all.log_ppl == pytest.approx(_direct(model, adapter, wins, k, neurons, 0), rel=1e-5)
     first = log_perplexity(adapter, wins, ids, spec=everywhere, positions="first").log_ppl
     assert first == pytest.approx(log_perplexity(adapter, wins, ids, spec=everywhere).log_ppl)
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_perplexities_share_the_unedited_context(family):
+    """Several specs in one call: those that leave the context unedited run only the tokens
+    after it on its shared keys and values, the others whole windows; each gets the numbers
+    of the direct computation, on every family (sliding-window caches included)."""
+    model = tiny_model(family)
+    adapter = Adapter(model)
+    wins = _windows(2) + _windows(3)
+    ids = [str(i) for i in range(len(wins))]
+    k, neurons = 5, list(range(16))
+    specs = [
+        None,
+        Intervention("gen", [ablate(0, neurons, where="generation")]),
+        Intervention("all", [ablate(0, neurons, where="all")]),
+    ]
+    got = log_perplexities(
+        adapter, wins, ids, specs, positions="generation", context=k, batch_size=4
+    )
+    for p, edit_from in zip(got, (None, k - 1, 0), strict=True):
+        assert p.log_ppl == pytest.approx(
+            _direct(model, adapter, wins, k, neurons, edit_from), rel=1e-5
+        )
+        assert p.n_tokens == sum(len(w) - k for w in wins if len(w) > k)
+    # A per-prompt edit: each window gets its own text's values, shared context or not.
+    values = torch.randn(len(wins), len(neurons), generator=torch.Generator().manual_seed(0))
+    per_prompt = Intervention("pp", [SetNeurons(0, neurons, values, prompt_ids=ids)])
+    alone = [
+        log_perplexity(adapter, [w], [i], spec=per_prompt, positions="generation", context=k)
+        for w, i in zip(wins, ids, strict=True)
+        if len(w) > k
+    ]
+    together = log_perplexities(
+        adapter, wins, ids, [None, per_prompt], positions="generation", context=k, batch_size=4
+    )[1]
+    expected = sum(a.log_ppl * a.n_tokens for a in alone) / sum(a.n_tokens for a in alone)
+    assert together.log_ppl == pytest.approx(expected, rel=1e-5)
 
 
 def test_text_quality_of_hand_made_continuations():

@@ -295,15 +295,15 @@ def generate_many(
             cache = StaticCache(config=model.config, max_cache_len=width + new_tokens)
             sharing = _shares(specs[stack[0]])
             if shared is not None and sharing:
-                _restore(cache, shared, repeat=k)
+                restore(cache, shared, repeat=k)
             else:
                 _prefill_prefix(
                     model, ctx, cache, input_ids, mask, pos, None if sharing else hooks[stack[0]]
                 )
                 if sharing:
-                    shared = _snapshot(cache)
+                    shared = snapshot(cache)
                     if k > 1:
-                        _restore(cache, shared, repeat=k)
+                        restore(cache, shared, repeat=k)
             with ExitStack() as es:
                 for block, j in enumerate(stack):
                     hooks[j].restrict(
@@ -441,7 +441,7 @@ def _shares(spec: Intervention | None) -> bool:
     return spec is None or spec.shares_prefix
 
 
-def _snapshot(cache: StaticCache) -> list[dict[str, object]]:
+def snapshot(cache: StaticCache) -> list[dict[str, object]]:
     """A copy of every cache layer's state (tensors cloned): the cache layers keep their own
     write position, so a cache is set to "after the prefix" by its state, not by positions."""
     return [
@@ -450,8 +450,8 @@ def _snapshot(cache: StaticCache) -> list[dict[str, object]]:
     ]
 
 
-def _restore(cache: StaticCache, snapshot: list[dict[str, object]], *, repeat: int = 1) -> None:
-    """Set ``cache`` to a :func:`_snapshot`, its batch rows repeated ``repeat`` times (one
+def restore(cache: StaticCache, snapshot: list[dict[str, object]], *, repeat: int = 1) -> None:
+    """Set ``cache`` to a :func:`snapshot`, its batch rows repeated ``repeat`` times (one
     block per stacked condition)."""
     for layer, state in zip(cache.layers, snapshot, strict=True):
         for k, v in state.items():

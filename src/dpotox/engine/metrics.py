@@ -39,10 +39,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StaticCache
 
 from dpotox.engine.arch import Adapter
-from dpotox.engine.hooks import applied
+from dpotox.engine.generate import restore, snapshot
+from dpotox.engine.hooks import Context, Hooks
 from dpotox.engine.spec import Intervention
 
 
@@ -159,6 +160,40 @@ def log_perplexity(
     ``ids`` names each window's text, for per-prompt edits; ``context``: the unedited tokens of
     ``positions="generation"``.
     """
+    return log_perplexities(
+        adapter,
+        token_windows,
+        ids,
+        [spec],
+        batch_size=batch_size,
+        positions=positions,
+        context=context,
+        pad_id=pad_id,
+    )[0]
+
+
+@torch.inference_mode()
+def log_perplexities(
+    adapter: Adapter,
+    token_windows: Sequence[Sequence[int]],
+    ids: Sequence[str],
+    specs: Sequence[Intervention | None],
+    *,
+    batch_size: int = 8,
+    positions: Literal["all", "generation", "first"] = "all",
+    context: int = 32,
+    pad_id: int = 0,
+) -> list[Perplexity]:
+    """:func:`log_perplexity` of the same windows under each of ``specs``, in one pass over
+    the batches of windows.
+
+    Under ``positions="generation"`` the first ``context - 1`` tokens of every window are the
+    same under every spec that leaves a prompt's prefix untouched
+    (:attr:`~dpotox.engine.spec.Intervention.shares_prefix`, and no spec): their keys and
+    values are computed once per batch of windows, and each such spec runs only the tokens
+    from the context's last one on (the numbers of running it alone, up to float rounding;
+    tested). Other specs run whole windows.
+    """
     model = adapter.model
     device = next(model.parameters()).device
     skip = 0
@@ -171,35 +206,79 @@ def log_perplexity(
                 f"no perplexity window is longer than the {context} context tokens of the "
                 "generation-like perplexity; lower evaluation.ppl_context_tokens"
             )
+    # The context's last token predicts the first scored one: edits act from there, and the
+    # tokens before it are the shared prefix.
+    prefix = max(skip - 1, 0)
     order = sorted(range(len(token_windows)), key=lambda i: -len(token_windows[i]))
-    total, count = 0.0, 0
-    t0 = time.perf_counter()
-    with applied(adapter, spec, prompt_ids=list(ids)) as ctx:
-        ctx.phase = "from" if positions == "generation" else positions
-        # The context's last token predicts the first scored one: edits act from there.
-        ctx.start = max(skip - 1, 0)
-        for start in range(0, len(order), batch_size):
-            rows = [token_windows[i] for i in order[start : start + batch_size]]
-            ctx.prompt_ids = [ids[i] for i in order[start : start + batch_size]]
-            width = max(map(len, rows))
-            # Right padding: real tokens start at position 0 in every row, so "position 0"
-            # means the same token everywhere and default position ids are right.
-            batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, w in enumerate(rows):
-                batch[r, : len(w)] = torch.as_tensor(w)
-                mask[r, : len(w)] = 1
-            batch, mask = batch.to(device), mask.to(device)
-            logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+    ctx = Context(prompt_ids=list(ids))
+    hooks = [Hooks(adapter, spec, prompt_ids=list(ids), ctx=ctx) for spec in specs]
+    sharing = [prefix > 0 and (s is None or s.shares_prefix) for s in specs]
+    totals, counts = [0.0] * len(specs), [0] * len(specs)
+    seconds = [0.0] * len(specs)
+    for start in range(0, len(order), batch_size):
+        rows = [token_windows[i] for i in order[start : start + batch_size]]
+        ctx.prompt_ids = [ids[i] for i in order[start : start + batch_size]]
+        width = max(map(len, rows))
+        # Right padding: real tokens start at position 0 in every row, so "position 0"
+        # means the same token everywhere and default position ids are right.
+        batch = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, w in enumerate(rows):
+            batch[r, : len(w)] = torch.as_tensor(w)
+            mask[r, : len(w)] = 1
+        batch, mask = batch.to(device), mask.to(device)
+        shared, cache = None, None
+        if any(sharing):
+            t0 = time.perf_counter()
+            # Every window is longer than the context, so the prefix has no padding.
+            cache = StaticCache(config=model.config, max_cache_len=width)
+            model(
+                input_ids=batch[:, :prefix],
+                attention_mask=mask[:, :prefix],
+                past_key_values=cache,
+                cache_position=torch.arange(prefix, device=device),
+                use_cache=True,
+                logits_to_keep=1,
             )
-            scored = mask[:, 1:].clone()
-            scored[:, : max(skip - 1, 0)] = 0  # predictions of context tokens are not scored
+            shared = snapshot(cache)
+            spent = (time.perf_counter() - t0) / sum(sharing)
+            for j, s in enumerate(sharing):
+                seconds[j] += spent if s else 0.0
+        for j, h in enumerate(hooks):
+            t0 = time.perf_counter()
+            first = prefix if sharing[j] else 0
+            ctx.phase = "from" if positions == "generation" else positions
+            ctx.start = prefix - first
+            with h.attached():
+                if sharing[j]:
+                    restore(cache, shared)
+                    at = torch.arange(first, width, device=device)
+                    logits = model(
+                        input_ids=batch[:, first:],
+                        attention_mask=mask,
+                        position_ids=at.expand(len(rows), -1),
+                        past_key_values=cache,
+                        cache_position=at,
+                        use_cache=True,
+                    ).logits
+                else:
+                    logits = model(input_ids=batch, attention_mask=mask, use_cache=False).logits
+            nll = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                batch[:, first + 1 :].flatten(),
+                reduction="none",
+            )
+            scored = mask[:, first + 1 :].clone()
+            scored[:, : prefix - first] = 0  # predictions of context tokens are not scored
             keep = scored.flatten().bool()
-            total += float(nll[keep].double().sum())
-            count += int(keep.sum())
-    return Perplexity(total / count, count, len(token_windows), time.perf_counter() - t0)
+            totals[j] += float(nll[keep].double().sum())
+            counts[j] += int(keep.sum())
+            seconds[j] += time.perf_counter() - t0
+        del cache, shared
+    return [
+        Perplexity(total / count, count, len(token_windows), secs)
+        for total, count, secs in zip(totals, counts, seconds, strict=True)
+    ]
 
 
 _WORD = re.compile(r"\w+")

@@ -24,10 +24,11 @@ import torch
 from dpotox.engine.arch import Adapter
 from dpotox.engine.generate import Generation, encode_prompts, generate_many, inference_device
 from dpotox.engine.metrics import (
+    Perplexity,
     bootstrap_ci,
     f1,
     f1_items,
-    log_perplexity,
+    log_perplexities,
     repetition,
     text_quality,
     windows,
@@ -199,6 +200,32 @@ def evaluate_conditions(
         tok, ppl_df["text"].tolist(), ppl_df["id"].astype(str).tolist(), ec.ppl_window
     )
     f1_run = _f1_generations(adapter, tok, f1_df, specs, ec)
+    names = [c.name for c in conditions]
+    ppl_notes, ppls = _perplexities(adapter, tok, specs, wins, win_ids, ec, names)
+    # Without an edit confined to the generation positions (no spec, steering, value-vector
+    # ablation, weight edits) the position-0 placement is the every-position one: reuse it.
+    placement_free = [
+        spec is None or all(getattr(e, "where", "all") != "generation" for e in spec.edits)
+        for spec in specs
+    ]
+    variants = {
+        v: _perplexities(
+            adapter,
+            tok,
+            specs,
+            wins,
+            win_ids,
+            ec,
+            names,
+            positions=v,
+            reuse=(
+                [ppls[j] if free else None for j, free in enumerate(placement_free)]
+                if v == "first" and ec.ppl_positions == "all"
+                else None
+            ),
+        )[1]
+        for v in ec.ppl_variants
+    }
 
     results = []
     for j, (c, spec, gen) in enumerate(zip(conditions, specs, gens, strict=True)):
@@ -206,20 +233,7 @@ def evaluate_conditions(
         if second is not None:
             pairs_scores, pairs_tox, seconds2 = _toxicity(second, gen, ec, c.name)
             score_seconds += seconds2
-        ppl_note, ppl = _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name)
-        # Without an edit confined to the generation positions (no spec, steering, value-vector
-        # ablation, weight edits) the position-0 placement is the every-position one: reuse it.
-        placement_free = spec is None or all(
-            getattr(e, "where", "all") != "generation" for e in spec.edits
-        )
-        variants = {
-            v: (
-                ppl
-                if v == "first" and ec.ppl_positions == "all" and placement_free
-                else _perplexity(adapter, tok, spec, wins, win_ids, ec, c.name, positions=v)[1]
-            )
-            for v in ec.ppl_variants
-        }
+        ppl_note, ppl = ppl_notes[j], ppls[j]
         f1_mean = _f1(f1_run, j, c.name)
         table = pd.DataFrame(
             {
@@ -262,7 +276,7 @@ def evaluate_conditions(
             "ppl_positions": ec.ppl_positions,
             # The same text, the intervention placed as generation places it (an unedited
             # context first) and as the reference code did (activations at position 0 only).
-            **{f"log_ppl_{v}": p.log_ppl if p else None for v, p in variants.items()},
+            **{f"log_ppl_{v}": p[j].log_ppl if p[j] else None for v, p in variants.items()},
             "n_wiki_tokens": ppl.n_tokens if ppl else 0,
             "n_ppl_windows": ppl.n_windows if ppl else 0,
             "ppl_note": ppl_note,
@@ -366,41 +380,52 @@ def _toxicity(scorer: Any, gen: Generation, ec: EvalConfig, name: str):
     return scores, tox, seconds
 
 
-def _perplexity(
+def _perplexities(
     adapter: Adapter,
     tok: Any,
-    spec: Intervention | None,
+    specs: list[Intervention | None],
     wins: Any,
     win_ids: list[str],
     ec: EvalConfig,
-    name: str,
+    names: list[str],
     positions: str | None = None,
-):
-    """``(note, result)``: the log-perplexity under ``spec`` with the intervention at
-    ``positions`` (default ``evaluation.ppl_positions``), or why it cannot be computed."""
+    reuse: list[Perplexity | None] | None = None,
+) -> tuple[list[str | None], list[Perplexity | None]]:
+    """``(notes, results)``: each spec's log-perplexity with the intervention at ``positions``
+    (default ``evaluation.ppl_positions``), or why it cannot be computed; all specs in one
+    pass (:func:`~dpotox.engine.metrics.log_perplexities`). A result given in ``reuse`` is
+    taken as it is."""
     positions = positions or ec.ppl_positions
-    note = _needs_rows(spec, adapter, sorted(set(win_ids)))
-    if note is not None:
-        return note, None
-    ppl = log_perplexity(
-        adapter,
-        wins,
-        win_ids,
-        spec=spec,
-        batch_size=ec.ppl_batch_size,
-        positions=positions,
-        context=ec.ppl_context_tokens,
-        pad_id=tok.pad_token_id or 0,
+    text_ids = sorted(set(win_ids))
+    notes = [_needs_rows(spec, adapter, text_ids) for spec in specs]
+    reuse = reuse or [None] * len(specs)
+    todo = [j for j, note in enumerate(notes) if note is None and reuse[j] is None]
+    computed = (
+        log_perplexities(
+            adapter,
+            wins,
+            win_ids,
+            [specs[j] for j in todo],
+            batch_size=ec.ppl_batch_size,
+            positions=positions,
+            context=ec.ppl_context_tokens,
+            pad_id=tok.pad_token_id or 0,
+        )
+        if todo
+        else []
     )
-    log.info(
-        "%s: log-perplexity (%s) %.4f over %d tokens in %.1f s",
-        name,
-        positions,
-        ppl.log_ppl,
-        ppl.n_tokens,
-        ppl.seconds,
-    )
-    return None, ppl
+    results: list[Perplexity | None] = list(reuse)
+    for j, ppl in zip(todo, computed, strict=True):
+        results[j] = ppl
+        log.info(
+            "%s: log-perplexity (%s) %.4f over %d tokens in %.1f s",
+            names[j],
+            positions,
+            ppl.log_ppl,
+            ppl.n_tokens,
+            ppl.seconds,
+        )
+    return notes, results
 
 
 def _f1(run: _F1Run, j: int, name: str) -> float | None:
