@@ -324,7 +324,7 @@ def _log_start(
 ) -> None:
     logger.info(
         "%s on %s: %d train / %d validation pairs, device %s%s, %s lr %.3g, beta %.3g, "
-        "kl_weight %.3g, effective batch %d (%d pairs x %d accumulated x %d processes)",
+        "kl_weight %.3g, effective batch %d (%d %s x %d accumulated x %d processes)",
         _label(settings),
         model_dir,
         n_train,
@@ -337,6 +337,8 @@ def _log_start(
         settings.kl_weight,
         args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         args.per_device_train_batch_size,
+        # KTO's examples are unpaired: each pair gives a desirable and an undesirable one.
+        "examples" if settings.trainer == "kto" else "pairs",
         args.gradient_accumulation_steps,
         args.world_size,
     )
