@@ -72,7 +72,10 @@ def methods_comparison(axes: Sequence[Axes], t: Tables, *, legend: bool) -> None
     ax.set(yticks=y, yticklabels=runs["run"], xlabel="share of the reduction (%)", xlim=(0, 100))
     ax.invert_yaxis()
     if legend:
-        group_legend(ax, loc="lower right")
+        # Below the panel: the stacked bars fill it to 100%, so a legend inside hides them.
+        group_legend(
+            ax, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=4, fontsize=7, frameon=False
+        )
     ax = axes[3]
     patches = [c.removesuffix("_recovered") for c in runs.columns if c.endswith("_recovered")]
     height = 0.8 / max(len(patches), 1)
