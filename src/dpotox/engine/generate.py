@@ -252,7 +252,7 @@ def generate_many(
             f"n_samples must be 1, or above 1 with a temperature (greedy samples are all the "
             f"same), not {n_samples} at temperature {temperature}"
         )
-    if n_samples > 1 and (recorder is not None or not all(_shares(s) for s in specs)):
+    if n_samples > 1 and (recorder is not None or not all(shares_prefix(s) for s in specs)):
         raise ValueError(
             "several samples share one prefill: give specs that leave the prefix unedited, "
             "and no recorder"
@@ -293,7 +293,7 @@ def generate_many(
             # A cache allocated once for the whole continuation: a growing one copies every
             # layer's keys and values at each step (a tenth of the time at batch 128 on CPU).
             cache = StaticCache(config=model.config, max_cache_len=width + new_tokens)
-            sharing = _shares(specs[stack[0]])
+            sharing = shares_prefix(specs[stack[0]])
             if shared is not None and sharing:
                 restore(cache, shared, repeat=k)
             else:
@@ -396,11 +396,11 @@ def _stacks(
 ) -> list[list[int]]:
     """Which specs decode together: stacks of those that share the prompt prefix, up to
     ``stack_rows`` rows each; every other spec alone."""
-    sharing = [j for j, s in enumerate(specs) if _shares(s)]
+    sharing = [j for j, s in enumerate(specs) if shares_prefix(s)]
     # Sampling draws per batch from one generator: stacked rows would draw other numbers.
     per_stack = max(1, stack_rows // max(1, batch)) if temperature == 0 else 1
     stacks = [sharing[i : i + per_stack] for i in range(0, len(sharing), per_stack)]
-    return stacks + [[j] for j, s in enumerate(specs) if not _shares(s)]
+    return stacks + [[j] for j, s in enumerate(specs) if not shares_prefix(s)]
 
 
 def _prefill_prefix(
@@ -437,7 +437,9 @@ def _until_stop(toks: list[int], stops: Sequence[int]) -> list[int]:
     return toks[:cut]
 
 
-def _shares(spec: Intervention | None) -> bool:
+def shares_prefix(spec: Intervention | None) -> bool:
+    """True if ``spec`` leaves the prompt's prefix unedited (no spec does too): conditions that
+    do share one prefill of it, here and in the generation-like perplexity."""
     return spec is None or spec.shares_prefix
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, StaticCache
 
 from dpotox.engine.arch import Adapter
-from dpotox.engine.generate import restore, snapshot
+from dpotox.engine.generate import restore, shares_prefix, snapshot
 from dpotox.engine.hooks import Context, Hooks
 from dpotox.engine.spec import Intervention
 
@@ -210,9 +210,9 @@ def log_perplexities(
     # tokens before it are the shared prefix.
     prefix = max(skip - 1, 0)
     order = sorted(range(len(token_windows)), key=lambda i: -len(token_windows[i]))
-    ctx = Context(prompt_ids=list(ids))
+    ctx = Context(prompt_ids=list(ids), phase="from" if positions == "generation" else positions)
     hooks = [Hooks(adapter, spec, prompt_ids=list(ids), ctx=ctx) for spec in specs]
-    sharing = [prefix > 0 and (s is None or s.shares_prefix) for s in specs]
+    sharing = [prefix > 0 and shares_prefix(s) for s in specs]
     totals, counts = [0.0] * len(specs), [0] * len(specs)
     seconds = [0.0] * len(specs)
     for start in range(0, len(order), batch_size):
@@ -247,7 +247,6 @@ def log_perplexities(
         for j, h in enumerate(hooks):
             t0 = time.perf_counter()
             first = prefix if sharing[j] else 0
-            ctx.phase = "from" if positions == "generation" else positions
             ctx.start = prefix - first
             with h.attached():
                 if sharing[j]:
