@@ -109,8 +109,16 @@ def test_generation_only_ablations_join_when_asked():
     cfg = load_config(CONFIG / "config.yaml", check_paths=False)
     cfg["sweeps"]["ablate_generation_only"] = True
     names = sweep_conditions(cfg, "smollm2-135m")
-    assert {"ablate-toxic-100", "ablate-toxic-gen-100", "ablate-toxic-pos-gen-100"} <= set(names)
-    assert "ablate-toxic-gen-100" in spec_conditions(cfg, "smollm2-135m")
+    assert {"ablate-toxic-200", "ablate-toxic-gen-200", "ablate-toxic-pos-gen-1000"} <= set(names)
+    assert "ablate-toxic-gen-200" in spec_conditions(cfg, "smollm2-135m")
+
+
+def test_jobs_of_one_model_differ_by_at_most_one_condition():
+    names = [f"patch-toxic-{n}" for n in range(1, 35)]
+    assert [len(j) for j in chunks(names, 12)] == [12, 11, 11]
+    assert [len(j) for j in chunks(names, 8)] == [7, 7, 7, 7, 6]
+    assert [len(j) for j in chunks(names, 34)] == [34]
+    assert [c for j in chunks(names, 8) for c in j] == names  # order kept
 
 
 @pytest.mark.parametrize(

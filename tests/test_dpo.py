@@ -336,9 +336,7 @@ def test_full_kl_is_the_exact_kl_over_the_vocabulary(model_name, request, tmp_pa
     assert all(p.grad is None for p in trainer.ref_model.parameters())
 
 
-def test_full_kl_needs_the_live_reference():
-    with pytest.raises(ConfigError, match="'dpo.kl' is full, which needs the reference's whole"):
-        DPOSettings(**{**FAST, "kl": "full", "precompute_ref_log_probs": True})
+def test_kl_must_be_full_or_k3():
     with pytest.raises(ConfigError, match="'dpo.kl'"):
         DPOSettings(**{**FAST, "kl": "exact"})
 
@@ -491,10 +489,12 @@ def test_llama_learns_easy_pairs(llama_dir, tmp_path):
     assert table["learning_rate"].dropna().eq(3e-3).all()  # no warmup asked, constant after it
 
 
-def test_precomputed_reference_trains_as_the_live_reference(llama_dir, tmp_path):
+@pytest.mark.parametrize("kl", ["k3", "full"])
+def test_precomputed_reference_trains_as_the_live_reference(llama_dir, tmp_path, kl):
     """One reference pass before training (then the reference is freed) gives the losses, KL
-    and weights of a reference forward at every step."""
-    kw = dict(max_steps=6, eval_steps=3, save_steps=3, kl_weight=0.5)
+    and weights of a reference forward at every step, for either KL term (the full one from
+    the stored hidden states and the reference's own output embedding)."""
+    kw = dict(max_steps=6, eval_steps=3, save_steps=3, kl_weight=0.5, kl=kl)
     live, live_table, (live_out, _, _) = run(llama_dir, tmp_path, "live", **kw)
     pre, pre_table, (pre_out, _, _) = run(
         llama_dir, tmp_path, "pre", precompute_ref_log_probs=True, **kw
@@ -520,6 +520,7 @@ def test_precompute_frees_the_reference(llama_dir, tmp_path):
     batch = trainer.data_collator([example])
     assert len(example["ref_chosen_tokens"]) == int(batch["completion_mask"][0].sum())
     assert example["ref_chosen_logps"] == pytest.approx(sum(example["ref_chosen_tokens"]), abs=1e-4)
+    assert "ref_chosen_hidden" not in example  # k3 needs no hidden states
     with pytest.raises(ConfigError, match="dpo.precompute_ref_log_probs"):
         DPOSettings(**{**FAST, "precompute_ref_log_probs": "yes"})
 

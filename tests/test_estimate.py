@@ -58,7 +58,9 @@ def test_measured_jobs_count_each_sweep_chunk_alone(bench_dir, measured_cfg):
     jobs = measured_jobs(bench_dir, measured_cfg, "smollm2-135m", N_PARAMS)
     assert {j.rule for j in jobs} == set(GPU_RULES)
     sweeps = [j for j in jobs if j.rule == "sweep"]
-    parts = chunks(sweep_conditions(measured_cfg, "smollm2-135m"), 12)
+    parts = chunks(
+        sweep_conditions(measured_cfg, "smollm2-135m"), measured_cfg["sweeps"]["conditions_per_job"]
+    )
     assert len(sweeps) == len(parts) and len({len(p) for p in parts}) > 1
     # FLOPs follow the chunk's own size (the DPO-model conditions are a short chunk)
     per_cond = {j.flops / len(p) for j, p in zip(sweeps, parts)}

@@ -77,7 +77,7 @@ for _model in MODELS:
                 f"benchmarks/sweep/{_model}/part-{_k:02d}.tsv"
             conda:
                 "../../envs/dpotox.yaml"
-            threads: 2
+            threads: config["sweeps"]["threads_per_job"]
             resources:
                 **_res,
                 **_EVALUATE_PLACEMENT,

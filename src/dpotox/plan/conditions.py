@@ -391,6 +391,7 @@ class SweepsConfig:
         default_factory=lambda: ["hello", "thanks", "friend", "peace", "welcome"]
     )
     conditions_per_job: int = 8
+    threads_per_job: int = 2
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SweepsConfig:
@@ -461,13 +462,20 @@ def toxic_ablation(name: str) -> bool:
 
 
 def chunks(conditions: Sequence[str], size: int) -> list[list[str]]:
-    """``conditions`` in jobs of ``size``; conditions that run the DPO model go in jobs of
-    their own (one job loads one model)."""
+    """``conditions`` in jobs of at most ``size``, in order; conditions that run the DPO model
+    go in jobs of their own (one job loads one model). Each model's conditions take as few
+    jobs as ``size`` allows, of sizes that differ by at most one, so that jobs running side by
+    side finish together (34 conditions in jobs of 12 are 12, 11 and 11, not 12, 12 and 10)."""
     out: list[list[str]] = []
     on_dpo = {c: parse(c).on_dpo_model for c in conditions}
     for model_conds in (
         [c for c in conditions if not on_dpo[c]],
         [c for c in conditions if on_dpo[c]],
     ):
-        out += [list(model_conds[i : i + size]) for i in range(0, len(model_conds), size)]
+        n_jobs = -(-len(model_conds) // size)
+        start = 0
+        for k in range(n_jobs):
+            stop = start + len(model_conds) // n_jobs + (k < len(model_conds) % n_jobs)
+            out.append(list(model_conds[start:stop]))
+            start = stop
     return out

@@ -313,9 +313,12 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
     if work.train_tokens:
         # checkpointed: one layer input per layer, and one layer's full activations (~16x)
         acts_gb = work.rows * work.ctx * size.d_model * 2 * (size.n_layers + 16) / 1e9
-        # A precomputed reference is freed before training starts.
+        # A precomputed reference is freed before training starts; the full KL keeps a copy
+        # of its output embedding (its hidden states stay in host memory).
         ref_bytes = 0 if cfg["dpo"]["precompute_ref_log_probs"] else DTYPE_BYTES[mcfg["dtype"]]
         state_gb = size.n_params * (TRAIN_BYTES_PER_PARAM + ref_bytes) / 1e9
+        if cfg["dpo"]["precompute_ref_log_probs"] and cfg["dpo"]["kl"] == "full":
+            state_gb += size.vocab * size.d_model * DTYPE_BYTES[mcfg["dtype"]] / 1e9
         if cfg["dpo"]["kl"] == "full":
             # The full KL: float32 log-softmaxes of policy and reference at every completion
             # token, and the policy's gradient.

@@ -99,6 +99,8 @@ class DPOSettings:
     save_steps: int = 50
     #: Run the reference model once over every pair before training and free it, rather than
     #: once per micro-batch: one forward pass per step instead of two, no reference in GPU memory.
+    #: Kept per completion token: its log-prob, and for ``kl: full`` its final hidden state
+    #: (host memory: pairs x completion tokens x hidden size x 4 bytes) and the output embedding.
     precompute_ref_log_probs: bool = False
     #: SimPO's target reward margin (``cpo`` with ``loss_type: simpo``).
     simpo_gamma: float = 0.5
@@ -176,13 +178,6 @@ class DPOSettings:
                 f"config keys 'dpo.max_prompt_length' ({self.max_prompt_length}) + "
                 f"'dpo.max_completion_length' ({self.max_completion_length}) exceed "
                 f"'dpo.max_length' ({self.max_length}); raise dpo.max_length or shorten the others"
-            )
-        if self.kl == "full" and self.precompute_ref_log_probs:
-            out.append(
-                "config key 'dpo.kl' is full, which needs the reference's whole next-token "
-                "distribution at every completion token, but 'dpo.precompute_ref_log_probs' "
-                "keeps only each token's log-prob; set dpo.precompute_ref_log_probs: false "
-                "(the reference then runs beside the policy) or dpo.kl: k3"
             )
         if self.save_steps % self.eval_steps:
             out.append(

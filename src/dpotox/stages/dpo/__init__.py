@@ -21,13 +21,15 @@ Two things TRL 1.16 does not do are added by subclassing its trainer:
   right after TRL tokenises them. TRL also appends EOS to every completion; pair texts here
   are continuations cut at a token budget, not finished texts, so that EOS is removed again
   (a completion whose text already ends with the EOS string keeps it).
-* **A KL penalty** ``kl_weight * KL`` added to the DPO loss (the papers' "KL weight"). KL is
-  the non-negative k3 estimate of KL(policy || reference) per completion token,
-  ``mean(exp(r) - r - 1)`` with ``r = log p_ref(token) - log p_policy(token)``, averaged over
-  the completion tokens (chosen and rejected; prompt and padding masked) of a micro-batch.
-  It reuses the per-token log-probs of TRL's own policy and reference forwards, so it costs
-  no extra forward pass. It is logged as ``kl`` (train) and ``eval_kl`` (validation), the
-  plain DPO loss as ``dpo_loss``; ``loss`` is the sum the optimiser and early stopping see.
+* **A KL penalty** ``kl_weight * KL`` added to the DPO loss (the papers' "KL weight"), ``kl``
+  choosing it: ``full``, Yang et al.'s exact KL(reference || policy) over the vocabulary, from
+  the final hidden states of TRL's own forwards projected through the output embeddings at
+  the completion positions only; or ``k3``, the estimate ``mean(exp(r) - r - 1)``,
+  ``r = log p_ref(token) - log p_policy(token)``, at the completion tokens' own log-probs.
+  Neither costs an extra forward pass, and both work with a precomputed reference (which
+  keeps each completion token's log-prob and, for ``full``, its final hidden state). It is
+  logged as ``kl`` (train) and ``eval_kl`` (validation), the plain DPO loss as ``dpo_loss``;
+  ``loss`` is the sum the optimiser and early stopping see.
 
 Launching
 ---------

@@ -7,6 +7,7 @@ imports TRL (seconds), so :mod:`dpotox.stages.dpo.run` imports it only when trai
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -74,8 +75,7 @@ def _capture_hidden(
 def _head_log_probs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``log_softmax`` of ``model``'s next-token logits for the rows of ``hidden`` ``[T, d]``,
     in float32, with the logit scaling and soft-capping TRL's fused head applies (Gemma-2)."""
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, head.bias
+    weight, bias = _head_weights(model)
     if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters as DTensors
         from torch.distributed.tensor import Partial
 
@@ -84,7 +84,19 @@ def _head_log_probs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tenso
         partial = [Partial()] * weight.device_mesh.ndim
         weight = weight.full_tensor(grad_placements=partial)
         bias = bias.full_tensor(grad_placements=partial) if bias is not None else None
-    text = model.config.get_text_config()
+    return _project(hidden, weight, bias, model.config.get_text_config())
+
+
+def _head_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, head.bias
+
+
+def _project(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, text: Any
+) -> torch.Tensor:
+    """The float32 log-softmax of ``hidden @ weight.T + bias`` under the text config's logit
+    scale and soft cap."""
     logits = torch.nn.functional.linear(
         hidden.float(), weight.float(), None if bias is None else bias.float()
     )
@@ -119,6 +131,8 @@ def full_kl(
 
 # Dataset columns of precomputed reference log-probs: each completion token's, chosen and rejected.
 REF_TOKENS = ("ref_chosen_tokens", "ref_rejected_tokens")
+# ... and, for the full KL, the reference's final hidden state at each of those positions.
+REF_HIDDEN = ("ref_chosen_hidden", "ref_rejected_hidden")
 
 
 class KLDPOTrainer(DPOTrainer):
@@ -137,11 +151,6 @@ class KLDPOTrainer(DPOTrainer):
     ) -> None:
         if kl not in ("full", "k3"):
             raise ValueError(f"kl must be 'full' or 'k3', got {kl!r}")
-        if kl == "full" and precompute_ref:
-            raise ValueError(
-                "the full KL needs the reference's whole next-token distribution at every "
-                "completion token, which a precomputed reference does not keep"
-            )
         # Set before super().__init__, which tokenises the datasets through _prepare_dataset.
         self.kl = kl
         self.kl_weight = kl_weight
@@ -157,19 +166,41 @@ class KLDPOTrainer(DPOTrainer):
     # TRL's own precompute keeps only each sequence's sum, and the KL term needs every
     # token's: so every completion token's reference log-prob is stored with its pair
     # (REF_TOKENS columns), and the collator hands them on flat, chosen rows then rejected
-    # rows, in the order of the batch's completion mask.
+    # rows, in the order of the batch's completion mask. The full KL needs the reference's
+    # whole next-token distribution there: its final hidden states (REF_HIDDEN, d floats a
+    # token rather than a vocabulary's) and a frozen copy of its output embedding give it
+    # exactly, for one [tokens, d] x [d, vocab] product a step instead of a reference forward.
 
     def _precompute_reference(self) -> None:
         t0 = time.time()
+        if self.kl == "full":
+            weight, bias = _head_weights(self.accelerator.unwrap_model(self.ref_model))
+            if hasattr(weight, "full_tensor"):  # FSDP2: every process keeps the whole head
+                weight = weight.full_tensor()
+                bias = bias.full_tensor() if bias is not None else None
+            self._ref_head = (
+                weight.detach().clone(),
+                None if bias is None else bias.detach().clone(),
+                self.ref_model.config.get_text_config(),
+            )
         self.train_dataset = self._with_reference(self.train_dataset)
         self.eval_dataset = self._with_reference(self.eval_dataset)
         base_collate = self.data_collator
+        full = self.kl == "full"
 
         def collate(examples):
             out = base_collate(examples)
             out["ref_token_logps"] = torch.tensor(
                 [v for key in REF_TOKENS for ex in examples for v in ex[key]]
             )
+            if full:
+                out["ref_hidden"] = torch.cat(
+                    [
+                        torch.tensor(ex[key], dtype=torch.float32)
+                        for key in REF_HIDDEN
+                        for ex in examples
+                    ]
+                )
             return out
 
         self.data_collator = collate
@@ -195,35 +226,49 @@ class KLDPOTrainer(DPOTrainer):
             collate_fn=self.data_collator,
             shuffle=False,
         )
-        rows: dict[str, list] = {
-            k: [] for k in (*REF_TOKENS, "ref_chosen_logps", "ref_rejected_logps")
-        }
+        full = self.kl == "full"
+        names = (*REF_TOKENS, "ref_chosen_logps", "ref_rejected_logps", *(REF_HIDDEN * full))
+        rows: dict[str, list] = {k: [] for k in names}
+        unwrapped = self.accelerator.unwrap_model(self.ref_model)
         with torch.no_grad(), self.accelerator.autocast():
             for batch in loader:
                 batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
                 mask = batch["completion_mask"][:, 1:]
                 labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-                logps = self.ref_model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    use_cache=False,
-                    labels=labels,
-                    fused_lm_head=True,
-                ).log_probs
+                hidden: dict[str, torch.Tensor] = {}
+                keep = (
+                    _capture_hidden(unwrapped, hidden, "ref") if full else contextlib.nullcontext()
+                )
+                with keep:
+                    logps = self.ref_model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        use_cache=False,
+                        labels=labels,
+                        fused_lm_head=True,
+                    ).log_probs
                 logps = logps[:, -mask.size(1) :]
+                states = hidden["ref"][:, :-1][:, -mask.size(1) :] if full else logps
                 n = len(logps) // 2
-                for i, (lp, m) in enumerate(zip(logps, mask.bool())):
+                for i, (lp, h, m) in enumerate(zip(logps, states, mask.bool())):
                     side = 0 if i < n else 1
                     rows[REF_TOKENS[side]].append(lp[m].float().cpu().tolist())
                     rows[("ref_chosen_logps", "ref_rejected_logps")[side]].append(float(lp.sum()))
+                    if full:
+                        rows[REF_HIDDEN[side]].append(h[m].float().cpu().tolist())
         for name, values in rows.items():
-            dataset = dataset.add_column(name, values)
+            # datasets would otherwise fingerprint the column by pickling every value (about a
+            # minute for the hidden states of 200 pairs); the values follow from the dataset
+            # and the reference, which the run's own fingerprint covers.
+            fingerprint = hashlib.sha256(f"{dataset._fingerprint}/{name}".encode()).hexdigest()
+            dataset = dataset.add_column(name, values, new_fingerprint=fingerprint[:16])
         return dataset
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self.precompute_ref_logps:
-            self._signature_columns = [*self._signature_columns, *REF_TOKENS]
+            hidden = REF_HIDDEN if self.kl == "full" else ()
+            self._signature_columns = [*self._signature_columns, *REF_TOKENS, *hidden]
 
     def _send_telemetry(self) -> None:
         # TRL pings the Hugging Face hub when a trainer starts; a pipeline run must not.
@@ -269,7 +314,8 @@ class KLDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         captured: dict[str, torch.Tensor] = {}
         ref_tokens = inputs.get("ref_token_logps")
-        inputs = {k: v for k, v in inputs.items() if k != "ref_token_logps"}
+        ref_hidden = inputs.get("ref_hidden")
+        inputs = {k: v for k, v in inputs.items() if k not in ("ref_token_logps", "ref_hidden")}
         ref_hook = (
             contextlib.nullcontext()
             if self.precompute_ref_logps
@@ -283,7 +329,9 @@ class KLDPOTrainer(DPOTrainer):
         hidden_hooks = (
             (
                 _capture_hidden(policy_model, hidden, "policy"),
-                _capture_hidden(ref_model, hidden, "ref"),
+                contextlib.nullcontext()
+                if ref_model is None
+                else _capture_hidden(ref_model, hidden, "ref"),
             )
             if self.kl == "full"
             else (contextlib.nullcontext(), contextlib.nullcontext())
@@ -320,9 +368,19 @@ class KLDPOTrainer(DPOTrainer):
             select = mask.bool()
             rows = torch.arange(mask.size(0), device=mask.device)[:, None].expand_as(mask)[select]
             n_pairs = mask.size(0) // 2
+            if ref_model is None:
+                if ref_hidden is None or len(ref_hidden) != len(rows):
+                    raise RuntimeError(
+                        "precomputed reference hidden states do not match the batch's "
+                        "completion tokens"
+                    )
+                weight, bias, text = self._ref_head
+                ref_full = _project(ref_hidden.to(weight.device), weight, bias, text)
+            else:
+                ref_full = _head_log_probs(ref_model, hidden["ref"][:, :-1][:, -n:][select])
             per_seq = full_kl(
                 _head_log_probs(policy_model, hidden["policy"][:, :-1][:, -n:][select]),
-                _head_log_probs(ref_model, hidden["ref"][:, :-1][:, -n:][select]),
+                ref_full,
                 rows,
                 mask.size(0),
             )
