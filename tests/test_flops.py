@@ -24,3 +24,30 @@ def test_forward_flops_adds_attention_and_unembedding():
     assert forward_flops(a, [1, 2, 3, 4], logit_tokens=2) == pytest.approx(
         2 * w * 4 + 4 * N_LAYERS * D_MODEL * 10 + 2 * VOCAB * D_MODEL * 2
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_work_meter_counts_body_head_and_training(family):
+    import torch
+
+    from dpotox.engine.flops import WorkMeter
+
+    model = tiny_model(family)
+    body, head = decoder_weights(Adapter(model)), VOCAB * D_MODEL
+    meter = WorkMeter()
+    meter.attach(model)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        model(input_ids=ids)  # every position's logits
+    assert (meter.tokens, meter.trained_tokens) == (10, 0)
+    assert meter.flops == pytest.approx(2 * body * 10 + 2 * head * 10)
+    meter.reset()
+    with torch.no_grad():
+        model(input_ids=ids, logits_to_keep=1)  # as a prefill: one logit per row
+        model.base_model(input_ids=ids)  # the decoder stack alone, as the probe's features
+    assert meter.tokens == 20 and meter.flops == pytest.approx(2 * body * 20 + 2 * head * 2)
+    meter.reset()
+    model.train()
+    model(input_ids=ids).logits.sum().backward()  # forward and backward: three forwards' worth
+    assert (meter.tokens, meter.trained_tokens) == (10, 10)
+    assert meter.flops == pytest.approx(3 * (2 * body * 10 + 2 * head * 10))

@@ -116,6 +116,19 @@ def test_outputs_logs_and_benchmarks(run_dir):
     manifest = pd.read_csv(run_dir / "results" / "smollm2-135m" / "MANIFEST.tsv", sep="\t")
     assert "resources/models/smollm2-135m/base/model.safetensors" in set(manifest["path"])
     assert (manifest["bytes"] > 0).all()
+    # Every job that ran a model logged its model FLOPs, which bench/stage_efficiency.py reads
+    # beside the job's benchmark file.
+    sys.path.insert(0, str(REPO / "bench"))
+    from stage_efficiency import job_work
+
+    work = job_work(run_dir).set_index("job")
+    assert {"make_pairs", "train_dpo", "evaluate", "sweep", "cache_activations"} <= set(
+        work["stage"]
+    )
+    assert "figures" not in set(work["stage"])  # no model, no line
+    dpo = work.loc["train_dpo/smollm2-135m"]
+    assert 0 < dpo["trained_tokens"] < dpo["tokens"] and dpo["gflop"] > 0
+    assert (work.drop(index="train_dpo/smollm2-135m")["trained_tokens"] == 0).all()
 
 
 def test_one_model_target_plans_only_that_model(tmp_path):

@@ -43,6 +43,10 @@ def rule_log(smk: Any) -> Iterator[logging.Logger]:
         h.setFormatter(fmt)
         log.addHandler(h)
     t0 = time.time()
+    # The work meter lives with torch, which a job that loads no model (a figure) never imports.
+    meter = sys.modules.get("dpotox.engine.flops")
+    if meter is not None:
+        meter.WORK.reset()
     log.info("rule %s, wildcards %s", smk.rule, dict(smk.wildcards.items()))
     try:
         _check_prepared_inputs(smk)
@@ -54,6 +58,15 @@ def rule_log(smk: Any) -> Iterator[logging.Logger]:
         log.exception("rule %s failed", smk.rule)
         raise
     else:
+        meter = sys.modules.get("dpotox.engine.flops")
+        if meter is not None and meter.WORK.tokens:
+            # bench/stage_efficiency.py reads this line.
+            log.info(
+                "model work: %d tokens through a model, %d of them trained; %.1f GFLOP",
+                meter.WORK.tokens,
+                meter.WORK.trained_tokens,
+                meter.WORK.flops / 1e9,
+            )
         log.info("done in %.1f s", time.time() - t0)
     finally:
         for h in handlers:

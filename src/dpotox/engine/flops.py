@@ -69,6 +69,81 @@ def generation_contexts(prompt_lengths: Iterable[int], new_lengths: Iterable[int
     return out
 
 
+class WorkMeter:
+    """Model FLOPs of every forward pass through the models it is attached to, in this process.
+
+    The usual model-FLOPs count (as in "MFU"): per token ``2 x`` the weights of every linear
+    layer of the decoder stack, plus ``2 x`` the output head's for each token whose logits are
+    computed (``logits_to_keep``; every position for TRL's fused head); a pass with gradients
+    on a model in training mode counts three times (forward and backward). Attention scores,
+    norms and activations are left out, as are recomputation under gradient checkpointing and
+    the full KL's own projections of DPO. Tokens are
+    what the model ran, padding included: the fraction of the hardware a job used, not of its
+    useful work. :func:`dpotox.sources.load_prepared` attaches every model it loads to
+    :data:`WORK`; :func:`dpotox.logs.rule_log` resets it when a job starts and logs it when
+    the job ends, which ``bench/stage_efficiency.py`` reads.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0  # tokens through a model, forward
+        self.trained_tokens = 0  # of those, with a backward pass
+        self.flops = 0.0
+
+    def attach(self, model: nn.Module) -> None:
+        """Count every forward of ``model`` (a causal LM with input and output embeddings):
+        its decoder stack (``base_model``, also when called alone, as the probe's features do)
+        and its output head (called as a module, or fused into TRL's loss)."""
+        head = model.get_output_embeddings()
+        body = model.base_model
+        body_size = sum(
+            m.weight.numel()
+            for m in body.modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2
+            and not isinstance(m, nn.Embedding)
+        )
+        head_size = head.weight.numel()
+
+        def add(module: nn.Module, tokens: int, size: int, is_body: bool) -> None:
+            trained = torch.is_grad_enabled() and module.training
+            if is_body:
+                self.tokens += tokens
+                self.trained_tokens += tokens if trained else 0
+            self.flops += (3 if trained else 1) * 2.0 * size * tokens
+
+        def on_body(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = kwargs.get("input_ids", args[0] if args else None)
+            if x is None:
+                x = kwargs.get("inputs_embeds")
+            if x is not None:
+                add(
+                    module,
+                    int(x.shape[0]) * (int(x.shape[1]) if x.dim() > 1 else 1),
+                    body_size,
+                    True,
+                )
+
+        def on_head(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            add(module, args[0].numel() // args[0].shape[-1], head_size, False)
+
+        def on_fused(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            # TRL's fused loss multiplies by the head's weight without calling the head.
+            x = kwargs.get("input_ids", args[0] if args else None)
+            if kwargs.get("fused_lm_head") and x is not None:
+                add(module, x.numel(), head_size, False)
+
+        body.register_forward_pre_hook(on_body, with_kwargs=True)
+        head.register_forward_hook(on_head)
+        model.register_forward_pre_hook(on_fused, with_kwargs=True)
+
+
+#: The meter of this process (see :class:`WorkMeter`).
+WORK = WorkMeter()
+
+
 @dataclass
 class GemmRate:
     """A matrix-multiply rate in FLOP/s: the fastest single GEMM, and a sustained loop."""

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from dpotox.engine.arch import Adapter
+from dpotox.engine.flops import WORK
 from dpotox.engine.verify import verify_adapter
 from dpotox.errors import SourceError
 from dpotox.io import atomic_dir, write_json
@@ -289,6 +290,7 @@ def load_prepared(
     torch_dtype = DTYPES[dtype or meta["dtype"]]
     device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+    WORK.attach(model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     if tok.pad_token is None:
