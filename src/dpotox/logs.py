@@ -61,11 +61,15 @@ def rule_log(smk: Any) -> Iterator[logging.Logger]:
         meter = sys.modules.get("dpotox.engine.flops")
         if meter is not None and meter.WORK.tokens:
             # bench/stage_efficiency.py reads this line.
+            import torch
+
             log.info(
-                "model work: %d tokens through a model, %d of them trained; %.1f GFLOP",
+                "model work: %d tokens through a model, %d of them trained; %.1f GFLOP "
+                "on %d threads",
                 meter.WORK.tokens,
                 meter.WORK.trained_tokens,
                 meter.WORK.flops / 1e9,
+                torch.get_num_threads(),
             )
         log.info("done in %.1f s", time.time() - t0)
     finally:
