@@ -174,14 +174,15 @@ class KLDPOTrainer(DPOTrainer):
     def _precompute_reference(self) -> None:
         t0 = time.time()
         if self.kl == "full":
-            weight, bias = _head_weights(self.accelerator.unwrap_model(self.ref_model))
+            reference = self.accelerator.unwrap_model(self.ref_model)
+            weight, bias = _head_weights(reference)
             if hasattr(weight, "full_tensor"):  # FSDP2: every process keeps the whole head
                 weight = weight.full_tensor()
                 bias = bias.full_tensor() if bias is not None else None
             self._ref_head = (
                 weight.detach().clone(),
                 None if bias is None else bias.detach().clone(),
-                self.ref_model.config.get_text_config(),
+                reference.config.get_text_config(),
             )
         self.train_dataset = self._with_reference(self.train_dataset)
         self.eval_dataset = self._with_reference(self.eval_dataset)
