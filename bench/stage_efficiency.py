@@ -41,7 +41,11 @@ def job_work(run: Path) -> pd.DataFrame:
         found = _WORK.findall(log.read_text()) if log.is_file() else []
         if not found:
             continue
-        tokens, trained, gflop, threads = found[-1]
+        # Under `accelerate launch` every process logs its own share: add them up.
+        tokens = sum(int(f[0]) for f in found)
+        trained = sum(int(f[1]) for f in found)
+        gflop = sum(float(f[2]) for f in found)
+        threads = found[-1][3]
         seconds = float(pd.read_csv(bench, sep="\t")["s"].mean())
         rows.append(
             {

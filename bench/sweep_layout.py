@@ -10,8 +10,10 @@ folder): first one job with ``--threads`` threads alone, then one job with one t
 then ``--threads`` one-thread jobs side by side, each on the same conditions. The throughput
 of the side-by-side layout over the one multi-thread job is ``threads x t(multi) /
 t(side by side)``: above 1, jobs of one thread, as many as cores (`sweeps.threads_per_job: 1`),
-finish a sweep sooner. The last line is ``RESULT multi_s=<a> one_thread_s=<b> side_by_side_s=<c>
-throughput_ratio=<r>``.
+get more done on these conditions. Starting Python and loading run on one thread either way,
+so short jobs favour that layout; a whole run can differ (docs/benchmarks.md, "Sweep job
+layout"). The jobs run in a fixed order after one untimed warm-up job. The last line is
+``RESULT multi_s=<a> one_thread_s=<b> side_by_side_s=<c> throughput_ratio=<r>``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ def main() -> None:
     ][: args.conditions]
     print(f"conditions: {', '.join(conds)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="dpotox-layout.") as tmp:
+        # Warm the page cache and bytecode first, so that no layout pays for a cold start.
+        warm = Path(tmp) / "warm-up"
+        warm.mkdir()
+        _jobs(args, conds[:1], args.threads, 1, warm)
         multi = _jobs(args, conds, args.threads, 1, Path(tmp))
         print(f"one job, {args.threads} threads: {multi:.1f} s", flush=True)
         single = _jobs(args, conds, 1, 1, Path(tmp))

@@ -74,7 +74,8 @@ class WorkMeter:
 
     The usual model-FLOPs count (as in "MFU"): per token ``2 x`` the weights of every linear
     layer of the decoder stack, plus ``2 x`` the output head's for each token whose logits are
-    computed (``logits_to_keep``; every position for TRL's fused head); a pass with gradients
+    computed (``logits_to_keep``; every position for TRL's fused head, which on a GPU with
+    Triton projects only the labelled positions, so there the count is high); a pass with gradients
     on a model in training mode counts three times (forward and backward). Attention scores,
     norms and activations are left out, as are recomputation under gradient checkpointing and
     the full KL's own projections of DPO. Tokens are

@@ -317,15 +317,21 @@ def gpu_plan(rule: str, model: str, cfg: Mapping[str, Any]) -> GpuPlan:
         # of its output embedding (its hidden states stay in host memory).
         ref_bytes = 0 if cfg["dpo"]["precompute_ref_log_probs"] else DTYPE_BYTES[mcfg["dtype"]]
         state_gb = size.n_params * (TRAIN_BYTES_PER_PARAM + ref_bytes) / 1e9
-        if cfg["dpo"]["precompute_ref_log_probs"] and cfg["dpo"]["kl"] == "full":
-            state_gb += size.vocab * size.d_model * DTYPE_BYTES[mcfg["dtype"]] / 1e9
+        # Every process keeps the whole float32 copy of the reference's head (not sharded).
+        head_gb = (
+            size.vocab * size.d_model * 4 / 1e9
+            if cfg["dpo"]["precompute_ref_log_probs"] and cfg["dpo"]["kl"] == "full"
+            else 0.0
+        )
         if cfg["dpo"]["kl"] == "full":
             # The full KL: float32 log-softmaxes of policy and reference at every completion
             # token, and the policy's gradient.
             rows = max(cfg["dpo"]["batch_size"], cfg["dpo"]["eval_batch_size"])
             kl_tokens = 2 * rows * cfg["dpo"]["max_completion_length"]
             acts_gb += 3 * kl_tokens * size.vocab * 4 / 1e9
-        need = [state_gb / n + acts_gb + 3 * logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]
+        need = [
+            state_gb / n + head_gb + acts_gb + 3 * logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS
+        ]
     else:
         kv_gb = work.rows * work.ctx * per_token_kv / 1e9
         need = [(weights_gb + kv_gb) / n + logits_gb + GPU_OVERHEAD_GB for n in GPU_COUNTS]

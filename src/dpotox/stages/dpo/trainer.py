@@ -179,15 +179,17 @@ class KLDPOTrainer(DPOTrainer):
             if hasattr(weight, "full_tensor"):  # FSDP2: every process keeps the whole head
                 weight = weight.full_tensor()
                 bias = bias.full_tensor() if bias is not None else None
+            # float32 once, not at every step (_project computes in float32).
             self._ref_head = (
-                weight.detach().clone(),
-                None if bias is None else bias.detach().clone(),
+                weight.detach().float().clone(),
+                None if bias is None else bias.detach().float().clone(),
                 reference.config.get_text_config(),
             )
         self.train_dataset = self._with_reference(self.train_dataset)
         self.eval_dataset = self._with_reference(self.eval_dataset)
         base_collate = self.data_collator
         full = self.kl == "full"
+        width = self._ref_head[0].shape[1] if full else 0
 
         def collate(examples):
             out = base_collate(examples)
@@ -197,7 +199,8 @@ class KLDPOTrainer(DPOTrainer):
             if full:
                 out["ref_hidden"] = torch.cat(
                     [
-                        torch.tensor(ex[key], dtype=torch.float32)
+                        # reshape: an empty completion gives shape (0,), not (0, d)
+                        torch.tensor(ex[key], dtype=torch.float32).reshape(-1, width)
                         for key in REF_HIDDEN
                         for ex in examples
                     ]
@@ -218,6 +221,7 @@ class KLDPOTrainer(DPOTrainer):
         )
 
     def _with_reference(self, dataset):
+        import datasets
         from torch.utils.data import DataLoader
 
         # Every process runs every batch: under FSDP each forward needs all processes.
@@ -262,7 +266,15 @@ class KLDPOTrainer(DPOTrainer):
             # minute for the hidden states of 200 pairs); the values follow from the dataset
             # and the reference, which the run's own fingerprint covers.
             fingerprint = hashlib.sha256(f"{dataset._fingerprint}/{name}".encode()).hexdigest()
-            dataset = dataset.add_column(name, values, new_fingerprint=fingerprint[:16])
+            # float32 in Arrow (4 bytes a value), not the float64 Python floats become.
+            feature = (
+                datasets.List(datasets.List(datasets.Value("float32")))
+                if name in REF_HIDDEN
+                else None
+            )
+            dataset = dataset.add_column(
+                name, values, new_fingerprint=fingerprint[:16], feature=feature
+            )
         return dataset
 
     def _set_signature_columns_if_needed(self):
