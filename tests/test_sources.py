@@ -391,3 +391,26 @@ def test_unknown_gguf_file(tmp_path):
 def test_load_prepared_needs_prepared_folder(tmp_path):
     with pytest.raises(SourceError, match="run the prepare_model rule first"):
         load_prepared(tmp_path)
+
+
+def test_table_side_imports_no_model_libraries():
+    # Rule prepare_data reads tables only; importing transformers' model loading would cost it
+    # about 6 s on 2 cores, three times per run.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dpotox.sources import prepare_table, read_source, ROLE_COLUMNS\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_sources_names_unknown_attribute():
+    import dpotox.sources
+
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dpotox.sources.nope  # noqa: B018
