@@ -32,3 +32,7 @@ def __getattr__(name: str) -> Any:
     if name in _HOME:
         return getattr(importlib.import_module(f"dpotox.sources.{_HOME[name]}"), name)
     raise AttributeError(f"module 'dpotox.sources' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME})
